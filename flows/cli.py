@@ -1,0 +1,51 @@
+"""``rapm``: one subcommand per flow. Every run is a Prefect flow run (visible in the UI when
+``PREFECT_API_URL`` points at a server, ephemeral otherwise).
+
+Each subcommand lives beside its flow in a module exposing ``register(subparsers)``; the
+function it sets as ``func`` returns the process exit code. User errors (bad input, mismatched
+stores, invalid options) print one line and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from pydantic import ValidationError
+
+from flows.errors import USER_ERRORS
+
+COMMAND_MODULES = [
+    "flows.ingest",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rapm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        parts = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors()]
+        return "invalid options: " + "; ".join(parts)
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValidationError, *USER_ERRORS) as err:
+        print(f"rapm {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

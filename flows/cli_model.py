@@ -1,0 +1,56 @@
+"""Turn a flow's pydantic config into argparse options, so the CLI, the flow signature (the
+Prefect UI form) and the stores' metadata are all the same model and cannot drift apart.
+
+Field ``foo_bar`` becomes ``--foo-bar``; a field marked ``json_schema_extra={"cli": "positional"}``
+becomes a positional argument; ``Literal`` fields become choices; booleans get ``--x/--no-x``.
+Only options the user gave are passed to the model, so its defaults stay the single source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+def _choices(annotation: Any) -> list[Any] | None:
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    return None
+
+
+def _is_list(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return True
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        return any(_is_list(a) for a in typing.get_args(annotation) if a is not type(None))
+    return False
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str] = frozenset()) -> None:
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        help_text = field.description or ""
+        if extra.get("cli") == "positional":
+            parser.add_argument(name, metavar=name.upper(), help=help_text)
+            continue
+        flag = "--" + name.replace("_", "-")
+        default_note = "" if field.is_required() else f" (default: {field.default!r})"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text + default_note)
+        elif _is_list(field.annotation):
+            parser.add_argument(flag, dest=name, nargs="+", default=None, help=help_text + default_note)
+        else:
+            parser.add_argument(flag, dest=name, default=None, choices=_choices(field.annotation),
+                                required=field.is_required(), help=help_text + default_note)
+
+
+def model_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
+    given = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
+    return model.model_validate(given)
