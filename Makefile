@@ -1,5 +1,7 @@
 # Two commands a new user needs: `make demo` (the main job on the embedded default) and
 # `make test`. Both build .venv once and reuse it until pyproject.toml changes.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,10 +11,9 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# CPU wheel pinned first so nothing pulls a multi-GB CUDA build; CUDA users: see README.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q torch==2.13.0 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(PY) -m pip install -q -e '.[test]' 2>&1 | { grep -v -e "is ignored: it is neither" -e BuildBackendWarning || true; }
 	touch $(STAMP)
 
 setup: $(STAMP)
