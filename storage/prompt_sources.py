@@ -1,0 +1,316 @@
+"""Prompt ingestion: read a prompt file (plain text, CSV, JSONL or COCO captions), normalise,
+deduplicate, split train/eval, and write a prompt store.
+
+Everything a user can get wrong in a source file stops the ingest with one ``SourceError`` naming
+the file, the line and the problem, before anything is written: a store is only ever created
+whole, from a source that read cleanly. Re-ingesting with the same config and the same source
+bytes finds the finished store and does nothing, so the stage can be re-run safely.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.errors import ConfigMismatchError, SourceError, StoreError
+from storage.hashing import config_hash, file_sha256
+from storage.prompt_store import PromptRecord, PromptStore, Split, prompt_id, write_prompt_store
+
+SourceFormat = Literal["auto", "txt", "csv", "jsonl", "coco"]
+FORMAT_BY_SUFFIX = {".txt": "txt", ".csv": "csv", ".jsonl": "jsonl", ".json": "coco"}
+DEFAULT_FIELDS = ("prompt", "caption", "text")
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class IngestConfig(BaseModel):
+    """What `rapm ingest` does; also the Prefect form and, minus ``out``, the store's identity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="prompt file: .txt (one prompt a line), .csv, .jsonl, or COCO captions .json",
+                        json_schema_extra={"cli": "positional"})
+    out: str = Field(description="prompt store directory to create")
+    format: SourceFormat = Field("auto", description="source format; auto picks it from the file extension")
+    column: str | None = Field(None, description="CSV column, JSONL field or COCO annotation field holding the prompt "
+                                                 "(default: the first of prompt, caption, text; caption for COCO)")
+    limit: int | None = Field(None, ge=1, description="keep only the first N unique prompts, in source order")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0,
+                                 description="share of prompts held out for evaluation, chosen by a hash of id and seed")
+    seed: int = Field(0, description="seed of the train/eval split")
+
+
+@dataclass(frozen=True)
+class IngestCounts:
+    read: int
+    blank: int
+    duplicates: int
+    kept: int
+    train: int
+    eval: int
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """What an ingest would do: records to write, or ``already_complete`` with the store's counts."""
+
+    config: IngestConfig
+    source_sha256: str
+    format: str
+    counts: IngestCounts
+    already_complete: bool
+    records: list[PromptRecord] = field(default_factory=list, repr=False)
+
+
+def ingest_config_hash(config: IngestConfig) -> str:
+    # Where the store lives is not what it is made of: ``out`` stays out of the hash.
+    return config_hash(_identity(config))
+
+
+def _identity(config: IngestConfig) -> dict:
+    return config.model_dump(mode="json", exclude={"out"})
+
+
+def normalize_prompt(text: str) -> str:
+    return " ".join(text.split())
+
+
+def split_for(pid: str, seed: int, eval_fraction: float) -> Split:
+    """Each prompt's side depends only on its own id and the seed, so adding prompts to a
+    source never moves the others, and raising the fraction only moves train prompts to eval."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{pid}".encode()).digest()[:8], "big") / 2**64
+    return "eval" if u < eval_fraction else "train"
+
+
+def detect_format(path: str | Path, fmt: SourceFormat = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMAT_BY_SUFFIX:
+        raise SourceError(path, f"cannot tell the format from the extension {suffix or '(none)'!r}; "
+                                f"pass --format txt, csv, jsonl or coco")
+    return FORMAT_BY_SUFFIX[suffix]
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Lines with their endings kept (csv needs them); a BOM is dropped, bad UTF-8 named by line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM):]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SourceError(path, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                                        f"re-save the file as UTF-8", lineno) from None
+
+
+def _read_txt(path: Path) -> Iterator[str]:
+    for _lineno, line in _decoded_lines(path):
+        yield line
+
+
+def _pick_field(path: Path, available: Iterable[str], column: str | None, what: str, line: int | None,
+                defaults: tuple[str, ...] = DEFAULT_FIELDS) -> str:
+    available = list(available)
+    if column is not None:
+        if column in available:
+            return column
+        raise SourceError(path, f"no {what} {column!r}; {what}s here: {', '.join(map(repr, available)) or 'none'}", line)
+    for name in defaults:
+        if name in available:
+            return name
+    wanted = ", ".join(map(repr, defaults[:-1])) + f" or {defaults[-1]!r}" if len(defaults) > 1 else repr(defaults[0])
+    raise SourceError(path, f"no {wanted} {what}; {what}s here: {', '.join(map(repr, available)) or 'none'}; "
+                            f"choose one with --column", line)
+
+
+def _read_csv(path: Path, column: str | None) -> Iterator[str]:
+    lines = (line for _lineno, line in _decoded_lines(path))
+    reader = csv.reader(lines, strict=True)
+    header, name, index = None, None, None
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise SourceError(path, f"malformed CSV: {err}", start) from None
+        if header is None:
+            if not row:
+                continue
+            header = row
+            name = _pick_field(path, header, column, "column", start)
+            index = header.index(name)
+            continue
+        if not row:
+            yield ""
+        elif index >= len(row):
+            raise SourceError(path, f"row has {len(row)} fields, the header has {len(header)} (no {name!r})", start)
+        else:
+            yield row[index]
+
+
+def _jsonl_object(path: Path, line: str, lineno: int) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise SourceError(path, f"invalid JSON: {err.msg} at column {err.colno}", lineno) from None
+    if not isinstance(obj, dict):
+        raise SourceError(path, f"expected a JSON object, got {type(obj).__name__}", lineno)
+    return obj
+
+
+def _text_value(path: Path, value, name: str, line: int | None, where: str = "") -> str:
+    # A null caption is an empty one (counted as blank); any other non-string is a broken file.
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise SourceError(path, f"{where}field {name!r} is a {type(value).__name__}, expected a string", line)
+    return value
+
+
+def _read_jsonl(path: Path, column: str | None) -> Iterator[str]:
+    name = column
+    for lineno, line in _decoded_lines(path):
+        if not line.strip():
+            yield ""
+            continue
+        obj = _jsonl_object(path, line, lineno)
+        # Without --column the first record picks the field; every later record must have it.
+        name = _pick_field(path, obj, name, "field", lineno)
+        yield _text_value(path, obj[name], name, lineno)
+
+
+def _read_coco(path: Path, column: str | None) -> Iterator[str]:
+    data = path.read_bytes().removeprefix(UTF8_BOM)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SourceError(path, "not valid UTF-8; re-save the file as UTF-8", data[:err.start].count(b"\n") + 1) from None
+    if not text.strip():
+        return
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SourceError(path, f"invalid JSON: {err.msg} at column {err.colno}", err.lineno) from None
+    annotations = doc.get("annotations") if isinstance(doc, dict) else None
+    if not isinstance(annotations, list):
+        keys = ", ".join(map(repr, doc)) if isinstance(doc, dict) else f"a {type(doc).__name__}"
+        raise SourceError(path, f"not a COCO captions file: no 'annotations' list (top level: {keys}); "
+                                f"for one JSON object a line use .jsonl or --format jsonl")
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            raise SourceError(path, f"annotations[{i}] is a {type(ann).__name__}, expected an object")
+        name = column or "caption"
+        if name not in ann:
+            raise SourceError(path, f"annotations[{i}] has no {name!r} field; fields: {', '.join(map(repr, ann))}")
+        yield _text_value(path, ann[name], name, None, f"annotations[{i}]: ")
+
+
+def read_source(path: str | Path, fmt: SourceFormat = "auto", column: str | None = None) -> Iterator[str]:
+    """Raw prompt texts in source order, one per line/row/record, blanks included (as read)."""
+    path = Path(path)
+    fmt = detect_format(path, fmt)
+    if fmt == "txt":
+        if column is not None:
+            raise SourceError(path, "--column applies to csv, jsonl and coco sources, not to plain text")
+        return _read_txt(path)
+    if fmt == "csv":
+        return _read_csv(path, column)
+    if fmt == "jsonl":
+        return _read_jsonl(path, column)
+    return _read_coco(path, column)
+
+
+def collect_prompts(texts: Iterable[str], limit: int | None = None) -> tuple[list[str], dict[str, int]]:
+    """Normalised unique prompts in first-seen order, and how many were read, blank, duplicate.
+
+    With ``limit`` reading stops at the limit-th unique prompt: the rest of the source is not
+    looked at (and not counted)."""
+    kept: list[str] = []
+    seen: set[str] = set()
+    counts = {"read": 0, "blank": 0, "duplicates": 0}
+    for raw in texts:
+        if limit is not None and len(kept) >= limit:
+            break
+        counts["read"] += 1
+        text = normalize_prompt(raw)
+        if not text:
+            counts["blank"] += 1
+        elif text in seen:
+            counts["duplicates"] += 1
+        else:
+            seen.add(text)
+            kept.append(text)
+    return kept, counts
+
+
+def _check_source(path: Path) -> None:
+    if not path.exists():
+        raise SourceError(path, "no such file")
+    if not path.is_file():
+        raise SourceError(path, "not a file; pass a prompt file (.txt, .csv, .jsonl or COCO .json)")
+
+
+def _existing_counts(config: IngestConfig, source_sha256: str) -> IngestCounts | None:
+    """The counts of the store at ``config.out`` if it is this very ingest, finished; None if
+    there is no store yet; an error if something else is there."""
+    out = Path(config.out)
+    if not out.exists():
+        return None
+    if not (out / "meta.json").is_file():
+        raise StoreError(f"{out}: already exists and is not a prompt store; choose another --out or delete it")
+    meta = PromptStore(out).meta
+    if meta.get("config_hash") != ingest_config_hash(config):
+        old = meta.get("config", {})
+        diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in _identity(config).items() if old.get(k) != v]
+        raise ConfigMismatchError(f"{out}: made by a different ingest ({'; '.join(diffs) or 'unknown config'}); "
+                                  f"choose another --out or delete it")
+    if meta.get("source", {}).get("sha256") != source_sha256:
+        raise ConfigMismatchError(f"{out}: made from different contents of {config.source} (the file changed since); "
+                                  f"choose another --out or delete it")
+    return IngestCounts(**meta["counts"])
+
+
+def plan_ingest(config: IngestConfig) -> IngestPlan:
+    """Read and check everything, write nothing; every user error surfaces here."""
+    source = Path(config.source)
+    _check_source(source)
+    fmt = detect_format(source, config.format)
+    sha = file_sha256(source)
+    existing = _existing_counts(config, sha)
+    if existing is not None:
+        return IngestPlan(config, sha, fmt, existing, already_complete=True)
+    if source.stat().st_size == 0:
+        raise SourceError(source, "empty file; nothing to ingest")
+    texts, counts = collect_prompts(read_source(source, fmt, config.column), config.limit)
+    if not texts:
+        raise SourceError(source, f"no prompts: all {counts['read']} entries are blank" if counts["read"]
+                          else "no prompts in the file")
+    ids = [prompt_id(text) for text in texts]
+    records = [PromptRecord(pid, text, split_for(pid, config.seed, config.eval_fraction)) for pid, text in zip(ids, texts)]
+    n_eval = sum(r.split == "eval" for r in records)
+    final = IngestCounts(**counts, kept=len(records), train=len(records) - n_eval, eval=n_eval)
+    return IngestPlan(config, sha, fmt, final, already_complete=False, records=records)
+
+
+def ingest_prompts(config: IngestConfig) -> IngestPlan:
+    """Create the prompt store ``config.out`` from ``config.source``, or find it already made."""
+    plan = plan_ingest(config)
+    if plan.already_complete:
+        return plan
+    meta = {
+        "config": _identity(config),
+        "config_hash": ingest_config_hash(config),
+        "source": {"path": config.source, "format": plan.format, "sha256": plan.source_sha256},
+        "counts": asdict(plan.counts),
+    }
+    write_prompt_store(config.out, plan.records, meta)
+    return plan
