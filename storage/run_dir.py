@@ -1,0 +1,156 @@
+"""A distillation run directory: who it belongs to, what it has logged, whether it is done.
+
+    RUN_DIR/run.json        the hashed config, its hash and the trajectory store's hash, plus
+                            whatever the first start snapshotted (e.g. the trajectory list);
+                            a later start with another config is refused, never mixed in
+    RUN_DIR/metrics.jsonl   one JSON line per iteration; cut back to a checkpoint's line count
+                            on resume, so a resumed run's log equals an uninterrupted one's
+    RUN_DIR/checkpoints/    see :mod:`storage.checkpoints`
+    RUN_DIR/export/         the final artifact, swapped in whole
+    RUN_DIR/done.json       written last: the run reached this step and exported it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from storage.atomic import fsync_dir, fsync_tree, remove_stale_temps, write_json_atomic
+from storage.checkpoints import CheckpointStore
+from storage.errors import ConfigMismatchError, StoreError
+
+RUN_FORMAT = 1
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _differing_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys
+
+
+class MetricsLog:
+    """Append-only JSON lines, flushed per line; ``sync`` before a checkpoint records its length."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+
+    def append(self, row: dict) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(json.dumps(row, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def sync(self) -> int:
+        """Make every line written so far durable; return how many there are."""
+        if self._file is not None:
+            os.fsync(self._file.fileno())
+        return self.count()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def count(self) -> int:
+        if not self.path.is_file():
+            return 0
+        with open(self.path, "rb") as f:
+            return f.read().count(b"\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+
+    def truncate(self, lines: int) -> None:
+        """Keep the first ``lines`` complete lines, dropping what a killed run wrote after them."""
+        self.close()
+        data = self.path.read_bytes() if self.path.is_file() else b""
+        end = 0
+        for _ in range(lines):
+            nl = data.find(b"\n", end)
+            if nl < 0:
+                raise StoreError(f"{self.path}: has fewer than the {lines} lines its checkpoint recorded; "
+                                 "delete the run dir and start over")
+            end = nl + 1
+        with open(self.path, "ab") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+
+
+class RunDir:
+    def __init__(self, path: str | Path, keep_checkpoints: int = 3):
+        self.path = Path(path)
+        self.run_json = self.path / "run.json"
+        self.done_json = self.path / "done.json"
+        self.export_dir = self.path / "export"
+        self.metrics = MetricsLog(self.path / "metrics.jsonl")
+        self.checkpoints = CheckpointStore(self.path, keep=keep_checkpoints)
+
+    def claim(self, record: dict[str, Any], identity: tuple[str, ...] = ("store_config_hash",)) -> dict:
+        """Make this run dir ours, or check that it already is.
+
+        A new dir gets ``record`` as ``run.json``. An existing one must agree on the config hash
+        and on every key in ``identity``, else :class:`ConfigMismatchError` says what differs; the stored record is
+        returned so that what the first start snapshotted stays authoritative on resume.
+        """
+        if self.run_json.is_file():
+            stored = json.loads(self.run_json.read_text(encoding="utf-8"))
+            if stored.get("config_hash") != record["config_hash"]:
+                diff = _differing_keys(stored.get("config", {}), record.get("config", {})) or ["config_hash"]
+                raise ConfigMismatchError(
+                    f"{self.path}: run dir was made with a different config (differs in: {', '.join(diff)}); "
+                    "use another --out, or the original options to resume it")
+            for key in identity:
+                if stored.get(key) != record.get(key):
+                    raise ConfigMismatchError(
+                        f"{self.path}: run dir was made with a different {key.replace('_', ' ')} "
+                        f"({stored.get(key)} vs {record.get(key)}); use another --out")
+            remove_stale_temps(self.path)
+            return stored
+        if self.path.exists() and any(self.path.iterdir()):
+            raise StoreError(f"{self.path}: exists, is not empty and has no run.json; choose another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_json, {"format": RUN_FORMAT, **record})
+        return json.loads(self.run_json.read_text(encoding="utf-8"))
+
+    def done(self) -> dict | None:
+        return json.loads(self.done_json.read_text(encoding="utf-8")) if self.done_json.is_file() else None
+
+    def mark_done(self, info: dict) -> None:
+        write_json_atomic(self.done_json, info)
+
+    def unmark_done(self) -> None:
+        """Before training past a finished step: the export is about to be replaced."""
+        self.done_json.unlink(missing_ok=True)
+        fsync_dir(self.path)
+
+    @contextmanager
+    def replacing(self, name: str) -> Iterator[Path]:
+        """Yield a temp dir that replaces ``RUN_DIR/name`` whole once the block succeeds."""
+        final = self.path / name
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.path))
+        try:
+            yield tmp
+            fsync_tree(tmp)
+            if final.exists():
+                aside = self.path / f".tmp-old-{name}-{os.getpid()}"
+                os.rename(final, aside)
+                shutil.rmtree(aside)
+            os.rename(tmp, final)
+            fsync_dir(self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
