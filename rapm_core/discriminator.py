@@ -1,0 +1,109 @@
+"""PCM-style latent discriminators: the frozen teacher UNet as backbone, small trainable heads.
+
+The backbone is read, not rebuilt: forward hooks collect every down-block output and the
+mid-block output of the teacher (adapters bypassed), and the mid-block hook aborts the forward
+so the up path is never computed. Each feature map gets its own patch head; RAPM keeps two
+head sets, one judging relative positions and one judging absolute positions.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from rapm_core.conditioning import Conditioning
+from rapm_core.errors import ConfigError
+from rapm_core.student import teacher_mode
+
+
+class _FeaturesCollected(Exception):
+    """Raised from the mid-block hook to skip the up path; never leaves ``FeatureTaps``."""
+
+
+@contextmanager
+def _no_gradient_checkpointing(unet: nn.Module) -> Iterator[None]:
+    # Non-reentrant checkpointing recomputes a block during backward, by which time the adapters
+    # are enabled again: the backbone would be recomputed as the student. It runs unchecked.
+    was_on = unet.is_gradient_checkpointing
+    if was_on:
+        unet.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if was_on:
+            unet.enable_gradient_checkpointing()
+
+
+class FeatureTaps:
+    """The teacher's down-block and mid-block outputs for a (sample, t, c), via forward hooks.
+
+    Gradients flow from the features back to ``sample`` (the generator's path), while the
+    backbone's own weights stay frozen.
+    """
+
+    def __init__(self, unet: nn.Module):
+        if getattr(unet, "mid_block", None) is None:
+            raise ConfigError("the discriminator reads the teacher UNet's mid block, and this UNet has none")
+        self.unet = unet
+        widths = list(unet.config.block_out_channels)
+        self.channels: tuple[int, ...] = tuple(widths + [widths[-1]])
+
+    def __call__(self, sample: torch.Tensor, t: int, cond: Conditioning) -> list[torch.Tensor]:
+        features: list[torch.Tensor] = []
+
+        def keep(_module, _inputs, output):
+            features.append(output[0] if isinstance(output, tuple) else output)
+
+        def keep_and_stop(module, inputs, output):
+            keep(module, inputs, output)
+            raise _FeaturesCollected
+
+        handles = [block.register_forward_hook(keep) for block in self.unet.down_blocks]
+        handles.append(self.unet.mid_block.register_forward_hook(keep_and_stop))
+        try:
+            with teacher_mode(self.unet), _no_gradient_checkpointing(self.unet):
+                self.unet(sample, t, **cond.unet_kwargs())
+        except _FeaturesCollected:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return features
+
+
+def _group_count(width: int) -> int:
+    return math.gcd(32, width)
+
+
+class PatchHead(nn.Module):
+    """conv→GN→LeakyReLU twice with a residual, then 1×1 conv to one logit per patch (PCM's head,
+    with a configurable inner width instead of the feature width to keep SDXL heads small)."""
+
+    def __init__(self, in_channels: int, width: int):
+        super().__init__()
+        self.block1 = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.GroupNorm(_group_count(width), width), nn.LeakyReLU(),
+        )
+        self.block2 = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(_group_count(width), width), nn.LeakyReLU(),
+        )
+        self.out = nn.Conv2d(width, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x.to(self.out.weight.dtype))
+        return self.out(self.block2(h) + h)
+
+
+class HeadSet(nn.Module):
+    """One patch head per tapped feature map; returns their logits in tap order."""
+
+    def __init__(self, channels: Sequence[int], width: int):
+        super().__init__()
+        self.heads = nn.ModuleList(PatchHead(c, width) for c in channels)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [head(f) for head, f in zip(self.heads, features, strict=True)]
