@@ -1,4 +1,4 @@
-"""Stage 0, ``rapm ingest``: a prompt file becomes a prompt store.
+"""Turn a prompt file into a prompt store: normalised, deduplicated, split into train and eval.
 
 The work is :func:`storage.prompt_sources.ingest_prompts`; the flow adds what a person watching
 the run wants to see: a run name saying which file and which config, the counts in the log, and

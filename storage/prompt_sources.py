@@ -37,9 +37,9 @@ class IngestConfig(BaseModel):
                         json_schema_extra={"cli": "positional"})
     out: str = Field(description="prompt store directory to create")
     format: SourceFormat = Field("auto", description="source format; auto picks it from the file extension")
-    column: str | None = Field(None, description="CSV column, JSONL field or COCO annotation field holding the prompt "
-                                                 "(default: the first of prompt, caption, text; caption for COCO)")
-    limit: int | None = Field(None, ge=1, description="keep only the first N unique prompts, in source order")
+    column: str | None = Field(None, description="CSV column, JSONL field or COCO annotation field holding the prompt; "
+                                                 "unset: the first of prompt, caption, text (caption for COCO)")
+    limit: int | None = Field(None, ge=1, description="keep the first N unique prompts, in source order, and read no further")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0,
                                  description="share of prompts held out for evaluation, chosen by a hash of id and seed")
     seed: int = Field(0, description="seed of the train/eval split")
