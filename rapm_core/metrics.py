@@ -1,0 +1,135 @@
+"""The benchmark's measures: fidelity to the reference sample, cost per image, and the
+distribution metrics real SD teachers are compared on (Inception FID, CLIP score).
+
+Inception FID and CLIP score need weights nobody may download here, so both take them from the
+user (a local file or directory, or a feature network) and fail with a ConfigError saying what to
+pass instead of trying the hub. Images are uint8 (B, 3, H, W), the convention torchmetrics'
+Inception network and CLIP processors expect.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rapm_core.errors import ConfigError
+
+
+def latent_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared difference, (B,)."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return (a.double() - b.double()).pow(2).flatten(1).mean(1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-sample PSNR in dB, (B,); identical images give +inf."""
+    mse = latent_mse(a, b)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def finite_mean(values: torch.Tensor) -> float | None:
+    """Mean over samples, or None when any is infinite (the reference compared with itself)."""
+    m = float(values.double().mean())
+    return m if math.isfinite(m) else None
+
+
+def nfe_per_image(num_steps: int, guidance: float) -> int:
+    """UNet evaluations one image costs: CFG doubles every step (cond and uncond)."""
+    return num_steps * (2 if guidance > 1.0 else 1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) float in [0, 1] (what the teacher's VAE decode gives) → (B, 3, H, W) uint8."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 3, 1, 2).contiguous()
+
+
+def _inception(weights: str | Path) -> nn.Module:
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ConfigError("Inception FID needs the torch-fidelity package (pip install torch-fidelity) "
+                          "besides the weights file")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"Inception weights {str(path)!r} not found; pass torch-fidelity's "
+                          f"pt_inception-2015-12-05 .pth file (this machine cannot download it)")
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                              feature_extractor_weights_path=str(path))
+
+
+@torch.no_grad()
+def frechet_inception_distance(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | str | Path | None,
+                               batch_size: int = 64) -> float:
+    """torchmetrics' FID between uint8 image sets, with Inception weights from a local file or any
+    feature network mapping uint8 (B, 3, H, W) to (B, D)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if feature is None:
+        raise ConfigError("Inception FID needs local weights: pass the path of torch-fidelity's "
+                          "pt_inception-2015-12-05 .pth file (or a feature network)")
+    net = feature if isinstance(feature, nn.Module) else _inception(feature)
+    metric = FrechetInceptionDistance(feature=net, input_img_size=tuple(real.shape[1:]))
+    for images, is_real in ((real, True), (fake, False)):
+        for i in range(0, images.shape[0], batch_size):
+            metric.update(images[i:i + batch_size], real=is_real)
+    return float(metric.compute())
+
+
+class _TensorFeatures(nn.Module):
+    """transformers ≥ 5 returns model outputs from ``get_*_features``; torchmetrics 1.9 expects the
+    projected tensor (the output's ``pooler_output``). This hands it that tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def _clip_loader(model_dir: str | Path) -> Callable[[], tuple[nn.Module, object]]:
+    path = Path(model_dir).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"CLIP model {str(path)!r} is not a local transformers CLIPModel directory "
+                          f"(config.json, weights and processor files); download one, e.g. openai/clip-vit-large-patch14")
+
+    def load():
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            return _TensorFeatures(CLIPModel.from_pretrained(path).eval()), CLIPProcessor.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"cannot load CLIP model from {str(path)!r}: {first}") from err
+
+    return load
+
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor, prompts: list[str], model_dir: str | Path, batch_size: int = 64) -> float:
+    """torchmetrics' CLIPScore (100 · cosine, clipped at 0) of uint8 images against their prompts."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    if images.shape[0] != len(prompts):
+        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    metric = CLIPScore(model_name_or_path=_clip_loader(model_dir))
+    for i in range(0, len(prompts), batch_size):
+        metric.update(images[i:i + batch_size], prompts[i:i + batch_size])
+    return float(metric.compute())

@@ -1,0 +1,122 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rapm_core.errors import ConfigError
+from rapm_core.metrics import (
+    clip_score,
+    finite_mean,
+    frechet_inception_distance,
+    latent_mse,
+    nfe_per_image,
+    psnr,
+    to_uint8,
+)
+from rapm_core.tiny_teacher import write_char_tokenizer
+
+
+def test_mse_and_psnr_known_values():
+    a = torch.zeros(2, 3, 4, 4)
+    b = torch.zeros(2, 3, 4, 4)
+    b[0] += 0.1  # MSE 0.01 → PSNR 20 dB at range 1
+    b[1, 0] += 0.5  # one channel of three: MSE 0.25/3
+    assert latent_mse(a, b).tolist() == pytest.approx([0.01, 0.25 / 3])
+    assert psnr(a, b).tolist() == pytest.approx([20.0, 10 * math.log10(3 / 0.25)])
+    assert psnr(a, b, data_range=2.0)[0] == pytest.approx(20.0 + 20 * math.log10(2))
+    assert math.isinf(float(psnr(a, a)[0]))
+    assert finite_mean(psnr(a, a)) is None
+    assert finite_mean(psnr(a, b)) == pytest.approx((20.0 + 10 * math.log10(12)) / 2)
+
+
+def test_nfe_counts_both_cfg_branches():
+    assert nfe_per_image(40, 7.5) == 80
+    assert nfe_per_image(4, 7.5) == 8
+    assert nfe_per_image(4, 1.0) == 4
+
+
+def test_to_uint8_layout_and_range():
+    x = torch.tensor([[[[0.0, 0.5, 1.0]]]])  # (1, 1, 1, 3) HWC
+    assert to_uint8(x).shape == (1, 3, 1, 1)
+    assert to_uint8(x).flatten().tolist() == [0, 128, 255]
+
+
+class TinyFeatures(nn.Module):
+    """A fixed random conv feature network over uint8 images, standing in for Inception."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+    def forward(self, x):
+        return self.net(x.float() / 127.5 - 1)
+
+
+def _images(seed, n=24, shift=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 200, (n, 3, 16, 16), generator=g) + shift).clamp(0, 255).to(torch.uint8)
+
+
+def test_fid_with_custom_feature_net():
+    feats = TinyFeatures()
+    real = _images(0)
+    assert frechet_inception_distance(real, real.clone(), feats, batch_size=7) == pytest.approx(0.0, abs=1e-3)
+    other = frechet_inception_distance(real, _images(1), feats)
+    shifted = frechet_inception_distance(real, _images(1, shift=60), feats)
+    assert 0 < other < shifted
+
+
+def test_fid_without_weights_says_what_to_pass(tmp_path):
+    real = _images(0, n=4)
+    with pytest.raises(ConfigError, match="Inception FID needs local weights"):
+        frechet_inception_distance(real, real, None)
+    with pytest.raises(ConfigError, match="torch-fidelity|not found"):
+        frechet_inception_distance(real, real, tmp_path / "missing.pth")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    d = tmp_path_factory.mktemp("tiny-clip")
+    tok = write_char_tokenizer(d, max_length=77)
+    torch.manual_seed(0)
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                  image_size=32, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    # A random CLIP's cosines hover around 0, where the metric clips; a shared offset in both towers'
+    # final norms makes them positive and input-dependent, so the score is a real number to check.
+    with torch.no_grad():
+        model.vision_model.post_layernorm.bias.fill_(2.0)
+        model.text_model.final_layer_norm.bias.fill_(2.0)
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+    model.save_pretrained(d)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tok).save_pretrained(d)
+    return d
+
+
+def test_clip_score_matches_direct_cosine(tiny_clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    images = _images(3, n=5)
+    images = torch.nn.functional.interpolate(images.float(), size=32).to(torch.uint8)
+    prompts = ["a red circle", "a blue square", "a small green triangle", "yellow", "a large circle at the top"]
+    score = clip_score(images, prompts, tiny_clip_dir, batch_size=2)
+
+    model, proc = CLIPModel.from_pretrained(tiny_clip_dir).eval(), CLIPProcessor.from_pretrained(tiny_clip_dir)
+    with torch.no_grad():
+        img = model.get_image_features(**proc(images=list(images), return_tensors="pt")).pooler_output
+        txt = model.get_text_features(**proc(text=prompts, return_tensors="pt", padding=True)).pooler_output
+    cos = torch.nn.functional.cosine_similarity(img, txt).mean()
+    assert 0 < float(cos) < 1
+    assert score == pytest.approx(100 * float(cos), abs=1e-3)
+
+
+def test_clip_score_without_model_dir(tmp_path):
+    with pytest.raises(ConfigError, match="not a local transformers CLIPModel directory"):
+        clip_score(_images(0, n=2), ["a", "b"], tmp_path / "nowhere")
