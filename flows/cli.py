@@ -19,6 +19,8 @@ from flows.errors import USER_ERRORS
 
 COMMAND_MODULES = [
     "flows.ingest",
+    "flows.trajectories",
+    "flows.store_cli",
 ]
 
 
