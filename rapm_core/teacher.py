@@ -1,0 +1,219 @@
+"""The teacher: a stock diffusers SD 1.5-class or SDXL-class pipeline, and its prompt encoding.
+
+Prompts are encoded with the pipeline's own ``encode_prompt`` (and for SDXL its pooled embeddings
+and ``_get_add_time_ids``), never a re-implementation, so the stored conditioning is exactly what
+a stock pipeline feeds its UNet. Later stages load only the UNet or the VAE (``load_unet``,
+``load_vae``) and never touch the text encoders again.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+
+from rapm_core.conditioning import Conditioning
+from rapm_core.errors import ConfigError
+
+Kind = Literal["sd15", "sdxl"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_PIPELINE_CLASSES: dict[str, tuple[Kind, type[DiffusionPipeline]]] = {
+    "StableDiffusionPipeline": ("sd15", StableDiffusionPipeline),
+    "StableDiffusionXLPipeline": ("sdxl", StableDiffusionXLPipeline),
+}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA on a machine without it is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def teacher_ref(source: str | Path) -> str:
+    """The string a teacher is recorded under: local directories absolute, hub ids as given."""
+    p = Path(source).expanduser()
+    return str(p.resolve()) if p.is_dir() else str(source)
+
+
+def _cannot_load(source: str, err: Exception) -> ConfigError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return ConfigError(f"cannot load teacher {source!r}: {first} (offline? pass a local diffusers directory)")
+
+
+def detect_kind(source: str, revision: str | None = None) -> tuple[Kind, type[DiffusionPipeline]]:
+    """Read only ``model_index.json`` to learn the pipeline class, before any weights load."""
+    try:
+        config = DiffusionPipeline.load_config(source, revision=revision)
+    except Exception as err:  # hub/offline/path errors come in many types; all mean "cannot load"
+        raise _cannot_load(source, err) from err
+    name = config.get("_class_name")
+    if name not in _PIPELINE_CLASSES:
+        raise ConfigError(
+            f"teacher {source!r} is a {name}; RAPM supports {', '.join(_PIPELINE_CLASSES)} teachers"
+        )
+    return _PIPELINE_CLASSES[name]
+
+
+@dataclass
+class Teacher:
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
+    kind: Kind
+    source: str
+    revision: str | None
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self.pipe.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.pipe.scheduler.config)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return latent_shape(self.pipe.unet.config)
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
+
+
+def load_teacher(
+    source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Teacher:
+    """Load a whole stock pipeline (text encoders included) from a hub id or a local directory."""
+    source = teacher_ref(source)
+    kind, cls = detect_kind(source, revision)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
+    try:
+        pipe = cls.from_pretrained(source, revision=revision, dtype=dtype, **extra)
+    except Exception as err:
+        raise _cannot_load(source, err) from err
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return Teacher(pipe=pipe, kind=kind, source=source, revision=revision)
+
+
+def load_unet(source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> UNet2DConditionModel:
+    try:
+        unet = UNet2DConditionModel.from_pretrained(teacher_ref(source), subfolder="unet", revision=revision,
+                                                    dtype=dtype)
+    except Exception as err:
+        raise _cannot_load(str(source), err) from err
+    return unet.to(device).eval().requires_grad_(False)
+
+
+def load_vae(source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> AutoencoderKL:
+    try:
+        vae = AutoencoderKL.from_pretrained(teacher_ref(source), subfolder="vae", revision=revision, dtype=dtype)
+    except Exception as err:
+        raise _cannot_load(str(source), err) from err
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def latent_shape(unet_config) -> tuple[int, int, int]:
+    """(C, H, W) of the latents at the teacher's default resolution (``unet.config.sample_size``).
+
+    Stock pipelines default to ``sample_size · vae_scale_factor`` pixels, i.e. exactly this latent size.
+    """
+    size = unet_config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(unet_config.in_channels), int(h), int(w)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images (B, H, W, 3) in [0, 1], with the same scaling a stock pipeline applies."""
+    z = latents.to(device=vae.device, dtype=vae.dtype)
+    shift = getattr(vae.config, "shift_factor", None)
+    z = z / vae.config.scaling_factor + (shift or 0.0)
+    images = vae.decode(z).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def count_truncated(teacher: Teacher, prompts: list[str]) -> int:
+    """How many prompts are longer than some tokenizer's limit (the encoder silently drops the rest)."""
+    longest = set()
+    for tok in teacher.tokenizers:
+        ids = tok(prompts, padding=False, truncation=False).input_ids
+        longest.update(i for i, seq in enumerate(ids) if len(seq) > tok.model_max_length)
+    return len(longest)
+
+
+@contextmanager
+def _quiet_truncation(pipe) -> Iterator[None]:
+    # Stock encode_prompt warns once per batch; truncation is reported once per run by
+    # count_truncated instead.
+    log = logging.getLogger(type(pipe).__module__)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _sdxl_time_ids(pipe: StableDiffusionXLPipeline, pooled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Exactly what StableDiffusionXLPipeline.__call__ builds at its default resolution.
+    height = width = pipe.default_sample_size * pipe.vae_scale_factor
+    proj_dim = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+                else pipe.text_encoder_2.config.projection_dim)
+    return pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=dtype,
+                                  text_encoder_projection_dim=proj_dim)
+
+
+@torch.no_grad()
+def encode_prompts(teacher: Teacher, prompts: list[str]) -> Conditioning:
+    """Conditional embeddings for a batch of prompts, as the stock pipeline computes them."""
+    pipe, device = teacher.pipe, teacher.device
+    with _quiet_truncation(pipe):
+        if teacher.kind == "sd15":
+            embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+            return Conditioning(embeds)
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+    time_ids = _sdxl_time_ids(pipe, pooled, embeds.dtype).to(device).repeat(len(prompts), 1)
+    return Conditioning(embeds, pooled, time_ids)
+
+
+@torch.no_grad()
+def encode_uncond(teacher: Teacher) -> Conditioning:
+    """The one unconditional row CFG uses (empty prompt; zeros for SDXL with force_zeros_for_empty_prompt)."""
+    pipe, device = teacher.pipe, teacher.device
+    if teacher.kind == "sd15":
+        _, negative = pipe.encode_prompt([""], device, 1, True)
+        return Conditioning(negative)
+    _, negative, _, negative_pooled = pipe.encode_prompt([""], device=device, do_classifier_free_guidance=True)
+    time_ids = _sdxl_time_ids(pipe, negative_pooled, negative.dtype).to(device)
+    return Conditioning(negative, negative_pooled, time_ids)
