@@ -1,0 +1,139 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from flows.distill import DistillRunConfig, run_distillation
+from flows.evaluate import EvaluateConfig, evaluate_run, finished
+from flows.trajectories import TrajectoriesConfig, generate_trajectories
+from rapm_core.distill import DistillConfig
+from rapm_core.embedded.evaluator import ShapesClassifier, save_evaluator
+from rapm_core.embedded.shapes import all_prompts
+from rapm_core.evaluation import dpm_solver_sample, dpm_solver_scheduler, method_specs
+from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
+from rapm_core.trajectory import initial_noise
+from storage.prompt_sources import IngestConfig, ingest_prompts
+from storage.errors import StoreError
+
+PROMPTS = all_prompts()[::7][:12]  # shapes captions, so a shapes evaluator can judge them
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_dpm_solver_equals_stock_pipeline(kind, tiny_sd15_dir, tiny_sdxl_dir):
+    teacher = load_teacher(tiny_sd15_dir if kind == "sd15" else tiny_sdxl_dir)
+    prompts = PROMPTS[:2]
+    noise = initial_noise([1, 2], teacher.latent_shape, torch.float32, "cpu")
+    ours = dpm_solver_sample(teacher.unet, teacher.scheduler_config, noise, encode_prompts(teacher, prompts), 4,
+                             guidance=3.0, uncond=encode_uncond(teacher))
+
+    cls = StableDiffusionPipeline if kind == "sd15" else StableDiffusionXLPipeline
+    stock = cls(**{**teacher.pipe.components, "scheduler": dpm_solver_scheduler(teacher.scheduler_config, 4)})
+    stock.set_progress_bar_config(disable=True)
+    ref = stock(prompts, latents=noise.clone(), num_inference_steps=4, guidance_scale=3.0, output_type="latent").images
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert dpm_solver_scheduler(teacher.scheduler_config, 4).timesteps.tolist() == [999, 749, 499, 249]
+
+
+def test_method_specs_cost():
+    specs = method_specs(num_slots=4, steps_per_slot=10, guidance=7.5, student_steps=4)
+    assert {k: s.nfe for k, s in specs.items()} == {"teacher_ref": 80, "teacher_ddim": 8, "dpm_solver": 8,
+                                                    "student": 4}
+    assert specs["student"].guidance == 1.0
+
+
+def build_tiny_run(root: Path, teacher_dir: Path, iterations: int = 3) -> tuple[Path, Path, Path]:
+    """prompt store → trajectory store (N=2, M=2) → a few distillation iterations, by the stages' own functions."""
+    source = root / "prompts.txt"
+    source.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    prompts = root / "prompts"
+    ingest_prompts(IngestConfig(source=str(source), out=str(prompts), eval_fraction=0.4, seed=1))
+    store = root / "trajectories.zarr"
+    generate_trajectories(TrajectoriesConfig(prompts=str(prompts), teacher=str(teacher_dir), out=str(store), slots=2,
+                                             steps_per_slot=2, guidance=3.0, device="cpu", batch_size=8),
+                          log=lambda _: None)
+    run = root / "run"
+    method = DistillConfig(disc_channels=8, lr=1e-2, lr_disc=1e-2, loss_relative="both", loss_absolute="both")
+    run_distillation(DistillRunConfig(trajectories=str(store), out=str(run), iterations=iterations,
+                                      checkpoint_every=iterations, device="cpu", method=method), log=lambda _: None)
+    return prompts, store, run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_sd15_dir):
+    return build_tiny_run(tmp_path_factory.mktemp("tiny-run"), tiny_sd15_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_evaluator(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_evaluator(ShapesClassifier(width=4, feature_dim=8), tmp_path_factory.mktemp("evaluator"))
+
+
+def test_evaluate_writes_every_output(tiny_run, tiny_evaluator):
+    prompts, store, run = tiny_run
+    config = EvaluateConfig(run=str(run), trajectories=str(store), num_images=6, batch_size=4, device="cpu",
+                            evaluator=str(tiny_evaluator), grid_rows=3, trajectory_rows=2)
+    progress: list[float] = []
+    result = evaluate_run(config, progress=progress.append, log=lambda _: None)
+    assert not result.skipped
+    eval_dir = run / "eval"
+    assert Path(result.eval_dir) == eval_dir
+    for name in ("metrics.json", "grid.png", "metrics.png", "trajectory.png", "report.md"):
+        assert (eval_dir / name).stat().st_size > 0, name
+    assert progress[-1] == pytest.approx(100.0)
+
+    data = json.loads((eval_dir / "metrics.json").read_text())
+    rows = {r["method"]: r for r in data["methods"]}
+    assert list(rows) == ["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
+    assert {k: r["nfe"] for k, r in rows.items()} == {"teacher_ref": 8, "teacher_ddim": 4, "dpm_solver": 4,
+                                                      "student": 2}
+    assert rows["teacher_ref"]["latent_mse"] is None and rows["teacher_ref"]["psnr"] is None
+    for name in ("teacher_ddim", "dpm_solver", "student"):
+        assert rows[name]["latent_mse"] > 0 and np.isfinite(rows[name]["psnr"])
+    for r in rows.values():
+        assert np.isfinite(r["domain_fid"]) and r["domain_fid"] >= 0
+        assert 0.0 <= r["prompt_adherence"] <= 1.0
+        assert r["images_per_second"] > 0
+    assert rows["student"]["distill_seconds"] > 0
+    eval_prompts = {json.loads(line)["text"] for line in (prompts / "prompts.jsonl").read_text().splitlines()
+                    if json.loads(line)["split"] == "eval"}
+    assert set(data["prompts"]) == eval_prompts  # the eval split, repeated to 6 images
+
+    # Grid: rows = prompts, columns = methods; trajectory figure: 2 rows per trajectory, N+1 columns.
+    assert Image.open(eval_dir / "grid.png").size[0] > Image.open(eval_dir / "grid.png").size[1] / 2
+    report = (eval_dir / "report.md").read_text()
+    for link in ("grid.png", "metrics.png", "trajectory.png"):
+        assert f"({link})" in report
+    assert "| RAPM student 2 steps |" in report
+
+    # The same config on the same finished run is already done, whatever the batch size.
+    again = evaluate_run(config.model_copy(update={"batch_size": 2}), log=lambda _: None)
+    assert again.skipped and again.rows == data["methods"]
+    assert finished(config.model_copy(update={"seed": 1})) is None
+
+
+def test_evaluate_is_reproducible_across_batch_sizes(tiny_run, tmp_path):
+    """Per-image seeds: the samples don't depend on how images are batched (teacher_ddim vs itself)."""
+    _, store, run = tiny_run
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval"))
+    base = dict(run=str(copy), trajectories=str(store), num_images=4, device="cpu", evaluator="none",
+                methods=["teacher_ddim"])
+    a = evaluate_run(EvaluateConfig(batch_size=4, **base), log=lambda _: None).rows
+    shutil.rmtree(copy / "eval")
+    b = evaluate_run(EvaluateConfig(batch_size=1, **base), log=lambda _: None).rows
+    assert [r["method"] for r in a] == ["teacher_ref", "teacher_ddim"]
+    assert a[1]["latent_mse"] == pytest.approx(b[1]["latent_mse"], rel=1e-4)
+    assert "domain_fid" not in a[1]
+
+
+def test_evaluate_refuses_unfinished_run(tmp_path):
+    with pytest.raises(StoreError, match="not a run dir"):
+        evaluate_run(EvaluateConfig(run=str(tmp_path)), log=lambda _: None)
