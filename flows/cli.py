@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "flows.ingest",
     "flows.trajectories",
     "flows.store_cli",
+    "flows.evaluate",
 ]
 
 
