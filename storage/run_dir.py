@@ -99,12 +99,11 @@ class RunDir:
         self.metrics = MetricsLog(self.path / "metrics.jsonl")
         self.checkpoints = CheckpointStore(self.path, keep=keep_checkpoints)
 
-    def claim(self, record: dict[str, Any], identity: tuple[str, ...] = ("store_config_hash",)) -> dict:
-        """Make this run dir ours, or check that it already is.
+    def check(self, record: dict[str, Any], identity: tuple[str, ...] = ("store_config_hash",)) -> dict | None:
+        """The stored ``run.json`` if this dir is ``record``'s run, None if the dir is free.
 
-        A new dir gets ``record`` as ``run.json``. An existing one must agree on the config hash
-        and on every key in ``identity``, else :class:`ConfigMismatchError` says what differs; the stored record is
-        returned so that what the first start snapshotted stays authoritative on resume.
+        A run dir of another config, or of the same config on another trajectory store (any key
+        in ``identity``), raises :class:`ConfigMismatchError` naming what differs.
         """
         if self.run_json.is_file():
             stored = json.loads(self.run_json.read_text(encoding="utf-8"))
@@ -118,10 +117,21 @@ class RunDir:
                     raise ConfigMismatchError(
                         f"{self.path}: run dir was made with a different {key.replace('_', ' ')} "
                         f"({stored.get(key)} vs {record.get(key)}); use another --out")
-            remove_stale_temps(self.path)
             return stored
         if self.path.exists() and any(self.path.iterdir()):
             raise StoreError(f"{self.path}: exists, is not empty and has no run.json; choose another --out")
+        return None
+
+    def claim(self, record: dict[str, Any], identity: tuple[str, ...] = ("store_config_hash",)) -> dict:
+        """Make this run dir ours (``record`` becomes ``run.json``), or check that it already is.
+
+        On resume the stored record is returned, so that what the first start snapshotted
+        stays authoritative. Leftovers of killed atomic writes are cleared.
+        """
+        stored = self.check(record, identity)
+        if stored is not None:
+            remove_stale_temps(self.path)
+            return stored
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_json, {"format": RUN_FORMAT, **record})
         return json.loads(self.run_json.read_text(encoding="utf-8"))

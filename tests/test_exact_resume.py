@@ -1,0 +1,118 @@
+"""A run killed with SIGKILL at arbitrary moments and restarted ends bit-identical to one never
+stopped: weights, optimizer-driven trajectory and metrics alike (CPU, same seed).
+
+The killed runs are separate processes running the plain training function (a Prefect server
+start per process would dominate the test); kill points are found by watching the run dir from
+outside, so the product code has no test hooks.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill_run_support import make_store, run_config
+from flows.distill import TIMING_FIELDS, run_distillation
+
+TESTS = Path(__file__).parent
+CHILD = (
+    "import sys, torch; torch.set_num_threads(1); "
+    "from flows.distill import DistillRunConfig, run_distillation; "
+    "run_distillation(DistillRunConfig.model_validate_json(sys.argv[1]))"
+)
+
+
+def _start(config, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-c", CHILD, config.model_dump_json()], cwd=TESTS.parent, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240.0) -> bool:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds; False if it exited first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("child made no progress in time")
+        time.sleep(0.005)
+    return False
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def _lines(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigkilled_and_resumed_run_equals_uninterrupted(tmp_path, tiny_sd15_dir):
+    store = make_store(tmp_path, tiny_sd15_dir)
+    reference = run_config(store, tmp_path / "reference")
+    run_distillation(reference, log=lambda _: None)
+
+    run = tmp_path / "killed"
+    config = reference.model_copy(update={"out": str(run)})
+    ckpts = run / "checkpoints"
+    rng = random.Random(os.getpid())
+    target, delay = rng.randint(3, config.iterations - 1), rng.uniform(0.0, 1.5)
+
+    def after_line(target: int, delay: float, started: float):
+        """Once this child has written line ``target`` (not a killed one's stale line), wait ``delay``."""
+        seen = []
+
+        def ready() -> bool:
+            path = run / "metrics.jsonl"
+            if not seen and path.exists() and path.stat().st_mtime > started and _lines(run) >= target:
+                seen.append(time.monotonic())
+            return bool(seen) and time.monotonic() - seen[0] >= delay
+        return ready
+
+    kill_points = [
+        ("the first checkpoint exists", lambda started: lambda: any(ckpts.glob("step-*"))),
+        ("a checkpoint is being written", lambda started: lambda: any(ckpts.glob(".tmp-step-*"))),
+        (f"{delay:.2f} s after line {target}", lambda started: after_line(target, delay, started)),
+    ]
+    killed = []
+    for n, (name, make_ready) in enumerate(kill_points):
+        started = time.time()
+        proc = _start(config, tmp_path / f"child-{n}.log")
+        if _kill_when(proc, make_ready(started)):
+            killed.append(name)
+        else:
+            assert proc.returncode == 0, (tmp_path / f"child-{n}.log").read_text()
+    print("killed when:", "; ".join(killed))
+    assert killed[0] == "the first checkpoint exists"
+    final = _start(config, tmp_path / "final.log")
+    assert final.wait(timeout=600) == 0, (tmp_path / "final.log").read_text()
+
+    last = f"step-{config.iterations:07d}"
+    want = load_file(tmp_path / "reference" / "checkpoints" / last / "trainable.safetensors")
+    got = load_file(ckpts / last / "trainable.safetensors")
+    assert want.keys() == got.keys() and any(k.startswith("disc_") for k in got) and any("lora" in k for k in got)
+    assert all(torch.equal(want[k], got[k]) for k in want), f"kills at {killed}: weights differ"
+    lora_b = [v for k, v in got.items() if "lora_B" in k]
+    assert any(v.abs().sum() > 0 for v in lora_b)  # training really moved the adapter off its zero init
+    exported = (load_file(tmp_path / "reference" / "export" / "pytorch_lora_weights.safetensors"),
+                load_file(run / "export" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+    assert _metrics(run) == _metrics(tmp_path / "reference")
+    assert len(_metrics(run)) == config.iterations
+    assert not list(ckpts.glob(".tmp-*"))
