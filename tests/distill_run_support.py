@@ -27,5 +27,5 @@ def run_config(store: Path, out: Path, **overrides) -> DistillRunConfig:
     """Small heads and a big learning rate: a CPU run of a few iterations still moves the weights."""
     method = DistillConfig(**{"disc_channels": 8, "lr": 1e-2, "lr_disc": 1e-2, "loss_relative": "both",
                               "loss_absolute": "both", **overrides.pop("method", {})})
-    return DistillRunConfig(trajectories=str(store), out=str(out), iterations=8, checkpoint_every=2,
-                            keep_checkpoints=2, seed=3, device="cpu", method=method, **overrides)
+    run = {"iterations": 8, "checkpoint_every": 2, "keep_checkpoints": 2, "seed": 3, "device": "cpu", **overrides}
+    return DistillRunConfig(trajectories=str(store), out=str(out), method=method, **run)
