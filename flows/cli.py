@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "flows.store_cli",
     "flows.evaluate",
     "flows.distill",
+    "flows.recipe",
 ]
 
 
