@@ -1,8 +1,7 @@
 """The student: the teacher UNet itself plus a peft LoRA, and the teacher recovered from it.
 
-RAPM never holds a second UNet copy: the teacher's predictions (relative-target jumps are the
-student's, but the discriminator backbone is the teacher's) come from the same module with its
-adapters switched off. The adapter is exported in the diffusers LoRA format so that a stock
+RAPM never holds a second UNet copy: wherever the teacher itself is needed (the discriminator
+backbone), the same module runs with its adapters bypassed. The adapter is exported in the diffusers LoRA format so that a stock
 ``pipe.load_lora_weights(dir)`` reproduces the student exactly (see PLATFORM_NOTES.md for the
 two ways that silently fails).
 """
@@ -141,12 +140,21 @@ def write_model_card(out_dir: str | Path, teacher: str, num_steps: int, steps_pe
              "tags: [lora, text-to-image, rapm, distillation]", "---", "",
              f"# RAPM {num_steps}-step LoRA for {teacher}", "",
              "Distilled with Relative and Absolute Position Matching (Zhang et al., arXiv 2503.20744).", "",
-             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+             "| | |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in rows), ""]
     for k, v in extra.items():
         if isinstance(v, Mapping):
-            lines += [f"## {k}", "", "| | |", "|---|---|", *(f"| {kk} | {vv} |" for kk, vv in v.items()), ""]
+            lines += [f"## {k}", "", "| | |", "|---|---|", *(f"| {kk} | {_cell(vv)} |" for kk, vv in v.items()), ""]
     lines += ["## Use", "", "```python", f"from diffusers import {pipeline_cls}, DDIMScheduler",
               f'pipe = {pipeline_cls}.from_pretrained("{teacher}")', 'pipe.load_lora_weights("<this folder>")',
               'pipe.scheduler = DDIMScheduler.from_pretrained("<this folder>", subfolder="scheduler")',
               f'image = pipe("a prompt", num_inference_steps={num_steps}, guidance_scale=1.0).images[0]', "```", ""]
     (out_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _cell(value: Any) -> str:
+    # Nested settings (a run's whole config) stay readable and cannot break the table.
+    if isinstance(value, (Mapping, list, tuple)):
+        text = json.dumps(value, default=str)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|")
