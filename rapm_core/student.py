@@ -1,9 +1,9 @@
 """The student: the teacher UNet itself plus a peft LoRA, and the teacher recovered from it.
 
 RAPM never holds a second UNet copy: wherever the teacher itself is needed (the discriminator
-backbone), the same module runs with its adapters bypassed. The adapter is exported in the diffusers LoRA format so that a stock
-``pipe.load_lora_weights(dir)`` reproduces the student exactly (see PLATFORM_NOTES.md for the
-two ways that silently fails).
+backbone), the same module runs with its adapters bypassed. The adapter is exported in the
+diffusers LoRA format so that a stock ``pipe.load_lora_weights(dir)`` reproduces the student
+exactly (see PLATFORM_NOTES.md for the two ways that silently fails).
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) 
     current = get_peft_model_state_dict(unet)
     missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
     if missing or unexpected:
-        raise ConfigError(f"LoRA checkpoint does not fit this student: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ConfigError(
+            f"LoRA checkpoint does not fit this student: missing {missing[:3]}, unexpected {unexpected[:3]}")
     bad = [k for k in current if tuple(current[k].shape) != tuple(state[k].shape)]
     if bad:
         raise ConfigError(f"LoRA checkpoint shapes differ from this student's (rank changed?), e.g. {bad[0]}")

@@ -36,7 +36,8 @@ def test_stock_pipeline_with_exported_lora_reproduces_the_student(fixture, rank,
                          model_card={"iterations": 7, "teacher guidance": 6.0, "metrics": {"fid": 12.5}})
     assert (export / "pytorch_lora_weights.safetensors").is_file()
     sched_cfg = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
-    assert (sched_cfg["timestep_spacing"], sched_cfg["clip_sample"], sched_cfg["set_alpha_to_one"]) == ("trailing", False, False)
+    assert sched_cfg["timestep_spacing"] == "trailing"
+    assert not sched_cfg["clip_sample"] and not sched_cfg["set_alpha_to_one"]
     assert json.loads((export / "inference.json").read_text())["num_inference_steps"] == N
     card = (export / "README.md").read_text()
     for text in (str(teacher_dir), "| steps N | 4 |", "| teacher steps per slot M | 2 |", "| iterations | 7 |",
