@@ -21,9 +21,10 @@ import random
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -134,6 +135,27 @@ def load_example(store: TrajectoryStore, index: int) -> Example:
     return Example(positions=positions, cond=cond, index=int(index))
 
 
+class Fetched(NamedTuple):
+    example: Example
+    epoch: int  # the data epoch the example belongs to
+    next_cursor: tuple[int, int]  # where the data order stands once this example is consumed
+    wait_seconds: float  # how long the training loop waited for it (0 when prefetch kept up)
+
+
+def prefetched(store: TrajectoryStore, order: DataOrder, cursor: tuple[int, int], count: int) -> Iterator[Fetched]:
+    """``count`` examples from ``cursor`` on, each read from Zarr on a thread while the previous one trains."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        upcoming = pool.submit(load_example, store, order.at(cursor)) if count else None
+        for i in range(count):
+            t0 = time.perf_counter()
+            example = upcoming.result()
+            waited = time.perf_counter() - t0
+            epoch, cursor = cursor[0], order.after(cursor)
+            if i + 1 < count:
+                upcoming = pool.submit(load_example, store, order.at(cursor))
+            yield Fetched(example, epoch, cursor, waited)
+
+
 def _rng_state(generator: torch.Generator) -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "generator": generator.get_state()}
@@ -239,26 +261,21 @@ def run_distillation(
     order = DataOrder(indices, config.seed)
     start_step, t_start = step, time.perf_counter()
     log_every = max(1, min(100, config.iterations // 20))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-        upcoming = pool.submit(load_example, store, order.at(cursor)) if step < config.iterations else None
-        while step < config.iterations:
+    examples = prefetched(store, order, cursor, config.iterations - step)
+    with run.metrics, closing(examples):
+        for example, epoch, cursor, t_data in examples:  # from here on the cursor names the next example
             t0 = time.perf_counter()
-            example = upcoming.result()
-            t_data = time.perf_counter() - t0
-            epoch, cursor = cursor[0], order.after(cursor)  # the cursor always names the next example
-            if step + 1 < config.iterations:
-                upcoming = pool.submit(load_example, store, order.at(cursor))
             try:
                 row = distiller.train_step(example, generator)
                 nonfinite_run = 0
             except NonFiniteLossError as err:
                 nonfinite_run += 1
-                failure = (f"non-finite {err.term} loss on trajectory {err.index}, slot {err.slot}")
+                failure = f"non-finite {err.term} loss on trajectory {err.index}, slot {err.slot}"
                 log(f"iteration {step + 1}: {failure}; example skipped ({nonfinite_run} in a row)")
                 row = {"nonfinite": {"term": err.term, "slot": err.slot}}
             step += 1
             run.metrics.append({"iteration": step, "epoch": epoch, "trajectory": example.index, **row,
-                                "seconds": time.perf_counter() - t0, "data_wait_seconds": t_data})
+                                "seconds": time.perf_counter() - t0 + t_data, "data_wait_seconds": t_data})
             if nonfinite_run >= config.method.max_consecutive_nonfinite:
                 raise DistillationDivergedError(
                     f"{nonfinite_run} consecutive non-finite losses (last: {failure}); the last good checkpoint "
@@ -270,7 +287,6 @@ def run_distillation(
                 log(f"iteration {step}/{config.iterations}: {p.seconds_per_iteration:.3f} s/iter, ETA {p.eta_s:.0f} s")
             if progress is not None:
                 progress(p)
-    run.metrics.close()
     trained = step - start_step
     sec_per_iter = (time.perf_counter() - t_start) / trained if trained else None
 
@@ -325,9 +341,13 @@ def _distill_flow(config: DistillRunConfig) -> dict:
 
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, description=f"distill → {config.out}")
+    shown = [0]
 
     def report(p: Progress) -> None:
-        update_progress_artifact(artifact, 100.0 * p.done / p.total)
+        percent = int(100 * p.done / p.total)  # one API call per percent, not per iteration
+        if percent != shown[0]:
+            shown[0] = percent
+            update_progress_artifact(artifact, float(percent))
 
     result = run_distillation(config, progress=report, log=logger.info)
     update_progress_artifact(artifact, 100.0)
@@ -335,7 +355,7 @@ def _distill_flow(config: DistillRunConfig) -> dict:
     if table:
         create_table_artifact(table=table, key=f"distill-metrics-{result.config_hash[:12]}",
                               description=f"mean metrics over iteration spans of {config.out}")
-    return {k: v for k, v in result.__dict__.items()}
+    return asdict(result)
 
 
 def _make_flow():

@@ -62,6 +62,12 @@ class MetricsLog:
             self._file.close()
             self._file = None
 
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def count(self) -> int:
         if not self.path.is_file():
             return 0
