@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "flows.trajectories",
     "flows.store_cli",
     "flows.evaluate",
+    "flows.pipeline",
     "flows.distill",
     "flows.recipe",
 ]
