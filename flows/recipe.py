@@ -42,26 +42,26 @@ class TeacherRecipe(BaseModel):
     out: str = Field(description="directory to write the StableDiffusionPipeline to")
     evaluator: str | None = Field("assets/shapes-evaluator", description="evaluator for the closing measurement (none: skip)")
     seed: int = 0
-    n_images: int = Field(20000, ge=16, description="renders the VAE and UNet train on")
-    vae_steps: int = Field(800, ge=1)
+    n_images: int = Field(12000, ge=16, description="renders the VAE and UNet train on")
+    vae_steps: int = Field(600, ge=1)
     vae_batch: int = Field(32, ge=1)
-    vae_lr: float = Field(2e-3, gt=0)
+    vae_lr: float = Field(3e-3, gt=0)
     kl_weight: float = Field(1e-5, ge=0)
     vae_width: int = Field(8, ge=4, description="VAE channels at full resolution (then 2×, 4×)")
     text_dim: int = Field(64, ge=8)
     text_layers: int = Field(2, ge=1)
     unet_width: int = Field(32, ge=16, description="UNet channels at the 8×8 level (2× at 4×4)")
     unet_layers: int = Field(1, ge=1, description="resnet layers per UNet block")
-    unet_steps: int = Field(2000, ge=1)
-    unet_batch: int = Field(128, ge=1)
+    unet_steps: int = Field(1200, ge=1)
+    unet_batch: int = Field(64, ge=1)
     unet_lr: float = Field(2e-3, gt=0)
     warmup: int = Field(100, ge=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
     cond_dropout: float = Field(0.1, ge=0, lt=1, description="share of empty captions (for CFG)")
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(50, ge=1)
-    measure_prompts: int = Field(240, ge=2, description="prompts for the closing measurement")
-    guidance: list[float] = Field([3.0, 5.0, 7.5], description="guidance scales to measure (best is reported)")
+    measure_prompts: int = Field(200, ge=2, description="prompts for the closing measurement")
+    guidance: list[float] = Field([4.0, 7.5], description="guidance scales to measure (best is reported)")
     threads: int = Field(1, ge=1, description="torch CPU threads (1 is fastest on a shared machine)")
 
 
@@ -69,11 +69,11 @@ class MeasureRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     teacher: str = Field(description="teacher pipeline directory")
     evaluator: str = Field("assets/shapes-evaluator", description="evaluator directory")
-    n_prompts: int = Field(240, ge=2)
+    n_prompts: int = Field(200, ge=2)
     seed: int = 0
     num_slots: int = Field(4, ge=1, description="N")
     steps_per_slot: int = Field(10, ge=1, description="M")
-    guidance: list[float] = Field([3.0, 5.0, 7.5])
+    guidance: list[float] = Field([4.0, 7.5])
     threads: int = Field(1, ge=1)
 
 
@@ -130,7 +130,7 @@ Training log: `training_log.jsonl` (loss every 100 steps). Milestones:
 def _machine() -> str:
     import platform
 
-    return f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s), shared with other jobs"
 
 
 def run_evaluator_recipe(cfg: EvaluatorRecipe) -> dict:
