@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from storage.atomic import fsync_dir, fsync_tree, remove_stale_temps, write_json_atomic
 from storage.checkpoints import CheckpointStore
 from storage.errors import ConfigMismatchError, StoreError
+from storage.urls import require_local
 
 RUN_FORMAT = 1
 
@@ -98,7 +99,9 @@ class MetricsLog:
 
 class RunDir:
     def __init__(self, path: str | Path, keep_checkpoints: int = 3):
-        self.path = Path(path)
+        # Checkpoints and markers are committed by renames: a URL here would otherwise become a
+        # local directory named "s3:".
+        self.path = require_local(path, "a run dir")
         self.run_json = self.path / "run.json"
         self.done_json = self.path / "done.json"
         self.export_dir = self.path / "export"
