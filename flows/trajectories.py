@@ -3,8 +3,8 @@
 ``generate_trajectories`` is the plain function the flow calls; a pipeline flow or a Dask
 fan-out reuses it per index range (shard). Shards whose ranges start on multiples of
 ``batch_size`` batch exactly like one uninterrupted run, so their results are bit-identical;
-the store must exist before shards run (create it by running the first shard, or the whole
-range, once). ``batch_size`` and ``device`` are not part of the store's identity: they change
+the store must exist before shards run concurrently: ``generate_trajectories(config, stop=0)``
+creates it empty. ``batch_size`` and ``device`` are not part of the store's identity: they change
 speed, not what is computed (up to kernel-level float differences between devices).
 """
 
@@ -83,7 +83,7 @@ class GenerationReport:
     store: str
     generated: int
     already_complete: int
-    range: tuple[int, int]
+    index_range: tuple[int, int]
     seconds: float
     write_seconds: float  # background writer's busy time (overlapped with generation)
     wait_seconds: float  # generation blocked on a full write queue
@@ -171,6 +171,8 @@ def generate_trajectories(
     t0 = time.perf_counter()
     records = select_prompts(config)
     stop = len(records) if stop is None else stop
+    if not 0 <= start <= stop <= len(records):
+        raise ConfigError(f"index range [{start}, {stop}) is outside the {len(records)} selected prompts")
     check_compatible(config.out, _identity_attrs(config, records))
     try:
         existing = TrajectoryStore(config.out)
@@ -189,7 +191,7 @@ def generate_trajectories(
     except ValueError as err:
         raise ConfigError(str(err)) from err
     texts = [r.text for r in records]
-    truncated = count_truncated(teacher, texts[start:stop])
+    truncated = count_truncated(teacher, texts[start:stop]) if stop > start else 0
     if truncated:
         log(f"{truncated} of {stop - start} prompts exceed the tokenizer limit and were truncated, as stock diffusers does")
 

@@ -186,3 +186,11 @@ def test_store_reads_with_plain_zarr_only(tmp_path):
     assert got["first"] == pytest.approx(float(batch["positions"][0, 0, 0, 0, 0]))
     assert (got["prompt"], got["seed"], got["pooled"]) == ("prompt 2", 102, [1.5] * P)
     assert got["project_modules"] == []
+
+
+def test_store_works_on_an_fsspec_url():
+    url = "memory://rapm-tests/trajectories"
+    _create(url).write_batch(2, _batch(2, 1.0))
+    reader = TrajectoryStore(url)
+    assert reader.complete_indices().tolist() == [2, 3] and reader.read(3)["prompt"] == "prompt 3"
+    assert inspect_store(url)["complete"] == 2
