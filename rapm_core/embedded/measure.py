@@ -74,6 +74,8 @@ def measure_teacher(teacher_dir: str | Path, evaluator_dir: str | Path, *, n_pro
     real_feats = features(judge, real)
     real2_feats = features(judge, images_from_uint8(render_prompts(prompts, seed + 2 * REAL_SEED_OFFSET)))
     latents = initial_latents(pipe, n_prompts, seed)
+    with torch.no_grad():  # the VAE alone bounds what any sampler can reach
+        roundtrip = pipe.vae.decode(pipe.vae.encode(real).latent_dist.mean).sample.clamp(-1, 1)
 
     def row(steps: int, guidance: float) -> tuple[dict, torch.Tensor]:
         t = time.perf_counter()
@@ -92,4 +94,6 @@ def measure_teacher(teacher_dir: str | Path, evaluator_dir: str | Path, *, n_pro
     return {"n_prompts": n_prompts, "seed": seed, "num_slots": num_slots, "steps_per_slot": steps_per_slot,
             "guidance": guidances[best], "guidances_tried": list(guidances),
             "real_vs_real_fid": frechet_distance(real2_feats, real_feats),
+            "vae_roundtrip_adherence": prompt_adherence(judge, roundtrip, prompts),
+            "vae_roundtrip_fid": frechet_distance(features(judge, roundtrip), real_feats),
             "rows": [r for r, _ in full] + [few]}
