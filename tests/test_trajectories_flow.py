@@ -165,6 +165,7 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, tiny_sd15_dir, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "cannot load teacher" in err
 
 
+@pytest.mark.slow  # an ephemeral Prefect server starts in the subprocess (~30 s on 2 cores)
 def test_cli_runs_the_flow_in_a_subprocess(tmp_path, tiny_sdxl_dir):
     prompts = _prompt_store(tmp_path / "prompts", PROMPTS[:2])
     out = tmp_path / "store"
