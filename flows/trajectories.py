@@ -243,9 +243,16 @@ def trajectories_flow(config: TrajectoriesConfig) -> dict:
     """Stage A as a Prefect flow: progress artifact per batch, summary table artifact at the end."""
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, description=f"trajectories → {config.out}")
+    last_percent = -1
 
     def report(p: Progress) -> None:
-        update_progress_artifact(artifact, 100.0 * p.done / max(p.total, 1))
+        # At most one artifact update and log line per percent: large stores have many batches.
+        nonlocal last_percent
+        percent = 100 * p.done // max(p.total, 1)
+        if percent == last_percent:
+            return
+        last_percent = percent
+        update_progress_artifact(artifact, float(percent))
         logger.info(f"{p.done}/{p.total} trajectories, {p.rate:.2f} traj/s, ETA {p.eta_s:.0f} s")
 
     result = generate_trajectories(config, progress=report, log=logger.info)
