@@ -205,6 +205,10 @@ Chosen guidance: **{metrics['guidance']}** (best N·M-step adherence of {metrics
 | sampler | steps | guidance | adherence | domain FID | wall s |
 |---|---|---|---|---|---|
 {rows}
+
+![samples](samples.png)
+
+`samples.png`, same prompts per column: real renders; N·M-step DDIM; N-step DDIM (chosen guidance).
 """
 
 
