@@ -140,6 +140,7 @@ class RunDir:
         stored = self.check(record, identity)
         if stored is not None:
             remove_stale_temps(self.path)
+            self.checkpoints.clear_stale()
             return stored
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_json, {"format": RUN_FORMAT, **record})
