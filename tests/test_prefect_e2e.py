@@ -1,0 +1,166 @@
+"""The pipeline operated the Prefect way, end to end, on a real server: `scripts/stack.sh up`
+(what `make up` runs) starts the server, creates the pool and the zombie automation, deploys
+prefect.yaml and starts a worker; the pipeline deployment then runs a tiny config to completion,
+and a second run loses its worker and flow-run process to SIGKILL mid-distillation, is marked
+Crashed by the automation, is resumed with `prefect flow-run retry`, and ends with exactly the
+LoRA of the uninterrupted run. The stack is stopped by PID in the fixture's teardown, pass or fail.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+import yaml
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.objects import StateType
+from safetensors.torch import load_file
+
+from prefect_stack import ROOT, Stack, free_port
+
+# The automation's window: two 30 s heartbeats plus slack, so a busy machine never crashes a live run.
+ZOMBIE_AFTER_S = 60
+LORA = Path("run") / "export" / "pytorch_lora_weights.safetensors"
+TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+
+
+def _deployments() -> dict[str, dict]:
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    return {d["entrypoint"]: d for d in spec["deployments"]}
+
+
+def test_demo_deployments_match_the_demo_config():
+    """prefect.yaml's parameters are DemoConfig's (the pipeline) and the stage configs it derives."""
+    from flows import pipeline
+
+    deployments = _deployments()
+    demo = pipeline.DemoConfig()
+    params = deployments["flows/pipeline.py:pipeline_flow"]["parameters"]["config"]
+    assert pipeline.PipelineConfig.model_validate(params) == pipeline.PipelineConfig.model_validate(demo.model_dump())
+    derived = {"flows/ingest.py:ingest_flow": pipeline.ingest_config(demo),
+               "flows/trajectories.py:trajectories_flow": pipeline.trajectories_config(demo),
+               "flows/distill.py:distill_flow": pipeline.distill_config(demo),
+               "flows/evaluate.py:evaluate_flow": pipeline.evaluate_config(demo)}
+    assert set(deployments) == {"flows/pipeline.py:pipeline_flow", *derived}
+    for entrypoint, expected in derived.items():
+        given = dict(deployments[entrypoint]["parameters"]["config"])
+        if "teacher" in given:  # relative in prefect.yaml: flow runs start in the project directory
+            given["teacher"] = str(ROOT / given["teacher"])
+        assert type(expected).model_validate(given) == expected, entrypoint
+        assert deployments[entrypoint]["work_pool"]["name"] == "rapm-local"
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(tmp_path_factory):
+    # One intra-op thread per flow run: with two, torch on a busy 2-core machine spins ~10× slower.
+    stack = Stack(tmp_path_factory.mktemp("prefect-stack"), free_port(),
+                  {"RAPM_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_S), "OMP_NUM_THREADS": "1"})
+    try:
+        stack.timings = {"up (cold)": stack.up()}
+        yield stack
+    finally:
+        stack.down()
+
+
+def _params(work: Path, teacher: Path) -> dict:
+    # The built-in prompts cut to 6 (4 train, 2 eval with this split), N=2, M=2, 12 iterations.
+    return {"config": {
+        "work": str(work), "prompt_limit": 6, "eval_fraction": 0.3, "teacher": str(teacher), "device": "cpu",
+        "slots": 2, "steps_per_slot": 2, "guidance": 3.0, "iterations": 12, "checkpoint_every": 3,
+        "method": {"disc_channels": 8, "lr": 0.01, "lr_disc": 0.01},
+        "num_images": 2, "eval_batch_size": 2, "evaluator": "none",
+    }}
+
+
+def _logs(stack: Stack, run_id: UUID) -> str:
+    with stack.client() as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def _check_monitoring(stack: Stack, run_id: UUID, teacher: str) -> None:
+    """Each stage is a named subflow; long stages report progress and end with a table."""
+    runs = {r.name.split("-")[0]: r for r in stack.subflow_runs(run_id)}
+    assert set(runs) == {"ingest", "trajectories", "distill", "evaluate"}, [r.name for r in runs.values()]
+    h = "[0-9a-f]{8}"
+    assert re.fullmatch(rf"ingest-prompts\.txt-{h}", runs["ingest"].name)
+    assert re.fullmatch(rf"trajectories-{teacher}-{h}", runs["trajectories"].name)
+    assert re.fullmatch(rf"distill-{teacher}-{h}", runs["distill"].name)
+    assert re.fullmatch(rf"evaluate-run-{h}", runs["evaluate"].name)
+    with stack.client() as client:
+        for stage, run in runs.items():
+            assert run.state_type == StateType.COMPLETED, (stage, run.state)
+            artifacts = sorted(client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))),
+                               key=lambda a: a.created)
+            kinds = [a.type for a in artifacts]
+            assert "table" in kinds, (stage, kinds)
+            if stage != "ingest":
+                progress = [a for a in artifacts if a.type == "progress"]
+                assert len(progress) == 1 and float(progress[0].data) == 100.0, (stage, progress)
+                assert kinds.index("progress") < kinds.index("table"), (stage, kinds)
+        pipeline_artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    assert [a.key for a in pipeline_artifacts] == ["rapm-pipeline"]
+
+
+@pytest.mark.slow
+def test_pipeline_deployment_completes_and_resumes_after_its_worker_is_killed(prefect_stack, tiny_sd15_dir, tmp_path):
+    from flows.pipeline import pipeline_flow
+
+    stack, deployment = prefect_stack, f"{pipeline_flow.name}/embedded-demo"
+    timings = stack.timings
+
+    # 1. Uninterrupted run, watched from the CLI as a user would.
+    a = tmp_path / "a"
+    t0 = time.perf_counter()
+    run_a, proc = stack.run_deployment(deployment, _params(a, tiny_sd15_dir), watch=True)
+    timings["pipeline run"] = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert stack.flow_run(run_a).state_type == StateType.COMPLETED
+    _check_monitoring(stack, run_a, tiny_sd15_dir.name)
+    for output in (LORA, Path("run/eval/report.md"), Path("run/eval/metrics.json"), Path("trajectories.zarr/zarr.json")):
+        assert (a / output).is_file(), output
+
+    # 2. Same config in another work dir; its worker and flow-run process die after a checkpoint.
+    b = tmp_path / "b"
+    run_b, _ = stack.run_deployment(deployment, _params(b, tiny_sd15_dir), watch=False)
+    deadline = time.monotonic() + 300
+    while not list((b / "run" / "checkpoints").glob("step-*")):
+        assert time.monotonic() < deadline, f"no checkpoint in 300 s\n{stack.log('worker')[-3000:]}"
+        assert stack.flow_run(run_b).state_type not in TERMINAL, stack.flow_run(run_b).state
+        time.sleep(0.2)
+    stack.kill_worker_and_its_runs()
+    t_killed = time.perf_counter()
+    assert not (b / LORA).exists(), "the run finished before it could be killed"
+    # Nothing reports a SIGKILLed run: it stays Running, which `flow-run retry` refuses...
+    assert stack.flow_run(run_b).state_type == StateType.RUNNING
+    refused = stack.prefect("flow-run", "retry", str(run_b))
+    assert refused.returncode != 0 and "cannot be retried" in refused.stdout + refused.stderr
+    # ...until the zombie automation marks it Crashed; meanwhile `make up` brings a new worker.
+    timings["up (worker restart)"] = stack.up()
+    crashed = stack.wait_for_state(run_b, {StateType.CRASHED}, timeout=ZOMBIE_AFTER_S + 120)
+    timings["kill → Crashed"] = time.perf_counter() - t_killed
+    assert "heartbeat" in (crashed.state.message or "")
+
+    # 3. Retry the same flow run: finished stages are skipped, distillation resumes.
+    t0 = time.perf_counter()
+    retry = stack.prefect("flow-run", "retry", str(run_b))
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    resumed = stack.wait_for_state(run_b, TERMINAL, timeout=600)
+    timings["retry → Completed"] = time.perf_counter() - t0
+    assert resumed.state_type == StateType.COMPLETED, resumed.state
+    assert resumed.run_count == 2
+    pipeline_log = _logs(stack, run_b)
+    for stage in ("ingest", "trajectories"):
+        assert f"{stage}: already complete with this config; skipped" in pipeline_log
+    distills = [r for r in stack.subflow_runs(run_b) if r.name.startswith("distill-")]
+    assert [r.state_type for r in distills] == [StateType.CRASHED, StateType.COMPLETED]
+    assert "resuming" in _logs(stack, distills[-1].id)
+
+    lora_a, lora_b = load_file(a / LORA), load_file(b / LORA)
+    assert lora_a.keys() == lora_b.keys() and lora_a
+    for key in lora_a:
+        assert lora_a[key].dtype == lora_b[key].dtype and lora_a[key].equal(lora_b[key]), key
+    print("\nprefect e2e timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
