@@ -36,9 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_name(loc: tuple) -> str:
+    names = [str(p) for p in loc if isinstance(p, str)]
+    return (names[-1] if names else ".".join(map(str, loc))).replace("_", "-")
+
+
 def _one_line(err: Exception) -> str:
     if isinstance(err, ValidationError):
-        parts = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors()]
+        # Nested configs are flattened into top-level options, so name the option by its last
+        # field name (``method.rank`` is ``--rank``).
+        parts = [f"--{_option_name(e['loc'])}: {e['msg']}" for e in err.errors()]
         return "invalid options: " + "; ".join(parts)
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
@@ -48,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     # telemetry call fails offline with a noisy error line.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # transformers warns at import that torchvision is missing; the PIL image processors it
+    # falls back to are never used here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
