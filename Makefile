@@ -23,3 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# A local Prefect stack: server, pool, deployments from prefect.yaml, worker (README: "Run it
+# with Prefect"). `down` stops only the processes `up` started.
+up: $(STAMP)
+	scripts/stack.sh up
+
+down:
+	scripts/stack.sh down
