@@ -17,11 +17,12 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.cli_model import add_model_arguments, model_from_args
+from flows.scale import ExecutionConfig, ShardRunner, default_shard_size, shard_ranges, worker_cached
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
 from rapm_core.schedule import SlotGrid
@@ -61,6 +62,8 @@ class TrajectoriesConfig(BaseModel):
         "float16", description="dtype of stored positions (float16 halves the store; float32 is exact)")
     split: Literal["train", "eval"] = Field("train", description="prompt split to generate for")
     limit: int | None = Field(None, ge=1, description="use only the first LIMIT prompts of the split")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig,
+                                       description="where generation runs (speed only; same store everywhere)")
 
 
 @dataclass(frozen=True)
@@ -160,13 +163,14 @@ def generate_trajectories(
     start: int = 0,
     stop: int | None = None,
     progress: Callable[[Progress], None] | None = None,
-    teacher: Teacher | None = None,
+    teacher: Teacher | Callable[[], Teacher] | None = None,
     log: Callable[[str], None] = print,
 ) -> GenerationReport:
     """Create or resume the store at ``config.out`` and fill trajectories [start, stop).
 
     Only batches with an incomplete trajectory are generated; when none is missing the teacher
-    is not even loaded. Pass ``teacher`` to reuse one already loaded (e.g. across shards).
+    is not even loaded. Pass ``teacher`` to reuse one already loaded (e.g. across shards), or a
+    function returning it, called only if something is missing.
     """
     t0 = time.perf_counter()
     records = select_prompts(config)
@@ -183,7 +187,7 @@ def generate_trajectories(
         return GenerationReport(config.out, 0, stop - start, (start, stop), time.perf_counter() - t0, 0.0, 0.0, 0)
 
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-    teacher = teacher or load_teacher(config.teacher, config.revision, dtype, device)
+    teacher = (teacher() if callable(teacher) else teacher) or load_teacher(config.teacher, config.revision, dtype, device)
     if teacher.dtype != dtype:
         raise ConfigError(f"the preloaded teacher computes in {teacher.dtype}, the config asks for {config.dtype}")
     try:
@@ -218,6 +222,54 @@ def generate_trajectories(
                 progress(Progress(done, total, time.perf_counter() - t_gen))
     return GenerationReport(config.out, total, (stop - start) - total, (start, stop), time.perf_counter() - t0,
                             writer.write_seconds, writer.wait_seconds, truncated)
+
+
+# -- Dask fan-out ------------------------------------------------------------------------------
+@task(name="trajectory-shard", retries=1)
+def trajectory_shard(config: TrajectoriesConfig, start: int, stop: int) -> GenerationReport:
+    """Trajectories [start, stop) on whichever process runs this; the teacher stays loaded there."""
+    def teacher() -> Teacher:
+        key = ("teacher", teacher_ref(config.teacher), config.revision, config.dtype, config.device)
+        return worker_cached(key, lambda: load_teacher(config.teacher, config.revision, resolve_dtype(config.dtype),
+                                                       resolve_device(config.device)))
+
+    return generate_trajectories(config, start, stop, teacher=teacher, log=get_run_logger().info)
+
+
+def generate_sharded(config: TrajectoriesConfig, progress: Callable[[Progress], None] | None = None,
+                     log: Callable[[str], None] = print) -> list[GenerationReport]:
+    """Stage A fanned out over ``config.execution``'s Dask cluster; call it inside a flow.
+
+    One task creates the store (on a worker, whose cached teacher the shards then reuse), then
+    every batch-aligned index range is a task writing its own chunks. Per-trajectory seeds and
+    aligned batches make the store bit-identical to the in-process one.
+    """
+    records = select_prompts(config)
+    num = len(records)
+    check_compatible(config.out, _identity_attrs(config, records))
+    try:
+        pending = TrajectoryStore(config.out).pending_batches(0, num, config.batch_size)
+    except StoreError:
+        pending = [(0, num)]
+    if not pending:
+        log(f"{config.out}: all {num} trajectories already complete; nothing to do")
+        return []
+    with ShardRunner(config.execution) as runner:
+        runner.run(trajectory_shard, [{"config": config, "start": 0, "stop": 0}])
+        total = num - len(TrajectoryStore(config.out).complete_indices())
+        size = config.execution.shard_size or default_shard_size(total, runner.workers, config.batch_size)
+        shards = shard_ranges(0, num, size, config.batch_size)
+        log(f"{total} trajectories to generate in {len(shards)} shards on {runner.workers} workers")
+        t0, done = time.perf_counter(), 0
+
+        def shard_done(report: GenerationReport) -> None:
+            nonlocal done
+            done += report.generated
+            if progress is not None:
+                progress(Progress(done, total, time.perf_counter() - t0))
+
+        return runner.run(trajectory_shard, [{"config": config, "start": a, "stop": b} for a, b in shards],
+                          on_result=shard_done)
 
 
 # -- Prefect wiring ------------------------------------------------------------------------------
@@ -255,10 +307,14 @@ def trajectories_flow(config: TrajectoriesConfig) -> dict:
         update_progress_artifact(artifact, float(percent))
         logger.info(f"{p.done}/{p.total} trajectories, {p.rate:.2f} traj/s, ETA {p.eta_s:.0f} s")
 
-    result = generate_trajectories(config, progress=report, log=logger.info)
+    if config.execution.backend == "in-process":
+        result = generate_trajectories(config, progress=report, log=logger.info)
+        logger.info(f"generated {result.generated} trajectories in {result.seconds:.1f} s "
+                    f"(writer busy {result.write_seconds:.2f} s, generation waited {result.wait_seconds:.2f} s)")
+    else:
+        shards = generate_sharded(config, progress=report, log=logger.info)
+        logger.info(f"generated {sum(r.generated for r in shards)} trajectories in {len(shards)} shards")
     update_progress_artifact(artifact, 100.0)
-    logger.info(f"generated {result.generated} trajectories in {result.seconds:.1f} s "
-                f"(writer busy {result.write_seconds:.2f} s, generation waited {result.wait_seconds:.2f} s)")
     summary = inspect_store(config.out)
     create_table_artifact(table=_summary_rows(summary), key="trajectory-store",
                           description=f"trajectory store {config.out}")
