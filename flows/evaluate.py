@@ -39,12 +39,13 @@ from storage.hashing import config_hash
 from storage.prompt_store import PromptStore
 from storage.run_dir import RunDir
 from storage.trajectory_store import TrajectoryStore
+from storage.urls import exists, join, publish_dir, read_text
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_EVALUATOR = ASSETS / "shapes-evaluator"
 EVAL_DIR = "eval"
 # Speed, not results: excluded from the eval's identity.
-HASH_EXCLUDED = frozenset({"run", "batch_size", "device"})
+HASH_EXCLUDED = frozenset({"run", "batch_size", "device", "publish"})
 Method = Literal["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
 
 
@@ -73,6 +74,8 @@ class EvaluateConfig(BaseModel):
     clip_model: str | None = Field(None, description="local CLIPModel directory for CLIP score")
     grid_rows: int = Field(6, ge=1, description="prompts shown in grid.png")
     trajectory_rows: int = Field(3, ge=1, description="stored trajectories shown in trajectory.png")
+    publish: str | None = Field(None, description="also copy the finished eval dir here, e.g. s3://bucket/reports/run1 "
+                                                  "(endpoint and keys from the environment)")
 
     @field_validator("methods")
     @classmethod
@@ -179,6 +182,7 @@ def evaluate_run(config: EvaluateConfig, progress: Callable[[float], None] | Non
     existing = finished(config)
     if existing is not None:
         log(f"{config.run}/{EVAL_DIR}: already evaluated with this config at step {existing['run_step']}; nothing to do")
+        publish_report(config, Path(config.run) / EVAL_DIR, log)
         return EvalResult(str(Path(config.run) / EVAL_DIR), existing["methods"], True, time.perf_counter() - t_start)
     run, record, done = _read_run(config)
     store = _open_store(config, record)
@@ -248,7 +252,24 @@ def evaluate_run(config: EvaluateConfig, progress: Callable[[float], None] | Non
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     out = run.path / EVAL_DIR
     log(f"wrote {out}/report.md")
+    publish_report(config, out, log)
     return EvalResult(str(out), rows, False, time.perf_counter() - t_start)
+
+
+def publish_report(config: EvaluateConfig, eval_dir: Path, log: Callable[[str], None]) -> None:
+    """Copy the eval dir to ``config.publish``, metrics.json and report.md last (see storage.urls).
+
+    The eval dir itself stays in the run dir, which needs a local filesystem; an identical
+    metrics.json already at the target means this report was published before.
+    """
+    if config.publish is None:
+        return
+    target = join(config.publish, "metrics.json")
+    if exists(target) and read_text(target) == (eval_dir / "metrics.json").read_text(encoding="utf-8"):
+        log(f"{config.publish}: this report is already published")
+        return
+    publish_dir(eval_dir, config.publish, last=("metrics.json", "report.md"))
+    log(f"published {eval_dir} to {config.publish}")
 
 
 def _measure(config: EvaluateConfig, samples: dict[str, MethodSamples], prompts: list[str],
@@ -381,6 +402,7 @@ def _cli(args) -> int:
     existing = finished(config)
     if existing is not None:
         print(f"{config.run}/{EVAL_DIR}: already evaluated with this config; nothing to do")
+        publish_report(config, Path(config.run) / EVAL_DIR, print)
         print_summary(str(Path(config.run) / EVAL_DIR), existing["methods"])
         return 0
     resolve_device(config.device)

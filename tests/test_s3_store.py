@@ -91,3 +91,34 @@ def test_url_helpers(s3_bucket, tmp_path):  # noqa: F811
     uploaded = publish_dir(report, target, last=("metrics.json", "report.md"))
     assert uploaded[-2:] == [join(target, "metrics.json"), join(target, "report.md")]
     assert exists(join(target, "images/0.png")) and read_text(join(target, "report.md")) == "# report\n"
+
+
+def test_distill_and_evaluate_from_an_s3_store_publish_the_report_to_s3(s3_bucket, tmp_path, tiny_sd15_dir):  # noqa: F811
+    """The stages after Stage A read the store from S3; the report lands on S3 as well."""
+    from flows.distill import DistillRunConfig, run_distillation
+    from flows.evaluate import EvaluateConfig, evaluate_run
+    from rapm_core.distill import DistillConfig
+
+    url = f"{s3_bucket}/stores/{uuid.uuid4().hex[:8]}"
+    generate_trajectories(_config(tmp_path, tiny_sd15_dir, url), log=_quiet)
+    run = tmp_path / "run"
+    method = DistillConfig(disc_channels=8, loss_relative="pointwise", loss_absolute="pointwise")
+    run_distillation(DistillRunConfig(trajectories=url, out=str(run), iterations=2, checkpoint_every=2, device="cpu",
+                                      method=method), log=_quiet)
+
+    target = f"{s3_bucket}/reports/{uuid.uuid4().hex[:8]}"
+    eval_prompts = tmp_path / "eval-prompts"
+    write_prompt_store(eval_prompts, [PromptRecord(prompt_id(t), t, "eval") for t in PROMPTS[:2]])
+    logs: list[str] = []
+    config = EvaluateConfig(run=str(run), trajectories=url, prompts=str(eval_prompts), num_images=2,
+                            batch_size=2, device="cpu", evaluator="none", methods=["student"], trajectory_rows=1,
+                            grid_rows=2, publish=target)
+    result = evaluate_run(config, log=logs.append)
+    local = tmp_path / "run" / "eval"
+    for name in ("metrics.json", "report.md", "grid.png"):
+        assert exists(join(target, name)), name
+    assert read_text(join(target, "metrics.json")) == (local / "metrics.json").read_text()
+    assert result.rows and not result.skipped
+
+    again = evaluate_run(config, log=logs.append)
+    assert again.skipped and logs[-1].endswith("this report is already published")
