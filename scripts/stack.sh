@@ -93,7 +93,13 @@ with get_client(sync_client=True) as client:
             name=pool, type="process", concurrency_limit=1,
             base_job_template=ProcessWorker.get_default_base_job_template()))
     name = "rapm-crash-zombie-flow-runs"
-    for old in client.read_automations_by_name(name):
+    # Replaced only when its window changed: a new automation has not seen the heartbeats that
+    # came before it, so it would never notice a run that had already died (the usual case when
+    # `up` runs again to replace a dead worker).
+    existing = client.read_automations_by_name(name)
+    if existing and all(a.trigger.within.total_seconds() == after for a in existing):
+        sys.exit(0)
+    for old in existing:
         client.delete_automation(old.id)
     client.create_automation(AutomationCore.model_validate({
         "name": name, "description": f"Mark a running flow run Crashed when its heartbeats stop for {after} s",
