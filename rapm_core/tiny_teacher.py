@@ -2,13 +2,12 @@
 
 They exercise exactly the loading, encoding and sampling code real teachers go through
 (``from_pretrained`` on a directory, both SDXL text encoders, CFG) at a size that runs in
-seconds on a CPU. The tokenizer files are written here: a byte-level vocabulary with no merges,
+seconds on a CPU. The tokenizer is built here: a byte-level vocabulary with no merges,
 so every word splits into characters, which is all a random text encoder needs.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -37,20 +36,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_char_tokenizer(directory: Path, max_length: int = 32) -> CLIPTokenizer:
-    """Write a CLIPTokenizer (vocab.json + merges.txt) whose tokens are single characters."""
-    directory.mkdir(parents=True, exist_ok=True)
+def char_tokenizer(max_length: int = 32) -> CLIPTokenizer:
+    """A CLIPTokenizer whose tokens are single characters (no merges); save it where needed."""
     chars = list(_bytes_to_unicode().values())
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tok = CLIPTokenizer(
-        vocab_file=str(directory / "vocab.json"),
-        merges_file=str(directory / "merges.txt"),
-        model_max_length=max_length,
-        pad_token="<|endoftext|>",
-    )
-    tok.save_pretrained(directory)
+    # transformers 5 ignores vocab_file/merges_file here: the vocabulary must be passed in.
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=max_length,
+                        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     return tok
 
 
@@ -94,7 +86,7 @@ def build_tiny_sd15(directory: str | Path, seed: int = 0, prediction_type: str =
     )
     pipe = StableDiffusionPipeline(
         unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_text_config()),
-        tokenizer=write_char_tokenizer(directory / "_tok"), scheduler=_scheduler(prediction_type),
+        tokenizer=char_tokenizer(), scheduler=_scheduler(prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(directory, safe_serialization=True)
@@ -114,7 +106,7 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0, prediction_type: str =
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=TEXT_DIM + 6 * time_dim, transformer_layers_per_block=1,
     )
-    tok = write_char_tokenizer(directory / "_tok")
+    tok = char_tokenizer()
     pipe = StableDiffusionXLPipeline(
         unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=tok,
         text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_DIM)), tokenizer_2=tok,

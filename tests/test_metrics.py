@@ -14,7 +14,7 @@ from rapm_core.metrics import (
     psnr,
     to_uint8,
 )
-from rapm_core.tiny_teacher import write_char_tokenizer
+from rapm_core.tiny_teacher import char_tokenizer
 
 
 def test_mse_and_psnr_known_values():
@@ -81,7 +81,7 @@ def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     d = tmp_path_factory.mktemp("tiny-clip")
-    tok = write_char_tokenizer(d, max_length=77)
+    tok = char_tokenizer(max_length=77)
     torch.manual_seed(0)
     text = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                 max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
