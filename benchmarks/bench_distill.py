@@ -1,0 +1,254 @@
+"""Distillation speed and peak memory against a bare PyTorch loop (targets ≤ 1.05 and ≤ 1.10).
+
+"Ours" is ``run_distillation`` (what ``rapm distill`` runs): trajectories read from the Zarr
+store on a prefetch thread, the ``Distiller`` step (default method: adversarial relative and
+absolute losses, all slots), a metrics line per iteration. "Bare" is the same computation
+written as one plain loop over examples already in memory: per slot the relative jump
+(no grad), the student jump, the frozen backbone's down/mid features of the re-noised fake and
+reals through forward hooks, two head sets, hinge losses, two backwards; AdamW on LoRA and heads
+once per iteration. Same UNet, LoRA (peft, rank 1), heads, optimizers and data.
+
+Speed: both loops run at once in one process, in two threads taking turns one iteration each
+(``bench_common.Lockstep``), so a busy spell on a shared machine slows both alike. Each side's
+iteration is timed from its resumption to its end, in wall time and in its thread's CPU time;
+the first iteration (set-up, warm-up) and the last (``run_distillation`` checkpoints there, a
+per-run cost) are left out. The ratio is total ours / total bare over the same iterations. Memory: each loop runs alone
+in a fresh subprocess that imports the same modules first; RSS is sampled every 5 ms during the
+loop; its peak and its growth over the RSS before the loop are compared.
+
+Run: ``.venv/bin/python benchmarks/bench_distill.py [--iterations 12]`` (about 4 minutes here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from typing import Callable
+
+import numpy as np
+import psutil
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from bench_common import Lockstep, build_bench_teacher, machine, prompt_store
+from flows.distill import DistillRunConfig, load_example, run_distillation
+from flows.trajectories import TrajectoriesConfig, generate_trajectories
+from rapm_core.discriminator import HeadSet
+from rapm_core.distill import DistillConfig
+from rapm_core.schedule import SlotGrid, ddim_step, inference_scheduler, renoise
+from rapm_core.student import attach_lora, lora_config
+from rapm_core.teacher import load_unet
+from storage.trajectory_store import TrajectoryStore
+
+DISC_CHANNELS = 64  # a quarter of the default width keeps the benchmark short; both loops use it
+
+
+def method() -> DistillConfig:
+    return DistillConfig(disc_channels=DISC_CHANNELS)
+
+
+def bare_loop(store_path: str, iterations: int, after_iteration: Callable[[], None] = lambda: None,
+              seed: int = 0) -> None:
+    """The same passes as ``Distiller.train_step`` in one plain loop."""
+    store = TrajectoryStore(store_path)
+    attrs, cfg = store.attrs, method()
+    examples = [load_example(store, i) for i in store.complete_indices()]  # in memory before timing
+    grid = SlotGrid.from_scheduler(attrs["scheduler_config"], attrs["num_slots"], attrs["steps_per_slot"])
+    ac = inference_scheduler(attrs["scheduler_config"]).alphas_cumprod.float()
+    unet = load_unet(attrs["teacher"])
+    lora = attach_lora(unet, lora_config(cfg.rank), seed=cfg.init_seed)
+    adapters = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    widths = list(unet.config.block_out_channels)
+    heads = torch.nn.ModuleDict({k: HeadSet(widths + [widths[-1]], cfg.disc_channels) for k in ("rel", "abs")})
+    g_opt = torch.optim.AdamW(lora, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    d_opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr_disc, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    features: list[torch.Tensor] = []
+    tapping = False
+
+    class Stop(Exception):
+        pass
+
+    def keep(_m, _i, out):
+        if tapping:
+            features.append(out[0] if isinstance(out, tuple) else out)
+
+    def keep_and_stop(m, i, out):
+        keep(m, i, out)
+        if tapping:
+            raise Stop
+
+    for block in unet.down_blocks:
+        block.register_forward_hook(keep)
+    unet.mid_block.register_forward_hook(keep_and_stop)
+
+    def taps(x, t, emb):
+        nonlocal tapping
+        features.clear()
+        tapping = True
+        for layer in adapters:
+            layer.enable_adapters(False)
+        try:
+            unet(x, t, encoder_hidden_states=emb)
+        except Stop:
+            pass
+        finally:
+            tapping = False
+            for layer in adapters:
+                layer.enable_adapters(True)
+        return list(features)
+
+    def jump(z, t_from, t_to, emb):
+        return ddim_step(z, unet(z, t_from, encoder_hidden_states=emb).sample, t_from, t_to, ac)
+
+    def hinge_g(logits):
+        return torch.stack([torch.relu(1 - f).mean() for f in logits]).mean()
+
+    def hinge_d(real, fake):
+        return torch.stack([torch.relu(1 - r).mean() + torch.relu(1 + f).mean() for r, f in zip(real, fake)]).mean()
+
+    n_slots, m, d = grid.num_slots, grid.steps_per_slot, cfg.relative_offset
+    for it in range(iterations):
+        ex = examples[it % len(examples)]
+        Z, emb = ex.positions, ex.cond.prompt_embeds
+        g_opt.zero_grad(set_to_none=True)
+        d_opt.zero_grad(set_to_none=True)
+        z = Z[0:1]
+        for n in range(n_slots - 1, -1, -1):
+            t_s, t_e = grid.slot_start(n), grid.slot_end(n)
+            a, r = (n_slots - n) * m, (n_slots - 1 - n) * m + d
+            with torch.no_grad():
+                rel = jump(Z[r:r + 1], grid.fine[r], t_e, emb)
+            student = jump(z, t_s, t_e, emb)
+            t_p = int(torch.randint(max(t_e, 0), t_s, (1,), generator=gen))
+            noise = torch.randn(student.shape, generator=gen)
+            fake = taps(renoise(student, t_e, t_p, noise, ac), t_p, emb)
+            with torch.no_grad():
+                real = taps(renoise(torch.cat([rel, Z[a:a + 1]]), t_e, t_p, noise, ac), t_p, emb.repeat(2, 1, 1))
+            g_loss = d_loss = 0
+            for row, kind in enumerate(("rel", "abs")):
+                g_loss = g_loss + hinge_g(heads[kind](fake))
+                d_loss = d_loss + hinge_d(heads[kind]([f[row:row + 1] for f in real]),
+                                          heads[kind]([f.detach() for f in fake]))
+            g_loss.backward(inputs=lora)
+            d_loss.backward(inputs=list(heads.parameters()))
+            z = student.detach()
+        torch.nn.utils.clip_grad_norm_(lora, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.grad_clip)
+        g_opt.step()
+        d_opt.step()
+        after_iteration()
+
+
+def ours_loop(store_path: str, out: str, iterations: int, after_iteration: Callable[[], None] = lambda: None) -> None:
+    config = DistillRunConfig(trajectories=store_path, out=out, iterations=iterations, device="cpu", method=method())
+    run_distillation(config, progress=lambda _p: after_iteration(), log=lambda _m: None)
+
+
+def lockstep_speed(store: str, out: str, iterations: int) -> dict[str, list[tuple[float, float]]]:
+    """Per-iteration (wall, thread CPU) spans of both loops run in turns; iterations 2 … I−1."""
+    lock = Lockstep("ours", "bare")
+
+    def ours() -> None:
+        lock.wait_turn("ours")
+        try:
+            ours_loop(store, out, iterations, lambda: lock.yield_turn("ours"))
+        finally:
+            lock.finish("ours")
+
+    thread = threading.Thread(target=ours, name="ours")
+    thread.start()
+    lock.wait_turn("bare")
+    try:
+        bare_loop(store, iterations, lambda: lock.yield_turn("bare"))
+    finally:
+        lock.finish("bare")
+    thread.join()
+    return {k: v[1:-1] for k, v in lock.spans.items()}
+
+
+def child(args) -> int:
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.005):
+            peak = max(peak, proc.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if args.child == "bare":
+        bare_loop(args.store, args.iterations)
+    else:
+        ours_loop(args.store, args.out, args.iterations)
+    done.set()
+    sampler.join()
+    print(json.dumps({"base_mib": base / 2**20, "peak_mib": max(peak, proc.memory_info().rss) / 2**20}))
+    return 0
+
+
+def build_store(root: Path, num: int, slots: int, steps_per_slot: int) -> str:
+    teacher = build_bench_teacher(root / "teacher")
+    config = TrajectoriesConfig(prompts=str(prompt_store(root / "prompts", num)), teacher=str(teacher),
+                                out=str(root / "store.zarr"), slots=slots, steps_per_slot=steps_per_slot,
+                                device="cpu", batch_size=num)
+    generate_trajectories(config, log=lambda _m: None)
+    return config.out
+
+
+def memory(kind: str, store: str, out: str, iterations: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--store", store, "--out", out,
+           "--iterations", str(iterations), "--threads", str(threads)]
+    lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--num", type=int, default=6, help="trajectories in the store")
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--steps-per-slot", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", choices=["ours", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = build_store(root, args.num, args.slots, args.steps_per_slot)
+        spans = lockstep_speed(store, str(root / "run"), args.iterations)
+        for k, (b, o) in enumerate(zip(spans["bare"], spans["ours"]), start=2):
+            print(f"  iteration {k}: bare {b[0]:.3f} s ({b[1]:.3f} CPU), ours {o[0]:.3f} s ({o[1]:.3f} CPU)", flush=True)
+        mem = {k: memory(k, store, str(root / f"mem-{k}"), args.iterations, args.threads) for k in ("bare", "ours")}
+    n = len(spans["bare"])
+    (bw, bc), (ow, oc) = ([sum(x[i] for x in spans[k]) / n for i in (0, 1)] for k in ("bare", "ours"))
+    print(f"machine: {machine()}")
+    print(f"workload: bench UNet, N×M = {args.slots}×{args.steps_per_slot}, {args.num} trajectories, "
+          f"rank 1, disc_channels {DISC_CHANNELS}, {n} timed iterations each, in turns")
+    print(f"mean: bare {bw:.3f} s/iter ({bc:.3f} CPU), ours {ow:.3f} s/iter ({oc:.3f} CPU)")
+    print(f"s/iteration ratio ours/bare = {ow / bw:.3f} wall, {oc / bc:.3f} thread CPU "
+          f"(median per-iteration {np.median([o[0] / b[0] for b, o in zip(spans['bare'], spans['ours'])]):.3f}) "
+          f"(target <= 1.05)")
+    b, o = mem["bare"], mem["ours"]
+    print(f"peak RSS during the loop: bare {b['peak_mib']:.0f} MiB (before {b['base_mib']:.0f}), "
+          f"ours {o['peak_mib']:.0f} MiB (before {o['base_mib']:.0f})")
+    print(f"peak memory ratio ours/bare = {o['peak_mib'] / b['peak_mib']:.3f}; growth over the pre-loop RSS "
+          f"{(o['peak_mib'] - o['base_mib']) / max(b['peak_mib'] - b['base_mib'], 1e-9):.3f} (target <= 1.10)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
