@@ -84,6 +84,31 @@ class Timer:
         self.thread_cpu = time.thread_time() - self.tc0
 
 
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 5 ms (RSS before
+    the block in ``base_mib``, the peak in ``peak_mib``). ``ru_maxrss`` would also count the
+    import-time peak, which can hide a small model's training entirely."""
+
+    def __enter__(self) -> "PeakRSS":
+        import psutil
+
+        self._proc = psutil.Process()
+        self.base_mib = self.peak_mib = self._proc.memory_info().rss / 2**20
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak_mib = max(self.peak_mib, self._proc.memory_info().rss / 2**20)
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self._proc.memory_info().rss / 2**20)
+
+
 class Lockstep:
     """Two loops in two threads taking turns, one iteration each, so that a busy spell on a
     shared machine slows both alike; each side's iteration spans (wall, thread CPU) are kept.

@@ -27,17 +27,15 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from typing import Callable
 
 import numpy as np
-import psutil
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from bench_common import Lockstep, build_bench_teacher, machine, prompt_store
+from bench_common import Lockstep, PeakRSS, build_bench_teacher, machine, prompt_store
 from flows.distill import DistillRunConfig, load_example, run_distillation
 from flows.trajectories import TrajectoriesConfig, generate_trajectories
 from rapm_core.discriminator import HeadSet
@@ -175,24 +173,12 @@ def lockstep_speed(store: str, out: str, iterations: int) -> dict[str, list[tupl
 
 
 def child(args) -> int:
-    proc = psutil.Process()
-    base = peak = proc.memory_info().rss
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.005):
-            peak = max(peak, proc.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    if args.child == "bare":
-        bare_loop(args.store, args.iterations)
-    else:
-        ours_loop(args.store, args.out, args.iterations)
-    done.set()
-    sampler.join()
-    print(json.dumps({"base_mib": base / 2**20, "peak_mib": max(peak, proc.memory_info().rss) / 2**20}))
+    with PeakRSS() as rss:
+        if args.child == "bare":
+            bare_loop(args.store, args.iterations)
+        else:
+            ours_loop(args.store, args.out, args.iterations)
+    print(json.dumps({"base_mib": rss.base_mib, "peak_mib": rss.peak_mib}))
     return 0
 
 
