@@ -94,6 +94,7 @@ def test_in_process_runner_runs_shards_in_order():
 
 
 # -- real clusters -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_local_cluster_gives_workers_their_environment(tmp_path, monkeypatch):
     from distributed import Client
 
@@ -186,3 +187,14 @@ def test_worker_killed_mid_shard_is_rerun_and_nothing_is_lost(reference, cluster
     assert not set(killer.killed) & set(client.run(os.getpid).values())  # the Nanny restarted them
     assert (summary["complete"], summary["total"]) == (NUM, NUM)
     _assert_same_store(str(out), reference)
+
+
+def test_cli_flags_reach_the_execution_config():
+    from flows.cli import build_parser
+    from flows.cli_model import model_from_args
+
+    args = build_parser().parse_args(["trajectories", "--prompts", "p", "--teacher", "t", "--out", "s3://b/store",
+                                      "--backend", "local-cluster", "--workers", "3", "--shard-size", "8"])
+    config = model_from_args(TrajectoriesConfig, args)
+    assert config.out == "s3://b/store"
+    assert config.execution == ExecutionConfig(backend="local-cluster", workers=3, shard_size=8)
