@@ -58,9 +58,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text + default_note)
         elif _is_list(field.annotation):
-            parser.add_argument(flag, dest=dest, nargs="+", default=None, help=help_text + default_note)
+            parser.add_argument(flag, dest=dest, nargs="+", default=None, metavar=name.upper(),
+                                help=help_text + default_note)
         else:
-            parser.add_argument(flag, dest=dest, default=None, choices=_choices(field.annotation),
+            choices = _choices(field.annotation)
+            parser.add_argument(flag, dest=dest, default=None, choices=choices,
+                                metavar=None if choices else name.upper(),
                                 required=field.is_required(), help=help_text + default_note)
 
 
