@@ -112,10 +112,10 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1 - decay)
 
 
-def train_teacher(out_dir: str | Path, *, seed: int = 0, n_images: int = 12000, vae_steps: int = 600,
-                  vae_batch: int = 32, vae_lr: float = 3e-3, kl_weight: float = 1e-5, vae_width: int = 8,
+def train_teacher(out_dir: str | Path, *, seed: int = 0, n_images: int = 12000, vae_steps: int = 1000,
+                  vae_batch: int = 32, vae_lr: float = 3e-3, kl_weight: float = 1e-5, vae_width: int = 12,
                   text_dim: int = 64, text_layers: int = 2, unet_width: int = 32, unet_layers: int = 1,
-                  unet_steps: int = 1200, unet_batch: int = 64, unet_lr: float = 2e-3, warmup: int = 100,
+                  unet_steps: int = 2000, unet_batch: int = 64, unet_lr: float = 2e-3, warmup: int = 100,
                   ema_decay: float = 0.995, cond_dropout: float = 0.1, checkpoint_every: int = 250,
                   log_every: int = 50) -> Path:
     """Train the teacher into ``out_dir`` (a StableDiffusionPipeline directory) and return it."""
