@@ -370,7 +370,8 @@ def _evaluate_flow(config: EvaluateConfig) -> dict:
     key = f"rapm-eval-{eval_config_hash(config)[:12]}"
     create_table_artifact(report.table_artifact_rows(result.rows), key=key, description=f"metrics of {config.run}")
     report_md = Path(result.eval_dir) / "report.md"
-    create_markdown_artifact(report_md.read_text(encoding="utf-8"), key=f"{key}-report",
+    create_markdown_artifact(report.inline_images(report_md.read_text(encoding="utf-8"), report_md.parent),
+                             key=f"{key}-report",
                              description=f"evaluation report ({report_md})")
     return {"eval_dir": result.eval_dir, "rows": result.rows, "skipped": result.skipped}
 

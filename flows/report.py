@@ -7,6 +7,9 @@ so what a person reads anywhere is one rendering of metrics.json.
 
 from __future__ import annotations
 
+import base64
+import re
+
 import math
 from pathlib import Path
 from typing import Sequence
@@ -145,3 +148,22 @@ def report_markdown(title: str, rows: Sequence[dict], facts: Sequence[tuple[str,
               "## Trajectories at the slot boundaries (stored teacher vs the student's own chain)", "",
               "![trajectories](trajectory.png)", ""]
     return "\n".join(lines)
+
+
+def inline_images(markdown: str, folder: str | Path) -> str:
+    """Embed the report's local PNG links as data URIs.
+
+    The Prefect server serves no files from the run dir, so a markdown artifact linking
+    ``grid.png`` shows broken images in the UI; data URIs render there (checked with the UI's
+    screenshot). ``report.md`` on disk keeps its relative links.
+    """
+    folder = Path(folder)
+
+    def embed(match: re.Match) -> str:
+        path = folder / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)/:]+\.png)\)", embed, markdown)
