@@ -47,7 +47,7 @@ def _publish(plan: IngestPlan) -> None:
                              description=f"First {len(samples)} prompts of {plan.config.out}")
 
 
-@flow(name="rapm-ingest", flow_run_name=_flow_run_name)
+@flow(name="ingest", flow_run_name=_flow_run_name)
 def ingest_flow(config: IngestConfig) -> IngestCounts:
     plan = ingest_prompts(config)
     get_run_logger().info(summary(plan))
