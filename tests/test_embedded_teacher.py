@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 from flows import recipe
 from rapm_core.embedded.evaluator import load_evaluator, prompt_adherence
 from rapm_core.embedded.measure import generate, initial_latents, prompt_cycle
+from rapm_core.embedded.train_teacher import high_noise_loss_weights, sd_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "assets" / "shapes-teacher"
@@ -71,3 +72,13 @@ def test_teacher_recipe_and_measurement_run_end_to_end_at_toy_size(tmp_path):
     assert "| DDIM | 40 | 2.0 |" in card and (out / "samples.png").is_file()
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "unet"] == [1, 2, 3]
+
+
+def test_high_noise_weights_restore_the_x0_loss_at_high_noise_up_to_the_cap():
+    alphas_cumprod = sd_scheduler().alphas_cumprod
+    assert torch.equal(high_noise_loss_weights(alphas_cumprod, 1.0), torch.ones(1000))
+    w = high_noise_loss_weights(alphas_cumprod, 30.0)
+    inv_snr = (1 - alphas_cumprod) / alphas_cumprod
+    assert w[0] == 1.0 and w[-1] == 30.0 and bool((w[1:] >= w[:-1]).all())
+    middle = (inv_snr > 1) & (inv_snr < 30)
+    assert middle.any() and torch.allclose(w[middle], inv_snr[middle])

@@ -119,11 +119,23 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1 - decay)
 
 
-def train_teacher(out_dir: str | Path, *, seed: int = 0, n_images: int = 12000, vae_steps: int = 1000,
+def high_noise_loss_weights(alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-timestep weight of the epsilon loss: min(max(1, 1/SNR), cap).
+
+    Where a shape will stand is settled at high noise, where the epsilon loss is SNR × the x0
+    loss (0.005× at t = 999): plain epsilon training (cap 1) learned colour and size but left
+    position at chance. Weighting by 1/SNR restores the x0 error there; the cap keeps those
+    steps from crowding out the low-noise ones that carry shape detail (see the teacher's card).
+    """
+    return ((1 - alphas_cumprod) / alphas_cumprod).clamp(min=1.0, max=cap)
+
+
+def train_teacher(out_dir: str | Path, *, seed: int = 0, n_images: int = 12000, vae_steps: int = 3000,
                   vae_batch: int = 32, vae_lr: float = 3e-3, kl_weight: float = 1e-5, vae_width: int = 12,
                   text_dim: int = 64, text_layers: int = 2, unet_width: int = 32, unet_layers: int = 1, unet_levels: int = 3,
-                  unet_steps: int = 2000, unet_batch: int = 64, unet_lr: float = 2e-3, warmup: int = 100,
-                  ema_decay: float = 0.995, cond_dropout: float = 0.1, checkpoint_every: int = 250,
+                  unet_steps: int = 2500, unet_batch: int = 64, unet_lr: float = 2e-3, warmup: int = 100,
+                  ema_decay: float = 0.995, cond_dropout: float = 0.1, high_noise_weight: float = 30.0,
+                  checkpoint_every: int = 250,
                   log_every: int = 50) -> Path:
     """Train the teacher into ``out_dir`` (a StableDiffusionPipeline directory) and return it."""
     out_dir = Path(out_dir)
@@ -169,6 +181,7 @@ def train_teacher(out_dir: str | Path, *, seed: int = 0, n_images: int = 12000, 
     opt = torch.optim.AdamW(params, lr=unet_lr, weight_decay=1e-2)
     sched = _warmup_cosine(opt, warmup, unet_steps)
     alphas_cumprod = sd_scheduler().alphas_cumprod
+    weight = high_noise_loss_weights(alphas_cumprod, high_noise_weight)
     start = 0
     ckpt = out_dir / "_checkpoint" / "state.pt"
     if ckpt.is_file():
@@ -192,7 +205,8 @@ def train_teacher(out_dir: str | Path, *, seed: int = 0, n_images: int = 12000, 
         a = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         zt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         embeds = text(ids)[0][pid]
-        loss = F.mse_loss(unet(zt, timesteps, encoder_hidden_states=embeds).sample, noise)
+        err = (unet(zt, timesteps, encoder_hidden_states=embeds).sample - noise).pow(2).mean((1, 2, 3))
+        loss = (weight[timesteps] * err).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
