@@ -130,14 +130,15 @@ def high_noise_loss_weights(alphas_cumprod: torch.Tensor, cap: float) -> torch.T
     return ((1 - alphas_cumprod) / alphas_cumprod).clamp(min=1.0, max=cap)
 
 
-def train_teacher(out_dir: str | Path, *, seed: int = 0, n_images: int = 12000, vae_steps: int = 3000,
-                  vae_batch: int = 32, vae_lr: float = 3e-3, kl_weight: float = 1e-5, vae_width: int = 12,
-                  text_dim: int = 64, text_layers: int = 2, unet_width: int = 32, unet_layers: int = 1, unet_levels: int = 3,
-                  unet_steps: int = 2500, unet_batch: int = 64, unet_lr: float = 2e-3, warmup: int = 100,
-                  ema_decay: float = 0.995, cond_dropout: float = 0.1, high_noise_weight: float = 30.0,
-                  checkpoint_every: int = 250,
-                  log_every: int = 50) -> Path:
-    """Train the teacher into ``out_dir`` (a StableDiffusionPipeline directory) and return it."""
+def train_teacher(out_dir: str | Path, *, seed: int, n_images: int, vae_steps: int, vae_batch: int, vae_lr: float,
+                  kl_weight: float, vae_width: int, text_dim: int, text_layers: int, unet_width: int,
+                  unet_layers: int, unet_levels: int, unet_steps: int, unet_batch: int, unet_lr: float, warmup: int,
+                  ema_decay: float, cond_dropout: float, high_noise_weight: float, checkpoint_every: int,
+                  log_every: int) -> Path:
+    """Train the teacher into ``out_dir`` (a StableDiffusionPipeline directory) and return it.
+
+    No defaults here: ``flows.recipe.TeacherRecipe`` holds them, documented, in one place.
+    """
     out_dir = Path(out_dir)
     log = Logbook(out_dir / "training_log.jsonl")
     gen = torch.Generator().manual_seed(seed)
