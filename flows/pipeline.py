@@ -74,7 +74,9 @@ class PipelineConfig(BaseModel):
     steps_per_slot: int = Field(_default(TrajectoriesConfig, "steps_per_slot"), ge=1,
                                 description="M: teacher DDIM steps per slot")
     guidance: float = Field(_default(TrajectoriesConfig, "guidance"), ge=1.0, description="teacher CFG scale")
-    num_trajectories: int | None = Field(None, ge=1, description="trajectories (train prompts) to use; default: all")
+    num_trajectories: int | None = Field(None, ge=1, description="train prompts to use; default: all")
+    samples_per_prompt: int = Field(_default(TrajectoriesConfig, "samples_per_prompt"), ge=1,
+                                    description="teacher trajectories per train prompt, each from its own noise")
     trajectory_batch_size: int = Field(_default(TrajectoriesConfig, "batch_size"), ge=1,
                                        description="prompts per teacher batch")
     dtype: Literal["fp32", "fp16", "bf16"] = Field(_default(TrajectoriesConfig, "dtype"), description="teacher dtype")
@@ -143,7 +145,8 @@ def trajectories_config(config: PipelineConfig) -> TrajectoriesConfig:
     return TrajectoriesConfig(prompts=str(p["prompts"]), teacher=config.teacher, out=str(p["trajectories"]),
                               revision=config.revision, slots=config.slots, steps_per_slot=config.steps_per_slot,
                               guidance=config.guidance, seed=config.seed, batch_size=config.trajectory_batch_size,
-                              dtype=config.dtype, device=config.device, split="train", limit=config.num_trajectories)
+                              dtype=config.dtype, device=config.device, split="train", limit=config.num_trajectories,
+                              samples_per_prompt=config.samples_per_prompt)
 
 
 def distill_config(config: PipelineConfig) -> DistillRunConfig:

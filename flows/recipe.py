@@ -54,7 +54,7 @@ class TeacherRecipe(BaseModel):
     unet_width: int = Field(32, ge=16, description="UNet channels at the 8×8 level (2× below)")
     unet_layers: int = Field(1, ge=1, description="resnet layers per UNet block")
     unet_levels: int = Field(3, ge=2, le=4, description="UNet resolutions: 8×8, 4×4, 2×2, …")
-    unet_steps: int = Field(2500, ge=1)
+    unet_steps: int = Field(5000, ge=1)
     unet_batch: int = Field(64, ge=1)
     unet_lr: float = Field(2e-3, gt=0)
     warmup: int = Field(100, ge=0)

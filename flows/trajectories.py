@@ -62,6 +62,9 @@ class TrajectoriesConfig(BaseModel):
         "float16", description="dtype of stored positions (float16 halves the store; float32 is exact)")
     split: Literal["train", "eval"] = Field("train", description="prompt split to generate for")
     limit: int | None = Field(None, ge=1, description="use only the first LIMIT prompts of the split")
+    # A small prompt set (the 96 shapes training captions) gives a student one noise per prompt to
+    # learn from, and it memorises them; more draws of the same prompts are new trajectories.
+    samples_per_prompt: int = Field(1, ge=1, description="trajectories per prompt, each from its own noise")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig,
                                        description="where generation runs (speed only; same store everywhere)")
 
@@ -94,11 +97,14 @@ class GenerationReport:
 
 
 def select_prompts(config: TrajectoriesConfig) -> list[PromptRecord]:
+    """The prompt of every trajectory, in store order: the split (first ``limit``), repeated
+    ``samples_per_prompt`` times, round after round, so trajectory i of a one-sample store is
+    trajectory i of a larger one (same prompt, same seed)."""
     records = PromptStore(config.prompts).records(config.split)
     records = records[: config.limit] if config.limit else records
     if not records:
         raise StoreError(f"{config.prompts}: no prompts in split {config.split!r}")
-    return records
+    return records * config.samples_per_prompt
 
 
 def _identity_attrs(config: TrajectoriesConfig, records: list[PromptRecord]) -> dict:
@@ -150,6 +156,7 @@ def _layout_and_attrs(config, records, teacher: Teacher, grid: SlotGrid, uncond)
         "fine_timesteps": list(grid.fine),
         "coarse_timesteps": list(grid.coarse),
         "prompt_store": {"path": config.prompts, "split": config.split, "limit": config.limit,
+                         "samples_per_prompt": config.samples_per_prompt,
                          "config_hash": prompt_meta.get("config_hash")},
         "seed_rule": "seed_i = sha256('rapm-trajectory:{seed}:{i}')[:8] little-endian & (2**63-1)",
         "created_by": CREATED_BY,
@@ -176,7 +183,7 @@ def generate_trajectories(
     records = select_prompts(config)
     stop = len(records) if stop is None else stop
     if not 0 <= start <= stop <= len(records):
-        raise ConfigError(f"index range [{start}, {stop}) is outside the {len(records)} selected prompts")
+        raise ConfigError(f"index range [{start}, {stop}) is outside the {len(records)} trajectories of this config")
     check_compatible(config.out, _identity_attrs(config, records))
     try:
         existing = TrajectoryStore(config.out)

@@ -44,14 +44,22 @@ def test_committed_teacher_is_a_stock_sd_pipeline(pipe):
     assert size < 20e6
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the committed CPU-trained teacher is undertrained "
-                   "(see assets/shapes-teacher/README.md for its measured adherence)")
 def test_committed_teacher_follows_prompts_with_full_guided_sampling(pipe):
     metrics = json.loads((TEACHER / "metrics.json").read_text())
     prompts = prompt_cycle(120)[::8][:16]
     latents = initial_latents(pipe, len(prompts), seed=123)
     images = generate(pipe, prompts, latents, metrics["num_slots"] * metrics["steps_per_slot"], metrics["guidance"])
-    assert prompt_adherence(load_evaluator(EVALUATOR), images, prompts) >= 0.85
+    assert prompt_adherence(load_evaluator(EVALUATOR), images, prompts) >= 0.95  # the spec's bar
+
+
+def test_committed_teacher_card_records_the_spec_gap_between_full_and_few_step_sampling():
+    metrics = json.loads((TEACHER / "metrics.json").read_text())
+    full_steps = metrics["num_slots"] * metrics["steps_per_slot"]
+    rows = {(r["steps"], r["guidance"]): r for r in metrics["rows"]}
+    full, few = rows[(full_steps, metrics["guidance"])], rows[(metrics["num_slots"], metrics["guidance"])]
+    assert full["adherence"] >= 0.95
+    # the gap distillation has to close: few-step DDIM measurably worse on domain FID
+    assert few["domain_fid"] > 1.2 * full["domain_fid"]
 
 
 def test_teacher_recipe_and_measurement_run_end_to_end_at_toy_size(tmp_path):

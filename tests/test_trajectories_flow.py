@@ -139,6 +139,26 @@ def test_shards_fill_one_store_like_a_single_run(tmp_path, tiny_sd15_dir):
                                   zarr.open_group(sharded.out)["positions"][:])
 
 
+def test_samples_per_prompt_extends_a_one_sample_store_with_new_noise(tmp_path, tiny_sd15_dir):
+    one = _config(tmp_path, tiny_sd15_dir, out="one", steps_per_slot=2, limit=2)
+    generate_trajectories(one, log=_quiet)
+    three = one.model_copy(update={"out": str(tmp_path / "three"), "samples_per_prompt": 3})
+    assert generate_trajectories(three, log=_quiet).generated == 6
+
+    a, b = TrajectoryStore(one.out), TrajectoryStore(three.out)
+    rows = [b.read(i) for i in range(6)]
+    assert [r["prompt"] for r in rows] == PROMPTS[:2] * 3
+    assert len({r["seed"] for r in rows}) == 6
+    # Round 0 is the one-sample store, bit for bit; later rounds are the same prompts, other noise.
+    for i in range(2):
+        np.testing.assert_array_equal(a.read(i)["positions"], rows[i]["positions"])
+        np.testing.assert_array_equal(rows[i]["prompt_embeds"], rows[i + 2]["prompt_embeds"])
+        assert not np.array_equal(rows[i]["positions"][0], rows[i + 2]["positions"][0])
+    assert b.attrs["prompt_store"]["samples_per_prompt"] == 3
+    with pytest.raises(ConfigMismatchError):
+        generate_trajectories(three.model_copy(update={"samples_per_prompt": 2}), log=_quiet)
+
+
 def test_mismatched_store_is_refused(tmp_path, tiny_sd15_dir):
     config = _config(tmp_path, tiny_sd15_dir, steps_per_slot=2, limit=2)
     generate_trajectories(config, log=_quiet)
