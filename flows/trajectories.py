@@ -62,8 +62,9 @@ class TrajectoriesConfig(BaseModel):
         "float16", description="dtype of stored positions (float16 halves the store; float32 is exact)")
     split: Literal["train", "eval"] = Field("train", description="prompt split to generate for")
     limit: int | None = Field(None, ge=1, description="use only the first LIMIT prompts of the split")
-    # A small prompt set (the 96 shapes training captions) gives a student one noise per prompt to
-    # learn from, and it memorises them; more draws of the same prompts are new trajectories.
+    # A small prompt set (the 96 shapes training captions) gives the student one noise per prompt;
+    # more draws of the same prompts are new trajectories. Measured on the v3 shapes teacher (1200
+    # pointwise iterations): 8 draws raised held-out adherence 0.778 → 0.809, FID unchanged.
     samples_per_prompt: int = Field(1, ge=1, description="trajectories per prompt, each from its own noise")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig,
                                        description="where generation runs (speed only; same store everywhere)")
