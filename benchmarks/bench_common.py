@@ -22,6 +22,10 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from rapm_core.tiny_teacher import TEXT_DIM, build_tiny_sd15
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 
+# The heaviest method (two discriminators on both positions): what the speed and memory benchmarks
+# measure, whatever DistillConfig's default loss kinds are.
+ADVERSARIAL = dict(loss_relative="adversarial", loss_absolute="adversarial")
+
 BENCH_UNET = dict(
     block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

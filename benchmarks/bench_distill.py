@@ -1,7 +1,7 @@
 """Distillation speed and peak memory against a bare PyTorch loop (targets ≤ 1.05 and ≤ 1.10).
 
 "Ours" is ``run_distillation`` (what ``rapm distill`` runs): trajectories read from the Zarr
-store on a prefetch thread, the ``Distiller`` step (default method: adversarial relative and
+store on a prefetch thread, the ``Distiller`` step (``bench_common.ADVERSARIAL``: adversarial relative and
 absolute losses, all slots), a metrics line per iteration. "Bare" is the same computation
 written as one plain loop over examples already in memory: per slot the relative jump
 (no grad), the student jump, the frozen backbone's down/mid features of the re-noised fake and
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from bench_common import Lockstep, PeakRSS, build_bench_teacher, machine, prompt_store
+from bench_common import ADVERSARIAL, Lockstep, PeakRSS, build_bench_teacher, machine, prompt_store
 from flows.distill import DistillRunConfig, load_example, run_distillation
 from flows.trajectories import TrajectoriesConfig, generate_trajectories
 from rapm_core.discriminator import HeadSet
@@ -49,7 +49,7 @@ DISC_CHANNELS = 64  # a quarter of the default width keeps the benchmark short; 
 
 
 def method() -> DistillConfig:
-    return DistillConfig(disc_channels=DISC_CHANNELS)
+    return DistillConfig(disc_channels=DISC_CHANNELS, **ADVERSARIAL)
 
 
 def bare_loop(store_path: str, iterations: int, after_iteration: Callable[[], None] = lambda: None,

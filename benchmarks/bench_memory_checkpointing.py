@@ -23,7 +23,7 @@ import time
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from bench_common import SD15_UNET, TINY_UNET, PeakRSS, machine
+from bench_common import ADVERSARIAL, SD15_UNET, TINY_UNET, PeakRSS, machine
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill import DistillConfig, Distiller, Example
 from rapm_core.schedule import SlotGrid
@@ -46,7 +46,7 @@ def step_once(config_name: str, checkpointing: bool, dtype_name: str) -> dict:
     grid = SlotGrid.from_scheduler(scheduler_config(), 4, 2)
     mixed = "no" if dtype == torch.float32 or not cuda else dtype_name
     distiller = Distiller(unet, scheduler_config(), grid,
-                          DistillConfig(gradient_checkpointing=checkpointing, mixed_precision=mixed), device=device)
+                          DistillConfig(gradient_checkpointing=checkpointing, mixed_precision=mixed, **ADVERSARIAL), device=device)
     gen = torch.Generator().manual_seed(0)
     example = Example(torch.randn(grid.total_steps + 1, 4, size, size, generator=gen),
                       Conditioning(torch.randn(1, 77 if config_name == "sd15" else 16, text, generator=gen)), 0)

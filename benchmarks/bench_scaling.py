@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import Timer, build_bench_teacher, machine, prompt_store
+from bench_common import ADVERSARIAL, Timer, build_bench_teacher, machine, prompt_store
 from flows.trajectories import TrajectoriesConfig, generate_trajectories
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill import DistillConfig, Distiller, Example
@@ -45,7 +45,7 @@ def trajectories_per_second(root: Path, teacher_dir: Path, teacher, prompts: Pat
 
 def seconds_per_iteration(teacher_dir: Path, scheduler_config: dict, slots: int, rank: int, iterations: int = 4) -> float:
     grid = SlotGrid.from_scheduler(scheduler_config, slots, 2)
-    distiller = Distiller(load_unet(teacher_dir), scheduler_config, grid, DistillConfig(rank=rank, disc_channels=64))
+    distiller = Distiller(load_unet(teacher_dir), scheduler_config, grid, DistillConfig(rank=rank, disc_channels=64, **ADVERSARIAL))
     gen = torch.Generator().manual_seed(0)
     example = Example(torch.randn(grid.total_steps + 1, 4, 16, 16, generator=gen),
                       Conditioning(torch.randn(1, 32, 32, generator=gen)), 0)

@@ -13,7 +13,7 @@ change the base is left out, its row is the base's):
 - relative only / absolute only / both — which position is matched;
 - adversarial / pointwise / adversarial + pointwise — how it is matched;
 - d = 0, 1, 4 — fine steps into the slot for the relative target;
-- rank 1, 4 — LoRA rank; lr 1e-4, 1e-3 — the LoRA's learning rate.
+- rank 1, 4 — LoRA rank; lr 1e-4, 1e-3, 3e-3 — the LoRA's learning rate.
 
 The script writes the tables into the ``## Quality`` section of ``benchmarks/RESULTS.md`` with
 the machine, the command and the date, and prints them. Variants run in parallel processes
@@ -29,6 +29,8 @@ import argparse
 import json
 import multiprocessing
 import platform
+import re
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -68,6 +70,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rank4": ("LoRA rank 4", {"rank": 4}),
     "lr1e-4": ("lr 1e-4", {"lr": 1e-4}),
     "lr1e-3": ("lr 1e-3", {"lr": 1e-3}),
+    "lr3e-3": ("lr 3e-3", {"lr": 3e-3}),
 }
 TABLE_KEYS = ("domain_fid", "prompt_adherence", "latent_mse", "psnr", "nfe", "images_per_second")
 
@@ -161,8 +164,9 @@ def machine() -> str:
 
 def write_section(body: str) -> None:
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
+    match = re.search(rf"^{re.escape(SECTION)}$", text, flags=re.MULTILINE)  # not "## Quality on …"
+    if match:
+        head, rest = text[:match.start()], text[match.end():]
         tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
         text = head.rstrip() + "\n\n" + body.rstrip() + "\n" + tail
     else:
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         futures = [pool.submit(run_variant, config.model_dump_json(), name) for name in variants]
         results = [f.result() for f in futures]
     body, check = tables(results, config)
-    command = "  ".join(["`.venv/bin/python benchmarks/quality.py", *sys.argv[1:]]).replace("  ", " ") + "`"
+    command = "`" + shlex.join([".venv/bin/python", "benchmarks/quality.py", *sys.argv[1:]]) + "`"
     verdict = "\n".join(f"- {k}: **{v:.3f}**" for k, v in check.items())
     section = (f"{SECTION}\n\n**Machine.** {machine()}.\n\n**Command.** {command} "
                f"({time.perf_counter() - t0:.0f} s in all; stores {stores_s:.0f} s).\n\n"

@@ -42,8 +42,10 @@ def teacher_trajectory(teacher_dir, grid: SlotGrid, seed: int = 0) -> Example:
 
 
 def make_distiller(teacher_dir, grid: SlotGrid, **overrides) -> Distiller:
-    """A student on a freshly loaded teacher; small heads keep CPU tests fast."""
-    config = DistillConfig(**{"disc_channels": 16, **overrides})
+    """A student on a freshly loaded teacher; small heads keep CPU tests fast. Both losses are
+    adversarial unless overridden: the two discriminators are the path with the most to check."""
+    config = DistillConfig(**{"disc_channels": 16, "loss_relative": "adversarial", "loss_absolute": "adversarial",
+                              **overrides})
     return Distiller(load_unet(teacher_dir), scheduler_config(teacher_dir), grid, config)
 
 

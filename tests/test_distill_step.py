@@ -108,7 +108,7 @@ def test_a_training_step_gives_finite_moved_parameters(fixture, request):
     teacher_dir = request.getfixturevalue(fixture)
     grid = grid_for(teacher_dir, 2, 2)
     example = teacher_trajectory(teacher_dir, grid)
-    dist = make_distiller(teacher_dir, grid)  # defaults: both losses adversarial
+    dist = make_distiller(teacher_dir, grid)  # make_distiller's: both losses adversarial
     before = dist.trainable_state_dict()
     metrics = dist.train_step(example, torch.Generator().manual_seed(0))
     after = dist.trainable_state_dict()
@@ -171,6 +171,24 @@ def test_state_round_trip_continues_bit_identically(tiny_sd15_dir, setup):
     assert resumed.train_step(example, gen2) == continued
     so, sr = original.trainable_state_dict(), resumed.trainable_state_dict()
     assert all(torch.equal(so[k], sr[k]) for k in so)
+
+
+def test_heads_exist_only_for_adversarial_losses(tiny_sd15_dir, setup):
+    grid, example = setup
+    pointwise = dict(loss_relative="pointwise", loss_absolute="pointwise")
+    original, _, _ = _run(tiny_sd15_dir, grid, example, 1, **pointwise)
+    state, optimizer = original.trainable_state_dict(), original.optimizer_state_dict()
+    assert len(original.heads) == 0 and set(optimizer) == {"generator"}
+    assert state and not any(k.startswith("disc_") for k in state)
+    continued = original.train_step(example, torch.Generator().manual_seed(1))
+    resumed = make_distiller(tiny_sd15_dir, grid, init_seed=99, **pointwise)
+    resumed.load_trainable_state_dict(state)
+    resumed.load_optimizer_state_dict(optimizer)
+    assert resumed.train_step(example, torch.Generator().manual_seed(1)) == continued
+
+    one = make_distiller(tiny_sd15_dir, grid, loss_relative="pointwise", loss_absolute="adversarial")
+    assert list(one.heads) == ["abs"]
+    assert {k.split(".")[0] for k in one.trainable_state_dict() if k.startswith("disc_")} == {"disc_abs"}
 
 
 def test_gradient_checkpointing_does_not_change_gradients(tiny_sd15_dir, setup):
