@@ -41,6 +41,7 @@ from storage.checkpoints import Checkpoint
 from storage.errors import StoreError
 from storage.hashing import config_hash
 from storage.run_dir import RunDir
+from storage.teacher_fingerprint import check_teacher_unchanged
 from storage.trajectory_store import TrajectoryStore
 
 # Where the data lives, how long to train and how often to save don't change what any one
@@ -227,6 +228,7 @@ def run_distillation(
         grid = SlotGrid.from_scheduler(attrs["scheduler_config"], attrs["num_slots"], attrs["steps_per_slot"])
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    check_teacher_unchanged(attrs, config.trajectories)
     unet = load_unet(attrs["teacher"], attrs.get("teacher_revision"), device=device)
     _seed_everything(config.seed)
     distiller = Distiller(unet, attrs["scheduler_config"], grid, config.method, device=device)

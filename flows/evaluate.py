@@ -38,6 +38,7 @@ from storage.errors import ConfigMismatchError, StoreError
 from storage.hashing import config_hash
 from storage.prompt_store import PromptStore
 from storage.run_dir import RunDir
+from storage.teacher_fingerprint import check_teacher_unchanged
 from storage.trajectory_store import TrajectoryStore
 from storage.urls import exists, join, publish_dir, read_text
 
@@ -198,6 +199,7 @@ def evaluate_run(config: EvaluateConfig, progress: Callable[[float], None] | Non
     dtype = resolve_dtype(attrs["compute_dtype"])
     log(f"evaluating {config.run}: {len(specs)} methods × {config.num_images} images "
         f"({len(texts)} eval prompts from {prompt_source}) on {device}")
+    check_teacher_unchanged(attrs, store.path)
     teacher = load_teacher(attrs["teacher"], attrs.get("teacher_revision"), dtype, device)
     cond = reduce(Conditioning.cat, [encode_prompts(teacher, prompts[a:a + config.batch_size])
                                      for a in range(0, len(prompts), config.batch_size)])

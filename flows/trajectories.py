@@ -34,6 +34,7 @@ from rapm_core.trajectory import initial_noise, teacher_trajectories, trajectory
 from storage.hashing import config_hash
 from storage.prompt_store import PromptRecord, PromptStore
 from storage.errors import StoreError
+from storage.teacher_fingerprint import check_teacher_unchanged, teacher_fingerprint
 from storage.trajectory_store import TrajectoryLayout, TrajectoryStore, check_compatible, inspect_store
 
 CREATED_BY = f"rapm {version('rapm')}"
@@ -153,6 +154,7 @@ def _layout_and_attrs(config, records, teacher: Teacher, grid: SlotGrid, uncond)
     attrs = {
         **_identity_attrs(config, records),
         "kind": teacher.kind,
+        "teacher_fingerprint": teacher_fingerprint(teacher_ref(config.teacher)),
         "scheduler_config": teacher.scheduler_config,
         "fine_timesteps": list(grid.fine),
         "coarse_timesteps": list(grid.coarse),
@@ -193,6 +195,8 @@ def generate_trajectories(
     if existing is not None and not existing.pending_batches(start, stop, config.batch_size):
         log(f"{config.out}: trajectories [{start}, {stop}) already complete; nothing to do")
         return GenerationReport(config.out, 0, stop - start, (start, stop), time.perf_counter() - t0, 0.0, 0.0, 0)
+    if existing is not None:
+        check_teacher_unchanged(existing.attrs, config.out)
 
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
     teacher = (teacher() if callable(teacher) else teacher) or load_teacher(config.teacher, config.revision, dtype, device)

@@ -324,6 +324,7 @@ def inspect_store(path: str) -> dict[str, Any]:
         "config_hash": a["config_hash"],
         "teacher": a["teacher"],
         "teacher_revision": a["teacher_revision"],
+        "teacher_fingerprint": a.get("teacher_fingerprint"),
         "kind": a["kind"],
         "num_slots": a["num_slots"],
         "steps_per_slot": a["steps_per_slot"],

@@ -18,6 +18,14 @@ def load_unet(teacher_dir) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(teacher_dir, subfolder="unet")
 
 
+def perturb_unet_weights(teacher_dir) -> None:
+    """Other weights at the same path, as a retrained or overwritten teacher would leave."""
+    unet = load_unet(teacher_dir)
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.01)
+    unet.save_pretrained(teacher_dir / "unet")
+
+
 def scheduler_config(teacher_dir):
     return DDIMScheduler.load_config(teacher_dir, subfolder="scheduler")
 

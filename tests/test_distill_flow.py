@@ -11,6 +11,7 @@ import zarr
 from safetensors.torch import load_file
 
 from distill_run_support import make_store, run_config
+from distill_support import perturb_unet_weights
 from flows.cli import build_parser, main
 from flows.cli_model import model_from_args
 from flows.distill import DistillationDivergedError, DistillRunConfig, run_config_hash, run_distillation
@@ -133,3 +134,12 @@ def test_rapm_distill_command_runs_the_flow(tmp_path, store):
     assert (run / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpts = CheckpointStore(run)
     assert [s for s, _ in ckpts.steps()] == [2, 3] and all(ckpts.verify(p) is None for _, p in ckpts.steps())
+
+
+def test_a_store_is_not_distilled_against_other_weights_at_its_teacher_path(tmp_path, tiny_sd15_dir):
+    teacher = Path(shutil.copytree(tiny_sd15_dir, tmp_path / "teacher"))
+    own_store = make_store(tmp_path, teacher, num=1)
+    perturb_unet_weights(teacher)
+    with pytest.raises(ConfigMismatchError, match="is not the one that made this store"):
+        run_distillation(run_config(own_store, tmp_path / "run", iterations=1), log=_quiet)
+    assert not list((tmp_path / "run").glob("checkpoints/step-*"))

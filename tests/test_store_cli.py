@@ -12,6 +12,7 @@ from flows.cli import main as rapm_main
 from flows.store_cli import strip_size
 from flows.trajectories import TrajectoriesConfig, generate_trajectories
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
+from storage.teacher_fingerprint import teacher_fingerprint
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
@@ -30,6 +31,7 @@ def test_inspect_json(store, capsys, tiny_sd15_dir):
     assert rapm_main(["store", "inspect", store.out, "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["teacher"] == str(tiny_sd15_dir.resolve()) and facts["kind"] == "sd15"
+    assert facts["teacher_fingerprint"] == teacher_fingerprint(tiny_sd15_dir)
     assert (facts["num_slots"], facts["steps_per_slot"], facts["guidance"]) == (2, 2, 7.5)
     assert (facts["complete"], facts["total"]) == (2, 3)
     assert facts["shapes"]["positions"] == [3, 5, 4, 16, 16] and facts["shapes"]["prompt_embeds"] == [3, 32, 32]

@@ -4,6 +4,7 @@ bit-identical, mismatched stores are refused, and the CLI runs a real flow."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,12 @@ import zarr
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from distill_support import perturb_unet_weights
 from flows.cli import main as rapm_main
 from flows.trajectories import TrajectoriesConfig, generate_trajectories
 from storage.errors import ConfigMismatchError
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
+from storage.teacher_fingerprint import teacher_fingerprint
 from storage.trajectory_store import TrajectoryStore
 
 PROMPTS = ["a red circle", "a small blue square at the top", "green triangle", "a large yellow star on the left side"]
@@ -169,6 +172,20 @@ def test_mismatched_store_is_refused(tmp_path, tiny_sd15_dir):
     assert "use another --out" in str(err.value)
     with pytest.raises(ConfigMismatchError, match="prompt set differs"):
         generate_trajectories(config.model_copy(update={"limit": 3}), log=_quiet)
+
+
+def test_a_store_is_not_resumed_with_other_weights_at_the_teacher_path(tmp_path, tiny_sd15_dir):
+    teacher = Path(shutil.copytree(tiny_sd15_dir, tmp_path / "teacher"))
+    config = _config(tmp_path, teacher, steps_per_slot=2)
+    generate_trajectories(config, stop=2, log=_quiet)
+    recorded = TrajectoryStore(config.out).attrs["teacher_fingerprint"]
+    assert recorded == teacher_fingerprint(teacher) == teacher_fingerprint(tiny_sd15_dir)  # content, not path
+
+    perturb_unet_weights(teacher)
+    assert teacher_fingerprint(teacher) != recorded
+    with pytest.raises(ConfigMismatchError, match="is not the one that made this store"):
+        generate_trajectories(config, log=_quiet)
+    assert TrajectoryStore(config.out).complete_indices().tolist() == [0, 1]  # nothing written
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path, tiny_sd15_dir, capsys):
