@@ -1,8 +1,8 @@
 """Distillation speed and peak memory against a bare PyTorch loop (targets ≤ 1.05 and ≤ 1.10).
 
 "Ours" is ``run_distillation`` (what ``rapm distill`` runs): trajectories read from the Zarr
-store on a prefetch thread, the ``Distiller`` step (``bench_common.ADVERSARIAL``: adversarial relative and
-absolute losses, all slots), a metrics line per iteration. "Bare" is the same computation
+store on a prefetch thread, the ``Distiller`` step (``bench_common.ADVERSARIAL``: adversarial
+relative and absolute losses, all slots), a metrics line per iteration. "Bare" is the same computation
 written as one plain loop over examples already in memory: per slot the relative jump
 (no grad), the student jump, the frozen backbone's down/mid features of the re-noised fake and
 reals through forward hooks, two head sets, hinge losses, two backwards; AdamW on LoRA and heads

@@ -45,8 +45,8 @@ def step_once(config_name: str, checkpointing: bool, dtype_name: str) -> dict:
     size, text = unet.config.sample_size, unet.config.cross_attention_dim
     grid = SlotGrid.from_scheduler(scheduler_config(), 4, 2)
     mixed = "no" if dtype == torch.float32 or not cuda else dtype_name
-    distiller = Distiller(unet, scheduler_config(), grid,
-                          DistillConfig(gradient_checkpointing=checkpointing, mixed_precision=mixed, **ADVERSARIAL), device=device)
+    method = DistillConfig(gradient_checkpointing=checkpointing, mixed_precision=mixed, **ADVERSARIAL)
+    distiller = Distiller(unet, scheduler_config(), grid, method, device=device)
     gen = torch.Generator().manual_seed(0)
     example = Example(torch.randn(grid.total_steps + 1, 4, size, size, generator=gen),
                       Conditioning(torch.randn(1, 77 if config_name == "sd15" else 16, text, generator=gen)), 0)

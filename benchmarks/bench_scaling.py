@@ -45,7 +45,8 @@ def trajectories_per_second(root: Path, teacher_dir: Path, teacher, prompts: Pat
 
 def seconds_per_iteration(teacher_dir: Path, scheduler_config: dict, slots: int, rank: int, iterations: int = 4) -> float:
     grid = SlotGrid.from_scheduler(scheduler_config, slots, 2)
-    distiller = Distiller(load_unet(teacher_dir), scheduler_config, grid, DistillConfig(rank=rank, disc_channels=64, **ADVERSARIAL))
+    method = DistillConfig(rank=rank, disc_channels=64, **ADVERSARIAL)
+    distiller = Distiller(load_unet(teacher_dir), scheduler_config, grid, method)
     gen = torch.Generator().manual_seed(0)
     example = Example(torch.randn(grid.total_steps + 1, 4, 16, 16, generator=gen),
                       Conditioning(torch.randn(1, 32, 32, generator=gen)), 0)

@@ -56,8 +56,9 @@ class DistillConfig(pydantic.BaseModel):
     equal iterations (domain FID 19.1 vs 42.2, lr 1e-4) in under half the time per iteration;
     the two discriminators remain one option away ("adversarial" or "both"). lr 1e-3, ten times
     LCM-LoRA's, because pointwise matching takes it (FID 13.8 vs 19.1 at 1e-4). Rank 1 is the
-    paper's; no weight decay, so the rank-1 A is not pulled towards zero; grad clip 1.0 as diffusers' training scripts; heads 256 wide, where PCM uses
-    the feature width (320–1280 on SD) and would cost ~100M parameters per head set.
+    paper's; no weight decay, so the rank-1 A is not pulled towards zero; grad clip 1.0 as
+    diffusers' training scripts; heads 256 wide, where PCM uses the feature width (320–1280 on
+    SD) and would cost ~100M parameters per head set.
     """
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)

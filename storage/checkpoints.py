@@ -15,7 +15,6 @@ verification and is skipped for the previous one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from storage.atomic import atomic_directory, remove_stale_temps
 from storage.errors import StoreError
+from storage.hashing import file_sha256
 
 CHECKPOINT_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -106,14 +106,6 @@ def decode_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # ---- files ------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -170,7 +162,7 @@ class CheckpointStore:
                 "format": CHECKPOINT_FORMAT, "step": ckpt.step, "cursor": ckpt.cursor,
                 "metrics_lines": ckpt.metrics_lines, "config": ckpt.config, "config_hash": ckpt.config_hash,
             })
-            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
             _write_json(tmp / MANIFEST, {"format": CHECKPOINT_FORMAT, "step": ckpt.step, "files": files})
         self._prune()
         return final
@@ -194,7 +186,7 @@ class CheckpointStore:
                 return f"{name} is missing"
             if f.stat().st_size != want["bytes"]:
                 return f"{name} has {f.stat().st_size} bytes, manifest says {want['bytes']}"
-            if _sha256(f) != want["sha256"]:
+            if file_sha256(f) != want["sha256"]:
                 return f"{name} does not match its sha256 in {MANIFEST}"
         return None
 

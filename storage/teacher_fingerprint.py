@@ -10,17 +10,16 @@ are named by id and revision, which the store already records, and get no finger
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from pathlib import Path
 
 from storage.errors import ConfigMismatchError
-
-_CHUNK = 8 << 20
+from storage.hashing import config_hash, file_sha256
 
 
 def teacher_fingerprint(source: str | Path) -> str | None:
-    """sha256 of ``model_index.json`` and every file of the components it lists; None if ``source``
+    """sha256 over the sha256 of ``model_index.json`` and of every file of the components it lists
+    (keyed by relative path, so a copied directory fingerprints the same); None if ``source``
     is not a local diffusers directory. Cached per process on (path, size, mtime) of the files,
     so a stage that asks twice reads the weights once."""
     root = Path(source).expanduser()
@@ -35,13 +34,7 @@ def teacher_fingerprint(source: str | Path) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _content_hash(root: str, signature: tuple[tuple[str, int, int], ...]) -> str:
-    digest = hashlib.sha256()
-    for rel, size, _mtime in signature:
-        digest.update(f"{rel}\0{size}\0".encode())
-        with open(Path(root) / rel, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return config_hash({rel: file_sha256(Path(root) / rel) for rel, _size, _mtime in signature})
 
 
 def check_teacher_unchanged(attrs: dict, store: str) -> None:

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
+from distill_support import perturb_unet_weights
 from flows.distill import DistillRunConfig, run_distillation
 from flows.evaluate import EvaluateConfig, evaluate_run, finished
 from flows.trajectories import TrajectoriesConfig, generate_trajectories
@@ -17,7 +19,7 @@ from rapm_core.evaluation import dpm_solver_sample, dpm_solver_scheduler, method
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 from rapm_core.trajectory import initial_noise
 from storage.prompt_sources import IngestConfig, ingest_prompts
-from storage.errors import StoreError
+from storage.errors import ConfigMismatchError, StoreError
 
 PROMPTS = all_prompts()[::7][:12]  # shapes captions, so a shapes evaluator can judge them
 
@@ -132,6 +134,17 @@ def test_evaluate_is_reproducible_across_batch_sizes(tiny_run, tmp_path):
     assert [r["method"] for r in a] == ["teacher_ref", "teacher_ddim"]
     assert a[1]["latent_mse"] == pytest.approx(b[1]["latent_mse"], rel=1e-4)
     assert "domain_fid" not in a[1]
+
+
+def test_evaluate_refuses_other_weights_at_the_teacher_path(tmp_path, tiny_sd15_dir, tiny_evaluator):
+    teacher = Path(shutil.copytree(tiny_sd15_dir, tmp_path / "teacher"))
+    _, store, run = build_tiny_run(tmp_path, teacher, iterations=1)
+    perturb_unet_weights(teacher)
+    config = EvaluateConfig(run=str(run), trajectories=str(store), num_images=2, batch_size=2, device="cpu",
+                            evaluator=str(tiny_evaluator))
+    with pytest.raises(ConfigMismatchError, match="is not the one that made this store"):
+        evaluate_run(config, log=lambda _: None)
+    assert not (run / "eval" / "metrics.json").exists()
 
 
 def test_evaluate_refuses_unfinished_run(tmp_path):
