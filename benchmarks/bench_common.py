@@ -23,7 +23,7 @@ from rapm_core.tiny_teacher import TEXT_DIM, build_tiny_sd15
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 
 # The heaviest method (two discriminators on both positions): what the speed and memory benchmarks
-# measure, whatever DistillConfig's default loss kinds are.
+# measure, whatever the default loss kinds are.
 ADVERSARIAL = dict(loss_relative="adversarial", loss_absolute="adversarial")
 
 BENCH_UNET = dict(

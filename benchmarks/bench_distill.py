@@ -1,7 +1,7 @@
 """Distillation speed and peak memory against a bare PyTorch loop (targets ≤ 1.05 and ≤ 1.10).
 
 "Ours" is ``run_distillation`` (what ``rapm distill`` runs): trajectories read from the Zarr
-store on a prefetch thread, the ``Distiller`` step (``bench_common.ADVERSARIAL``: adversarial
+store on a prefetch thread, the ``Trainer`` step (``bench_common.ADVERSARIAL``: adversarial
 relative and absolute losses, all slots), a metrics line per iteration. "Bare" is the same computation
 written as one plain loop over examples already in memory: per slot the relative jump
 (no grad), the student jump, the frozen backbone's down/mid features of the re-noised fake and
@@ -36,31 +36,35 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from bench_common import ADVERSARIAL, Lockstep, PeakRSS, build_bench_teacher, machine, prompt_store
-from flows.distill import DistillRunConfig, load_example, run_distillation
-from flows.trajectories import TrajectoriesConfig, generate_trajectories
-from rapm_core.discriminator import HeadSet
-from rapm_core.distill import DistillConfig
+from rapm_core.distill.config import DistillRunConfig, MethodConfig
+from rapm_core.distill.data import load_example
+from rapm_core.distill.discriminator import HeadSet
+from rapm_core.distill.run import run_distillation
+from rapm_core.distill.student import attach_lora, lora_config
 from rapm_core.schedule import SlotGrid, ddim_step, inference_scheduler, renoise
-from rapm_core.student import attach_lora, lora_config
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_core.trajectories.generate import generate_trajectories
 from rapm_core.teacher import load_unet
 from storage.trajectory_store import TrajectoryStore
 
 DISC_CHANNELS = 64  # a quarter of the default width keeps the benchmark short; both loops use it
 
 
-def method() -> DistillConfig:
-    return DistillConfig(disc_channels=DISC_CHANNELS, **ADVERSARIAL)
+def method() -> MethodConfig:
+    return MethodConfig.from_options(disc_channels=DISC_CHANNELS, **ADVERSARIAL)
 
 
 def bare_loop(store_path: str, iterations: int, after_iteration: Callable[[], None] = lambda: None,
               seed: int = 0) -> None:
-    """The same passes as ``Distiller.train_step`` in one plain loop."""
+    """The same passes as ``Trainer.train_step`` (RAPM, adversarial) in one plain loop."""
     store = TrajectoryStore(store_path)
-    attrs, cfg = store.attrs, method()
+    schema, full = store.schema, method()
+    cfg = {**dict(full.training), **dict(full.adversarial), **dict(full.rapm)}
+    cfg = type("Options", (), cfg)
     examples = [load_example(store, i) for i in store.complete_indices()]  # in memory before timing
-    grid = SlotGrid.from_scheduler(attrs["scheduler_config"], attrs["num_slots"], attrs["steps_per_slot"])
-    ac = inference_scheduler(attrs["scheduler_config"]).alphas_cumprod.float()
-    unet = load_unet(attrs["teacher"])
+    grid = SlotGrid.from_scheduler(schema.scheduler_config, schema.num_slots, schema.steps_per_slot)
+    ac = inference_scheduler(schema.scheduler_config).alphas_cumprod.float()
+    unet = load_unet(schema.teacher)
     lora = attach_lora(unet, lora_config(cfg.rank), seed=cfg.init_seed)
     adapters = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
     widths = list(unet.config.block_out_channels)
@@ -146,7 +150,7 @@ def bare_loop(store_path: str, iterations: int, after_iteration: Callable[[], No
 
 
 def ours_loop(store_path: str, out: str, iterations: int, after_iteration: Callable[[], None] = lambda: None) -> None:
-    config = DistillRunConfig(trajectories=store_path, out=out, iterations=iterations, device="cpu", method=method())
+    config = DistillRunConfig(trajectories=store_path, out=out, iterations=iterations, device="cpu", **dict(method()))
     run_distillation(config, progress=lambda _p: after_iteration(), log=lambda _m: None)
 
 

@@ -7,7 +7,7 @@ consumer GPU at batch size 1. On a CPU the same script runs the tiny UNet (fp32)
 is the process's sampled RSS growth; that checks the script, not SD 1.5's numbers. Each setting
 runs in a fresh subprocess: two warm-up steps, then three timed ones (default method, N = 4,
 M = 2, rank 1); checkpointing covers the student's UNet call (the discriminator's backbone
-runs unchecked, see rapm_core.discriminator).
+runs unchecked, see rapm_core.distill.discriminator).
 
 Run: ``.venv/bin/python benchmarks/bench_memory_checkpointing.py [--config auto|tiny|sd15] [--dtype bf16]``.
 """
@@ -25,7 +25,9 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from bench_common import ADVERSARIAL, SD15_UNET, TINY_UNET, PeakRSS, machine
 from rapm_core.conditioning import Conditioning
-from rapm_core.distill import DistillConfig, Distiller, Example
+from rapm_core.distill.config import MethodConfig
+from rapm_core.distill.method import Example
+from rapm_core.distill.trainer import Trainer
 from rapm_core.schedule import SlotGrid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,8 +47,8 @@ def step_once(config_name: str, checkpointing: bool, dtype_name: str) -> dict:
     size, text = unet.config.sample_size, unet.config.cross_attention_dim
     grid = SlotGrid.from_scheduler(scheduler_config(), 4, 2)
     mixed = "no" if dtype == torch.float32 or not cuda else dtype_name
-    method = DistillConfig(gradient_checkpointing=checkpointing, mixed_precision=mixed, **ADVERSARIAL)
-    distiller = Distiller(unet, scheduler_config(), grid, method, device=device)
+    method = MethodConfig.from_options(gradient_checkpointing=checkpointing, mixed_precision=mixed, **ADVERSARIAL)
+    distiller = Trainer(unet, scheduler_config(), grid, method, device=device)
     gen = torch.Generator().manual_seed(0)
     example = Example(torch.randn(grid.total_steps + 1, 4, size, size, generator=gen),
                       Conditioning(torch.randn(1, 77 if config_name == "sd15" else 16, text, generator=gen)), 0)

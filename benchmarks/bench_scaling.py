@@ -3,7 +3,7 @@
 All on the benchmark teacher (bench_common.BENCH_UNET, 16×16 latents):
 - Stage A: ``generate_trajectories`` of 8 trajectories, N×M = 4×4, for batch sizes 1, 2, 4, 8
   (best of 2 runs each: other jobs on a shared machine only add time);
-- Stage B: ``Distiller.train_step`` (default method, disc_channels 64, M = 2) on stored-shape
+- Stage B: ``Trainer.train_step`` (default method, disc_channels 64, M = 2) on stored-shape
   random trajectories, best of 4 iterations after one warm-up, for N = 2, 4, 8 at rank 1 and
   for ranks 1, 4, 16 at N = 4. Per-iteration cost should grow linearly in N (one student call,
   one relative jump and two discriminator calls per slot) and barely with the rank;
@@ -24,12 +24,15 @@ from pathlib import Path
 import torch
 
 from bench_common import ADVERSARIAL, Timer, build_bench_teacher, machine, prompt_store
-from flows.trajectories import TrajectoriesConfig, generate_trajectories
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_core.trajectories.generate import generate_trajectories
 from rapm_core.conditioning import Conditioning
-from rapm_core.distill import DistillConfig, Distiller, Example
+from rapm_core.distill.config import MethodConfig
+from rapm_core.distill.method import Example
+from rapm_core.distill.trainer import Trainer
 from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import load_teacher, load_unet
-from storage.trajectory_store import inspect_store
+from storage.trajectory_inspect import inspect_store
 
 
 def trajectories_per_second(root: Path, teacher_dir: Path, teacher, prompts: Path, batch: int, num: int) -> float:
@@ -45,8 +48,8 @@ def trajectories_per_second(root: Path, teacher_dir: Path, teacher, prompts: Pat
 
 def seconds_per_iteration(teacher_dir: Path, scheduler_config: dict, slots: int, rank: int, iterations: int = 4) -> float:
     grid = SlotGrid.from_scheduler(scheduler_config, slots, 2)
-    method = DistillConfig(rank=rank, disc_channels=64, **ADVERSARIAL)
-    distiller = Distiller(load_unet(teacher_dir), scheduler_config, grid, method)
+    method = MethodConfig.from_options(rank=rank, disc_channels=64, **ADVERSARIAL)
+    distiller = Trainer(load_unet(teacher_dir), scheduler_config, grid, method)
     gen = torch.Generator().manual_seed(0)
     example = Example(torch.randn(grid.total_steps + 1, 4, 16, 16, generator=gen),
                       Conditioning(torch.randn(1, 32, 32, generator=gen)), 0)

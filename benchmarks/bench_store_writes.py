@@ -31,10 +31,11 @@ from typing import Callable
 import torch
 
 from bench_common import Lockstep, build_bench_teacher, machine, prompt_store
-from flows.trajectories import TrajectoriesConfig, generate_trajectories
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_core.trajectories.generate import generate_trajectories
 from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
-from rapm_core.trajectory import initial_noise, teacher_trajectories, trajectory_seed
+from rapm_core.trajectories.chain import initial_noise, teacher_trajectories, trajectory_seed
 
 
 def generate_without_store(teacher, texts: list[str], seeds: list[int], grid: SlotGrid, batch: int,

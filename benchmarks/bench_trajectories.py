@@ -30,9 +30,10 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from bench_common import Lockstep, build_bench_teacher, machine, median, prompt_store
-from flows.trajectories import TrajectoriesConfig, generate_trajectories
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_core.trajectories.generate import generate_trajectories
 from rapm_core.teacher import load_teacher
-from rapm_core.trajectory import trajectory_seed
+from rapm_core.trajectories.chain import trajectory_seed
 
 
 @torch.no_grad()

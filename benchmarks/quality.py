@@ -1,39 +1,37 @@
-"""Quality benchmark: the full comparison on the embedded default, and the ablation of RAPM.md.
+"""Quality benchmark: RAPM against its peers (PCM, LCM-LoRA) at equal budget, the paper's
+discriminators swept, N ∈ {1, 2, 4}, every number over training seeds with its interval.
 
-One prompt store and one trajectory store (the embedded teacher, the built-in shapes captions)
-serve every variant. Each variant distils its own student with the real loop
-(``flows.distill.run_distillation``) and is evaluated by the real evaluation stage
-(``flows.evaluate.evaluate_run``) on the same held-out prompts and the same initial noise, so the
-teacher rows of every variant are identical and the student rows compare like with like.
+On the embedded default (shapes teacher, built-in captions). One prompt store and one trajectory
+store per N (N·M = 32 teacher steps for every N, so the teacher's reference is the same chain);
+every run distils with the real loop (``rapm_core.distill.run.run_distillation``) and its student
+is measured on the held-out prompts by the shapes domain's metric (domain FID, KID, k-NN
+precision/recall/coverage, adherence) against real renders of the same prompts. Training seed s
+(data order, LoRA init, training noise) is evaluated with its own fresh eval noise (eval seed
+1000 + s), so the spread over seeds covers both; teacher baselines are measured at every eval
+seed the same way. Equal budget = equal student forward+backward passes (RAPM makes N per
+iteration, the peers one); wall time is reported beside it. The N = 4 runs are also measured at
+points along the way: domain FID against student passes (``benchmarks/quality_curve.png``).
 
-Variants (each changes one thing from the base method — ``--method`` over DistillConfig's
-defaults — except the loss-kind rows, which set both losses alike; a variant that would not
-change the base is left out, its row is the base's):
+Intervals: mean ± sample std over seeds, and the 95 % t-interval of the mean (3 seeds: ± 2.48 std).
 
-- relative only / absolute only / both — which position is matched;
-- adversarial / pointwise / adversarial + pointwise — how it is matched;
-- d = 0, 1, 4 — fine steps into the slot for the relative target;
-- rank 1, 4 — LoRA rank; lr 1e-4, 1e-3, 3e-3 — the LoRA's learning rate.
-
-The script writes the tables into the ``## Quality`` section of ``benchmarks/RESULTS.md`` with
-the machine, the command and the date, and prints them. Variants run in parallel processes
-(``--jobs``), one torch thread each.
-
-Run: ``.venv/bin/python benchmarks/quality.py`` (defaults below; about an hour on 2 CPU cores),
-or e.g. ``--iterations 20 --num-images 24 --variants default losses-pointwise --no-write`` to try it.
+Run: ``.venv/bin/python benchmarks/quality.py`` (all groups; about 80 min on 2 CPU cores), or
+``--groups peers --seeds 0 --passes 200 --num-images 64 --no-write`` to try it. Finished runs are
+reused from ``--work`` (each run dir resumes), so an interrupted benchmark continues.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import platform
-import re
 import shlex
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,51 +41,131 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from flows.distill import run_distillation  # noqa: E402
-from flows.evaluate import evaluate_run  # noqa: E402
-from flows.pipeline import (  # noqa: E402
-    PipelineConfig, distill_config, evaluate_config, ingest_config, prepare, trajectories_config,
-)
-from flows.trajectories import generate_trajectories  # noqa: E402
-from rapm_core.distill import DistillConfig  # noqa: E402
+from flows.pipeline import prepare  # noqa: E402
+from rapm_core.distill.config import MethodConfig  # noqa: E402
+from rapm_core.distill.run import run_distillation  # noqa: E402
+from rapm_core.pipeline import PipelineConfig  # noqa: E402
+from rapm_core.trajectories.generate import generate_trajectories  # noqa: E402
+from rapm_shapes.assets import EMBEDDED_TEACHER  # noqa: E402
 from storage.prompt_sources import ingest_prompts  # noqa: E402
 
+from quality_measure import TEACHER_METHODS, measure_student, measure_teachers  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
+CURVE_PNG = REPO / "benchmarks" / "quality_curve.png"
 SECTION = "## Quality"
-ALL_LOSSES = ("adversarial", "pointwise", "both")
+STEPS = 32  # N·M for every N
+ADV_FAST = {"disc_channels": 64}  # narrower heads keep the adversarial sweep inside the time budget
 
-# name → (what it tests, DistillConfig overrides on top of the benchmark's base method)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("the base method", {}),
-    "relative-only": ("ℓ_rel only", {"loss_absolute": "off"}),
-    "absolute-only": ("ℓ_abs only", {"loss_relative": "off"}),
-    **{f"losses-{kind}": (f"both positions, {kind}", {"loss_relative": kind, "loss_absolute": kind})
-       for kind in ALL_LOSSES},
-    "d0": ("d = 0", {"relative_offset": 0}),
-    "d1": ("d = 1", {"relative_offset": 1}),
-    "d4": ("d = 4", {"relative_offset": 4}),
-    "rank1": ("LoRA rank 1", {"rank": 1}),
-    "rank4": ("LoRA rank 4", {"rank": 4}),
-    "lr1e-4": ("lr 1e-4", {"lr": 1e-4}),
-    "lr1e-3": ("lr 1e-3", {"lr": 1e-3}),
-    "lr3e-3": ("lr 3e-3", {"lr": 3e-3}),
+# group → name → (what it tests, N, method options over the defaults)
+GROUPS: dict[str, dict[str, tuple[str, int, dict[str, Any]]]] = {
+    "peers": {
+        "rapm": ("RAPM, defaults", 4, {}),
+        "pcm": ("PCM, x0 from the store", 4, {"method": "pcm"}),
+        "lcm": ("LCM-LoRA, x0 from the store", 4, {"method": "lcm"}),
+        "pcm-renders": ("PCM, x0 = real renders", 4, {"method": "pcm", "x0_source": "renders"}),
+        "lcm-renders": ("LCM-LoRA, x0 = real renders", 4, {"method": "lcm", "x0_source": "renders"}),
+    },
+    "steps": {
+        "rapm-n2": ("RAPM, N = 2", 2, {}),
+        "rapm-n1": ("RAPM, N = 1", 1, {}),
+    },
+    "adversarial": {
+        "adv-l1": ("adversarial, λ_adv 1 (the paper's loss)", 4, {**ADV_FAST, "loss_relative": "adversarial",
+                                                                   "loss_absolute": "adversarial"}),
+        "adv-l1-lr1e-4": ("adversarial, λ_adv 1, lr 1e-4", 4, {**ADV_FAST, "loss_relative": "adversarial",
+                                                               "loss_absolute": "adversarial", "lr": 1e-4}),
+        "adv-l0.1": ("adversarial, λ_adv 0.1", 4, {**ADV_FAST, "loss_relative": "adversarial",
+                                                   "loss_absolute": "adversarial", "lambda_adv": 0.1}),
+        "adv-l0.01": ("adversarial, λ_adv 0.01", 4, {**ADV_FAST, "loss_relative": "adversarial",
+                                                     "loss_absolute": "adversarial", "lambda_adv": 0.01}),
+        "adv-pcm-d": ("adversarial, λ 0.1, PCM's D (lr 1e-5, betas 0/0.999)", 4,
+                      {**ADV_FAST, "loss_relative": "adversarial", "loss_absolute": "adversarial", "lambda_adv": 0.1,
+                       "lr_disc": 1e-5, "disc_betas": (0.0, 0.999)}),
+        "adv-alternate": ("adversarial, λ 0.1, PCM's D, alternating D/G", 4,
+                          {**ADV_FAST, "loss_relative": "adversarial", "loss_absolute": "adversarial",
+                           "lambda_adv": 0.1, "lr_disc": 1e-5, "disc_betas": (0.0, 0.999), "disc_schedule": "alternate"}),
+        "both-l0.1": ("pointwise + adversarial λ 0.1", 4, {**ADV_FAST, "loss_relative": "both",
+                                                           "loss_absolute": "both", "lambda_adv": 0.1}),
+        "both-l0.01": ("pointwise + adversarial λ 0.01", 4, {**ADV_FAST, "loss_relative": "both",
+                                                             "loss_absolute": "both", "lambda_adv": 0.01}),
+    },
 }
-TABLE_KEYS = ("domain_fid", "prompt_adherence", "latent_mse", "psnr", "nfe", "images_per_second")
+VARIANTS = {name: spec for group in GROUPS.values() for name, spec in group.items()}
+CURVE = ("rapm", "pcm", "lcm")  # measured along the way too
 
 
-def base_config(args: argparse.Namespace) -> PipelineConfig:
-    return PipelineConfig(work=args.work, seed=args.seed, threads=1, eval_fraction=args.eval_fraction,
-                          slots=args.slots, steps_per_slot=args.steps_per_slot, guidance=args.guidance,
-                          trajectory_batch_size=16, iterations=args.iterations,
-                          checkpoint_every=max(1, args.iterations // 3), num_images=args.num_images,
-                          eval_batch_size=60, method=DistillConfig(**json.loads(args.method)))
+@dataclass
+class Job:
+    name: str
+    seed: int
+    config_json: str  # the benchmark's PipelineConfig for this job's N
+    passes: int
+    curve_points: int
+    num_images: int
 
 
-def shared_stages(config: PipelineConfig) -> None:
-    """Prompt store and trajectory store, made once (each stage skips itself when complete)."""
-    prepare(config)
-    ingest_prompts(ingest_config(config))
-    generate_trajectories(trajectories_config(config), log=lambda m: None)
+@dataclass
+class RunResult:
+    name: str
+    seed: int
+    metrics: dict[str, float]
+    passes: int
+    wall_s: float
+    distill_s: float
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (student passes, domain FID)
+
+
+def base_config(work: Path, n: int, args: argparse.Namespace) -> PipelineConfig:
+    return PipelineConfig(
+        work=str(work / f"n{n}"), teacher=str(EMBEDDED_TEACHER), prompts=str(work / "prompts.txt"), seed=0,
+        threads=1, ingest={"eval_fraction": args.eval_fraction},
+        trajectories={"slots": n, "steps_per_slot": STEPS // n, "guidance": args.guidance, "batch_size": 16})
+
+
+def shared_stages(work: Path, ns: list[int], args: argparse.Namespace) -> dict[int, PipelineConfig]:
+    """The prompt store (one split for every N) and a trajectory store per N."""
+    configs = {}
+    for n in ns:
+        config = base_config(work, n, args)
+        prepare(config.model_copy(update={"prompts": None, "work": str(work)}))  # writes WORK/prompts.txt
+        prepare(config)
+        ingest_prompts(config.ingest_config())
+        generate_trajectories(config.trajectories_config(), log=lambda m: None)
+        configs[n] = config
+    return configs
+
+
+def passes_per_iteration(options: dict[str, Any], n: int) -> int:
+    method = MethodConfig.from_options(**options)
+    return n if method.method == "rapm" and method.rapm.slots_per_iteration == "all" else 1
+
+
+def run_job(job: Job) -> RunResult:
+    """Distil one variant at one seed (extending the run to each curve point), then measure it."""
+    torch.set_num_threads(1)
+    quiet()
+    config = PipelineConfig.model_validate_json(job.config_json)
+    _, n, options = VARIANTS[job.name]
+    method = MethodConfig.from_options(**{**options, "init_seed": job.seed})
+    per_iteration = passes_per_iteration(options, n)
+    total = max(1, job.passes // per_iteration)
+    run_dir = Path(config.work) / "runs" / f"{job.name}-s{job.seed}"
+    points = sorted({max(1, round(total * k / job.curve_points)) for k in range(1, job.curve_points + 1)})
+    curve, t0 = [], time.perf_counter()
+    for iterations in points:
+        distill = config.distill_config().model_copy(update={
+            **dict(method), "out": str(run_dir), "seed": job.seed, "iterations": iterations,
+            "checkpoint_every": max(1, total // 4), "keep_checkpoints": 1})
+        run_distillation(distill, log=lambda m: None)
+        if iterations != total:
+            measured = measure_student(config, run_dir, 1000 + job.seed, job.num_images)
+            curve.append((iterations * per_iteration, measured["domain_fid"]))
+    wall = time.perf_counter() - t0
+    metrics = measure_student(config, run_dir, 1000 + job.seed, job.num_images)
+    curve.append((total * per_iteration, metrics["domain_fid"]))
+    distill_s = sum(json.loads(line).get("seconds", 0.0) for line in (run_dir / "metrics.jsonl").open())
+    return RunResult(job.name, job.seed, metrics, total * per_iteration, wall, distill_s, curve)
 
 
 def quiet() -> None:
@@ -96,64 +174,69 @@ def quiet() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
 
 
-def run_variant(config_json: str, name: str) -> dict:
-    """Distil and evaluate one variant in this (child) process; its run dir is WORK/variants/NAME."""
-    torch.set_num_threads(1)
-    quiet()
-    config = PipelineConfig.model_validate_json(config_json)
-    overrides = VARIANTS[name][1]
-    config = config.model_copy(update={"method": config.method.model_copy(update=overrides)})
-    run_dir = Path(config.work) / "variants" / name
-    distill = distill_config(config).model_copy(update={"out": str(run_dir)})
-    t0 = time.perf_counter()
-    result = run_distillation(distill, log=lambda m: None)
-    distill_s = time.perf_counter() - t0
-    evaluate = evaluate_config(config).model_copy(update={"run": str(run_dir)})
-    rows = evaluate_run(evaluate, log=lambda m: None).rows
-    return {"name": name, "rows": rows, "distill_s": distill_s, "trained": result.trained,
-            "seconds_per_iteration": result.seconds_per_iteration}
+# -- aggregation ------------------------------------------------------------------------------------
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95 % t quantiles by dof
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value)
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, sample std, half-width of the 95 % t-interval of the mean); std 0 for one value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0, math.nan
+    std = statistics.stdev(values)
+    return mean, std, T975.get(len(values) - 1, 1.96) * std / math.sqrt(len(values))
 
 
-def tables(results: list[dict], config: PipelineConfig) -> tuple[str, dict]:
-    """Markdown for the comparison and the ablation, and the default config's target check."""
-    by_name = {r["name"]: r for r in results}
-    first = by_name.get("default", results[0])
-    teacher_rows = [row for row in first["rows"] if row["method"] != "student"]
-    header = "| method | domain FID | adherence | latent MSE | PSNR | NFE | images/s | distill s |\n|---|---|---|---|---|---|---|---|"
+def cell(values: list[float], fmt: str = "{:.2f}") -> str:
+    mean, std, half = interval(values)
+    if len(values) < 2:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ± {fmt.format(std)} [±{fmt.format(half)}]"
 
-    def line(label: str, row: dict, distill_s: float | None) -> str:
-        return f"| {label} | " + " | ".join(_fmt(row.get(k)) for k in TABLE_KEYS) + f" | {_fmt(distill_s)} |"
 
-    def student(r: dict) -> dict:
-        return next(row for row in r["rows"] if row["method"] == "student")
+KEYS = (("domain_fid", "domain FID ↓", "{:.2f}"), ("domain_kid", "KID ↓", "{:.4f}"),
+        ("domain_recall", "recall ↑", "{:.3f}"), ("domain_precision", "precision ↑", "{:.3f}"),
+        ("prompt_adherence", "adherence ↑", "{:.3f}"))
 
-    comparison = [header] + [line(row["label"], row, None) for row in teacher_rows]
-    comparison.append(line(f"RAPM student ({first['name']})", student(first), first["distill_s"]))
-    ablation = [header.replace("| method |", "| variant |")]
-    ablation += [line(f"{r['name']}: {VARIANTS[r['name']][0]}", student(r), r["distill_s"]) for r in results]
 
-    ref = next(row for row in teacher_rows if row["method"] == "teacher_ref")
-    ddim = next(row for row in teacher_rows if row["method"] == "teacher_ddim")
-    s = student(first)
-    check = {}
-    if "domain_fid" in s:
-        check = {
-            "student FID / reference FID (≤ 1.3)": s["domain_fid"] / ref["domain_fid"],
-            "student FID / 4-step DDIM FID (≤ 0.5)": s["domain_fid"] / ddim["domain_fid"],
-            "student adherence / reference adherence (≥ 0.95)": (s["prompt_adherence"] / ref["prompt_adherence"]
-                                                                 if ref["prompt_adherence"] else float("nan")),
-        }
-    return "\n".join(comparison) + "\n\n" + "\n".join(ablation) + "\n", check
+def table(rows: list[tuple[str, list[dict[str, float]], str]]) -> str:
+    """rows: (label, one metrics dict per seed, extra cell)."""
+    head = "| | " + " | ".join(title for _, title, _ in KEYS) + " | passes · wall s |"
+    lines = [head, "|" + "---|" * (len(KEYS) + 2)]
+    for label, per_seed, extra in rows:
+        lines.append(f"| {label} | " + " | ".join(cell([m[k] for m in per_seed], fmt) for k, _, fmt in KEYS)
+                     + f" | {extra} |")
+    return "\n".join(lines)
+
+
+def plot_curve(results: list[RunResult], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in CURVE:
+        runs = [r for r in results if r.name == name and r.curve]
+        if not runs:
+            continue
+        xs = [p for p, _ in runs[0].curve]
+        fids = [[dict(r.curve).get(x) for r in runs] for x in xs]
+        means = [statistics.fmean(v) for v in fids]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in fids]
+        ax.plot(xs, means, marker="o", label=VARIANTS[name][0])
+        ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
+    ax.set_xlabel("student forward+backward passes")
+    ax.set_ylabel("domain FID (mean ± std over seeds)")
+    ax.set_title("N = 4, equal student passes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def machine() -> str:
@@ -163,8 +246,11 @@ def machine() -> str:
 
 
 def write_section(body: str) -> None:
+    """Replace the ``## Quality`` section of RESULTS.md (not "## Quality on …"), keeping the rest."""
+    import re
+
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    match = re.search(rf"^{re.escape(SECTION)}$", text, flags=re.MULTILINE)  # not "## Quality on …"
+    match = re.search(rf"^{re.escape(SECTION)}$", text, flags=re.MULTILINE)
     if match:
         head, rest = text[:match.start()], text[match.end():]
         tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
@@ -176,44 +262,104 @@ def write_section(body: str) -> None:
     tmp.replace(RESULTS)
 
 
+def report(results: list[RunResult], teachers: dict[int, list[dict[str, dict]]], args, seconds: float) -> str:
+    by_name: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_name.setdefault(r.name, []).append(r)
+
+    def student_row(name: str) -> tuple[str, list[dict[str, float]], str]:
+        runs = by_name[name]
+        wall = statistics.fmean(r.distill_s for r in runs)
+        return f"{name}: {VARIANTS[name][0]}", [r.metrics for r in runs], f"{runs[0].passes} · {wall:.0f}"
+
+    def teacher_rows(n: int) -> list[tuple[str, list[dict[str, float]], str]]:
+        per_seed = teachers[n]
+        return [(per_seed[0][m]["label"], [s[m] for s in per_seed], f"NFE {per_seed[0][m]['nfe']}")
+                for m in TEACHER_METHODS if m in per_seed[0]]
+
+    parts = []
+    for group, title in (("peers", "N = 4: RAPM and its peers at equal student passes"),
+                         ("steps", "N = 2 and N = 1"), ("adversarial", "The paper's discriminators, swept (N = 4)")):
+        names = [n for n in GROUPS[group] if n in by_name]
+        if not names:
+            continue
+        ns = sorted({VARIANTS[n][1] for n in names})
+        rows = [row for n in ns for row in teacher_rows(n)] + [student_row(n) for n in names]
+        parts.append(f"### {title}\n\n{table(rows)}\n")
+    parts.append(targets(by_name, teachers))
+    command = "`" + shlex.join([".venv/bin/python", "benchmarks/quality.py", *sys.argv[1:]]) + "`"
+    return (f"{SECTION}\n\n**Machine.** {machine()}.\n\n**Command.** {command} ({seconds:.0f} s in all).\n\n"
+            f"**Setup.** Teacher `assets/shapes-teacher`, built-in shapes captions ({args.eval_fraction:.0%} held "
+            f"out), N·M = {STEPS} teacher steps at guidance {args.guidance:g}; seeds {args.seeds}; "
+            f"{args.passes} student passes per run; {args.num_images} eval images per seed. Cells: mean ± std over "
+            f"seeds [± half-width of the 95 % t-interval]. Curve: `benchmarks/{CURVE_PNG.name}`.\n\n"
+            + "\n".join(parts))
+
+
+def separated(a: list[float], b: list[float]) -> bool:
+    """Whether the 95 % t-intervals of two means do not overlap."""
+    (ma, _, ha), (mb, _, hb) = interval(a), interval(b)
+    return not (math.isnan(ha) or math.isnan(hb)) and abs(ma - mb) > ha + hb
+
+
+def targets(by_name: dict[str, list[RunResult]], teachers: dict[int, list[dict[str, dict]]]) -> str:
+    lines = ["### Targets (measured in this run)", ""]
+    fid = {name: [r.metrics["domain_fid"] for r in runs] for name, runs in by_name.items()}
+    recall = {name: [r.metrics["domain_recall"] for r in runs] for name, runs in by_name.items()}
+    for peer in ("pcm", "lcm", "pcm-renders", "lcm-renders"):
+        if "rapm" in fid and peer in fid:
+            lower = statistics.fmean(fid["rapm"]) < statistics.fmean(fid[peer])
+            lines.append(f"- RAPM vs {peer} (N = 4, equal passes): FID {statistics.fmean(fid['rapm']):.2f} vs "
+                         f"{statistics.fmean(fid[peer]):.2f} — {'lower' if lower else 'not lower'}, intervals "
+                         f"{'separated' if separated(fid['rapm'], fid[peer]) else 'overlap'}; recall "
+                         f"{statistics.fmean(recall['rapm']):.3f} vs {statistics.fmean(recall[peer]):.3f}")
+    if "rapm-n2" in fid and 2 in teachers:
+        ddim2 = statistics.fmean(t["teacher_ddim"]["domain_fid"] for t in teachers[2])
+        ratio = statistics.fmean(fid["rapm-n2"]) / ddim2
+        lines.append(f"- N = 2: RAPM FID / 2-step DDIM FID = {ratio:.3f} (target ≤ 0.5: "
+                     f"{'met' if ratio <= 0.5 else 'not met'})")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default="runs/quality", help="work dir (re-run to resume finished variants)")
-    parser.add_argument("--iterations", type=int, default=600)
-    parser.add_argument("--num-images", type=int, default=480, help="eval images per method")
+    parser.add_argument("--work", default="runs/quality-v5", help="work dir (re-run to reuse finished runs)")
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the groups'")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--adversarial-seeds", nargs="+", type=int, default=[0],
+                        help="seeds of the adversarial sweep (a screen; repeat its best with more)")
+    parser.add_argument("--passes", type=int, default=1200, help="student forward+backward passes per run")
+    parser.add_argument("--curve-points", type=int, default=6)
+    parser.add_argument("--num-images", type=int, default=320, help="eval images per seed")
     parser.add_argument("--eval-fraction", type=float, default=0.2)
-    parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--steps-per-slot", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--method", default="{}", help="JSON overrides of DistillConfig shared by every variant")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--jobs", type=int, default=2, help="variants run at once")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--no-write", action="store_true", help=f"print only; leave {RESULTS.name} alone")
     args = parser.parse_args(argv)
     quiet()
-
-    config = base_config(args)
-    base = config.method
-    variants = [name for name in args.variants
-                if name == "default" or base.model_copy(update=VARIANTS[name][1]) != base]
     t0 = time.perf_counter()
-    shared_stages(config)
-    stores_s = time.perf_counter() - t0
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_variant, config.model_dump_json(), name) for name in variants]
+    work = Path(args.work)
+    names = args.variants or [n for g in args.groups for n in GROUPS[g]]
+    configs = shared_stages(work, sorted({VARIANTS[n][1] for n in names}), args)
+    jobs = [Job(name, seed, configs[VARIANTS[name][1]].model_dump_json(), args.passes,
+                args.curve_points if name in CURVE else 1, args.num_images)
+            for name in names for seed in (args.adversarial_seeds if name in GROUPS["adversarial"] else args.seeds)]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        # The N·M-step reference is one chain for every N: measured once, at the largest N.
+        top = max(configs)
+        teacher_futures = {n: [pool.submit(measure_teachers, c.model_dump_json(), 1000 + s, args.num_images,
+                                           TEACHER_METHODS if n == top else TEACHER_METHODS[1:])
+                               for s in args.seeds] for n, c in configs.items()}
+        futures = [pool.submit(run_job, job) for job in jobs]
         results = [f.result() for f in futures]
-    body, check = tables(results, config)
-    command = "`" + shlex.join([".venv/bin/python", "benchmarks/quality.py", *sys.argv[1:]]) + "`"
-    verdict = "\n".join(f"- {k}: **{v:.3f}**" for k, v in check.items())
-    section = (f"{SECTION}\n\n**Machine.** {machine()}.\n\n**Command.** {command} "
-               f"({time.perf_counter() - t0:.0f} s in all; stores {stores_s:.0f} s).\n\n"
-               f"**Setup.** Teacher `{config.teacher}`, built-in shapes captions ({args.eval_fraction:.0%} held out "
-               f"for evaluation), N = {config.slots} slots × M = {config.steps_per_slot} steps, guidance "
-               f"{config.guidance:g}; {config.iterations} iterations per variant at batch size 1; "
-               f"{config.num_images} eval images per method from the same noise. Base method: "
-               f"`{config.method.model_dump_json(exclude_defaults=True)}` over DistillConfig's defaults.\n\n"
-               f"{body}\n**Targets** (default config):\n{verdict}\n")
+        teachers = {n: [f.result() for f in fs] for n, fs in teacher_futures.items()}
+    (work / "results.json").write_text(json.dumps({"runs": [r.__dict__ for r in results], "teachers": teachers},
+                                                  indent=1, default=str))
+    if any(r.curve for r in results if r.name in CURVE):
+        plot_curve(results, CURVE_PNG)
+    section = report(results, teachers, args, time.perf_counter() - t0)
     print(section)
     if not args.no_write:
         write_section(section)

@@ -25,7 +25,7 @@ from zarr.codecs import BloscCodec
 from rapm_core.schedule import SlotGrid, alpha_bar, inference_scheduler
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 from rapm_core.tiny_teacher import _scheduler as sd_scheduler, build_tiny_sd15
-from rapm_core.trajectory import initial_noise, teacher_trajectories, trajectory_seed
+from rapm_core.trajectories.chain import initial_noise, teacher_trajectories, trajectory_seed
 
 N, M, NUM = 4, 10, 8
 # zstd-9 was measured too: ~1.3× like zstd-5/7 but at ~1 MiB/s, slower than generation on a GPU.

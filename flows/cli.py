@@ -36,18 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _option_name(loc: tuple) -> str:
+def _option_name(loc: tuple, flags: dict[str, str]) -> str:
+    """The command-line flag of a validation error's field (``distill.training.lr`` → ``--distill-lr``)."""
     names = [str(p) for p in loc if isinstance(p, str)]
-    return (names[-1] if names else ".".join(map(str, loc))).replace("_", "-")
+    for end in range(len(names), 0, -1):
+        if (flag := flags.get(".".join(names[:end]))) is not None:
+            return flag
+    return "--" + (names[-1] if names else ".".join(map(str, loc))).replace("_", "-")
 
 
-def _one_line(err: Exception) -> str:
+def _one_line(err: Exception, flags: dict[str, str]) -> str:
     if isinstance(err, ValidationError):
-        # Nested configs are flattened into top-level options, so name the option by its last
-        # field name (``method.rank`` is ``--rank``).
-        parts = [f"--{_option_name(e['loc'])}: {e['msg']}" for e in err.errors()]
+        parts = [f"{_option_name(e['loc'], flags)}: {e['msg']}" for e in err.errors()]
         return "invalid options: " + "; ".join(parts)
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """dest → flag of the options of ``command``'s subparser."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    chosen = sub.choices.get(command)
+    if chosen is None:
+        return {}
+    return {a.dest: a.option_strings[-1] for a in chosen._actions if a.option_strings}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns at import that torchvision is missing; the PIL image processors it
     # falls back to are never used here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValidationError, *USER_ERRORS) as err:
-        print(f"rapm {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"rapm {args.command}: error: {_one_line(err, _flags(parser, args.command))}", file=sys.stderr)
         return 2
 
 

@@ -3,15 +3,18 @@ Prefect UI form) and the stores' metadata are all the same model and cannot drif
 
 Field ``foo_bar`` becomes ``--foo-bar``; a field marked ``json_schema_extra={"cli": "positional"}``
 becomes a positional argument; ``Literal`` fields become choices; booleans get ``--x/--no-x``.
-A field whose type is itself a pydantic model (e.g. a method's hyperparameters nested in a run
-config) contributes its own fields as top-level options, without a prefix, so the nested names
-must not collide with the outer ones (argparse refuses a duplicate flag).
-Only options the user gave are passed to the model, so its defaults stay the single source.
+A field whose type is itself a pydantic model (a section: a method's training options, a
+pipeline's stage) contributes its own fields as options of an argument group; they keep their
+names (``--lr``) unless the section sets ``json_schema_extra={"cli_prefix": "distill-"}``, whose
+prefix then applies to everything inside it (``--distill-lr``). Names must not collide
+(argparse refuses a duplicate flag). Only options the user gave are passed to the model, so its
+defaults stay the single source.
 """
 
 from __future__ import annotations
 
 import argparse
+import types
 import typing
 from typing import Any, Literal
 
@@ -28,7 +31,7 @@ def _is_list(annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (list, tuple):
         return True
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         return any(_is_list(a) for a in typing.get_args(annotation) if a is not type(None))
     return False
 
@@ -37,34 +40,50 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str] = frozenset(),
-                        _prefix: str = "") -> None:
+def _extra(field) -> dict:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
+_UNSET = object()
+
+
+def _help(field, default: Any = _UNSET) -> str:
+    text = field.description or ""
+    default = field.default if default is _UNSET else default
+    # A description that already explains its default says it better than the repr would.
+    if (field.is_required() and default is _UNSET) or "default" in text or default is None:
+        return text
+    return f"{text} (default: {default!r})"
+
+
+def add_model_arguments(parser, model: type[BaseModel], defaults: BaseModel | None = None, _dest: str = "",
+                        _flag: str = "") -> None:
+    """Options for every field of ``model``; ``defaults`` (an instance) overrides the defaults the
+    help shows, for a model whose validator supplies other values (``rapm demo``)."""
     for name, field in model.model_fields.items():
-        if name in skip:
-            continue
+        default = getattr(defaults, name) if defaults is not None else _UNSET
         nested = _nested_model(field.annotation)
         if nested is not None:
-            add_model_arguments(parser, nested, skip, f"{_prefix}{name}.")
+            group = parser.add_argument_group(f"{_flag}{name}: {field.description or name}") \
+                if isinstance(parser, argparse.ArgumentParser) else parser
+            add_model_arguments(group, nested, default if defaults is not None else None, f"{_dest}{name}.",
+                                _flag + _extra(field).get("cli_prefix", ""))
             continue
-        dest = _prefix + name
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        help_text = field.description or ""
-        if extra.get("cli") == "positional":
-            parser.add_argument(dest, metavar=name.upper(), help=help_text)
+        dest = _dest + name
+        if _extra(field).get("cli") == "positional":
+            parser.add_argument(dest, metavar=name.upper(), help=field.description or "")
             continue
-        flag = "--" + name.replace("_", "-")
-        default_note = "" if field.is_required() else f" (default: {field.default!r})"
+        flag = "--" + (_flag + name).replace("_", "-")
+        text = _help(field, default)
         if field.annotation is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text + default_note)
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif _is_list(field.annotation):
-            parser.add_argument(flag, dest=dest, nargs="+", default=None, metavar=name.upper(),
-                                help=help_text + default_note)
+            parser.add_argument(flag, dest=dest, nargs="+", default=None, metavar=name.upper(), help=text)
         else:
             choices = _choices(field.annotation)
             parser.add_argument(flag, dest=dest, default=None, choices=choices,
                                 metavar=None if choices else name.upper(),
-                                required=field.is_required(), help=help_text + default_note)
+                                required=field.is_required() and defaults is None, help=text)
 
 
 def _given(model: type[BaseModel], values: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -1,242 +1,35 @@
-"""Stage A flow: prompt store + teacher → trajectory store (``rapm trajectories``).
-
-``generate_trajectories`` is the plain function the flow calls; a pipeline flow or a Dask
-fan-out reuses it per index range (shard). Shards whose ranges start on multiples of
-``batch_size`` batch exactly like one uninterrupted run, so their results are bit-identical;
-the store must exist before shards run concurrently: ``generate_trajectories(config, stop=0)``
-creates it empty. ``batch_size`` and ``device`` are not part of the store's identity: they change
-speed, not what is computed (up to kernel-level float differences between devices).
-"""
+"""Stage A as a Prefect flow (``rapm trajectories``): the engine is
+:mod:`rapm_core.trajectories.generate`; this adds the Dask fan-out, artifacts and the CLI."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from importlib.metadata import version
-from typing import Callable, Literal
+from typing import Callable
 
-import numpy as np
-import torch
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
 
 from flows.cli_model import add_model_arguments, model_from_args
-from flows.scale import ExecutionConfig, ShardRunner, default_shard_size, shard_ranges, worker_cached
-from rapm_core.conditioning import Conditioning
-from rapm_core.errors import ConfigError
-from rapm_core.schedule import SlotGrid
-from rapm_core.teacher import (
-    Teacher, count_truncated, detect_kind, encode_prompts, encode_uncond, load_teacher, resolve_device,
-    resolve_dtype, teacher_ref,
+from flows.common import ProgressArtifact
+from flows.scale import ShardRunner
+from rapm_core.execution import default_shard_size, shard_ranges, worker_cached
+from rapm_core.progress import Progress
+from rapm_core.teacher import Teacher, load_teacher, resolve_device, resolve_dtype, teacher_ref
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_core.trajectories.generate import (
+    GenerationReport, generate_trajectories, preflight, select_prompts, wanted_identity,
 )
-from rapm_core.trajectory import initial_noise, teacher_trajectories, trajectory_seed
-from storage.hashing import config_hash
-from storage.prompt_store import PromptRecord, PromptStore
+from rapm_shapes.demo import demo_config
 from storage.errors import StoreError
-from storage.teacher_fingerprint import check_teacher_unchanged, teacher_fingerprint
-from storage.trajectory_store import TrajectoryLayout, TrajectoryStore, check_compatible, inspect_store
+from storage.hashing import config_hash
+from storage.trajectory_inspect import inspect_store
+from storage.trajectory_store import TrajectoryStore, check_compatible
 
-CREATED_BY = f"rapm {version('rapm')}"
-
-
-class TrajectoriesConfig(BaseModel):
-    """Stage A: the teacher's guided N·M-step DDIM trajectories for every prompt, all positions kept."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: str = Field(description="prompt store directory (made by `rapm ingest`)")
-    teacher: str = Field(description="teacher pipeline: local diffusers directory or hub id (SD1.5- or SDXL-class)")
-    out: str = Field(description="trajectory store (Zarr group) to create, or to resume if it has the same config")
-    revision: str | None = Field(None, description="teacher revision (hub branch, tag or commit)")
-    slots: int = Field(4, ge=1, le=50, description="N: coarse slots = student sampling steps")
-    # M = 10 gives N·M = 40 teacher steps at N = 4, inside the 25–50 step range where DDIM with CFG
-    # is converged for SD-class teachers; every M ≤ 20 keeps the N-step grid inside the fine grid.
-    steps_per_slot: int = Field(10, ge=1, le=100, description="M: teacher DDIM steps per slot (N·M in all)")
-    # 7.5 is the stock SD pipelines' default, inside RAPM's SD-typical 4.5–8.
-    guidance: float = Field(7.5, ge=1.0, description="teacher classifier-free guidance scale (1 = no CFG)")
-    seed: int = Field(0, ge=0, description="global seed; trajectory i uses sha256(seed, i) as its noise seed")
-    batch_size: int = Field(4, ge=1, description="prompts per teacher batch (speed only; not part of the store's identity)")
-    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="teacher compute dtype")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
-    store_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="dtype of stored positions (float16 halves the store; float32 is exact)")
-    split: Literal["train", "eval"] = Field("train", description="prompt split to generate for")
-    limit: int | None = Field(None, ge=1, description="use only the first LIMIT prompts of the split")
-    # A small prompt set (the 96 shapes training captions) gives the student one noise per prompt;
-    # more draws of the same prompts are new trajectories. Measured on the v3 shapes teacher (1200
-    # pointwise iterations): 8 draws raised held-out adherence 0.778 → 0.809, FID unchanged.
-    samples_per_prompt: int = Field(1, ge=1, description="trajectories per prompt, each from its own noise")
-    execution: ExecutionConfig = Field(default_factory=ExecutionConfig,
-                                       description="where generation runs (speed only; same store everywhere)")
+SUMMARY_FIELDS = ("teacher", "kind", "num_slots", "steps_per_slot", "guidance", "seed", "compute_dtype", "store_dtype",
+                  "complete", "total", "bytes_on_disk", "compression_ratio", "config_hash")
 
 
-@dataclass(frozen=True)
-class Progress:
-    done: int  # trajectories generated by this call so far
-    total: int  # trajectories this call generates
-    elapsed_s: float
-
-    @property
-    def rate(self) -> float:
-        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def eta_s(self) -> float:
-        return (self.total - self.done) / self.rate if self.rate > 0 else float("inf")
-
-
-@dataclass(frozen=True)
-class GenerationReport:
-    store: str
-    generated: int
-    already_complete: int
-    index_range: tuple[int, int]
-    seconds: float
-    write_seconds: float  # background writer's busy time (overlapped with generation)
-    wait_seconds: float  # generation blocked on a full write queue
-    truncated_prompts: int
-
-
-def select_prompts(config: TrajectoriesConfig) -> list[PromptRecord]:
-    """The prompt of every trajectory, in store order: the split (first ``limit``), repeated
-    ``samples_per_prompt`` times, round after round, so trajectory i of a one-sample store is
-    trajectory i of a larger one (same prompt, same seed)."""
-    records = PromptStore(config.prompts).records(config.split)
-    records = records[: config.limit] if config.limit else records
-    if not records:
-        raise StoreError(f"{config.prompts}: no prompts in split {config.split!r}")
-    return records * config.samples_per_prompt
-
-
-def _identity_attrs(config: TrajectoriesConfig, records: list[PromptRecord]) -> dict:
-    return {
-        "teacher": teacher_ref(config.teacher),
-        "teacher_revision": config.revision,
-        "num_slots": config.slots,
-        "steps_per_slot": config.steps_per_slot,
-        "guidance": config.guidance,
-        "seed": config.seed,
-        "compute_dtype": config.dtype,
-        "store_dtype": config.store_dtype,
-        "prompts_hash": config_hash({"prompt_ids": [r.id for r in records]}),
-        "num": len(records),
-    }
-
-
-def preflight(config: TrajectoriesConfig) -> None:
-    """The cheap checks (prompt store, existing store, teacher config) before any weights load."""
-    records = select_prompts(config)
-    check_compatible(config.out, _identity_attrs(config, records))
-    detect_kind(teacher_ref(config.teacher), config.revision)
-    resolve_device(config.device)
-
-
-def _as_numpy(t: torch.Tensor | None, dtype: str) -> np.ndarray | None:
-    return None if t is None else t.detach().float().cpu().numpy().astype(dtype)
-
-
-def _conditioning_arrays(cond: Conditioning, dtype: str) -> dict[str, np.ndarray | None]:
-    return {"prompt_embeds": _as_numpy(cond.prompt_embeds, dtype),
-            "pooled_prompt_embeds": _as_numpy(cond.pooled_prompt_embeds, dtype),
-            "time_ids": _as_numpy(cond.time_ids, dtype)}
-
-
-def _layout_and_attrs(config, records, teacher: Teacher, grid: SlotGrid, uncond) -> tuple[TrajectoryLayout, dict]:
-    embed_dtype = "float16" if config.dtype == "fp16" else "float32"
-    pooled = uncond.pooled_prompt_embeds
-    layout = TrajectoryLayout(
-        num=len(records), positions=(grid.total_steps + 1, *teacher.latent_shape),
-        prompt_embeds=tuple(uncond.prompt_embeds.shape[1:]), pooled_dim=None if pooled is None else pooled.shape[-1],
-        store_dtype=config.store_dtype, embed_dtype=embed_dtype,
-    )
-    prompt_meta = PromptStore(config.prompts).meta
-    attrs = {
-        **_identity_attrs(config, records),
-        "kind": teacher.kind,
-        "teacher_fingerprint": teacher_fingerprint(teacher_ref(config.teacher)),
-        "scheduler_config": teacher.scheduler_config,
-        "fine_timesteps": list(grid.fine),
-        "coarse_timesteps": list(grid.coarse),
-        "prompt_store": {"path": config.prompts, "split": config.split, "limit": config.limit,
-                         "samples_per_prompt": config.samples_per_prompt,
-                         "config_hash": prompt_meta.get("config_hash")},
-        "seed_rule": "seed_i = sha256('rapm-trajectory:{seed}:{i}')[:8] little-endian & (2**63-1)",
-        "created_by": CREATED_BY,
-        "config": config.model_dump(mode="json"),
-    }
-    return layout, attrs
-
-
-def generate_trajectories(
-    config: TrajectoriesConfig,
-    start: int = 0,
-    stop: int | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    teacher: Teacher | Callable[[], Teacher] | None = None,
-    log: Callable[[str], None] = print,
-) -> GenerationReport:
-    """Create or resume the store at ``config.out`` and fill trajectories [start, stop).
-
-    Only batches with an incomplete trajectory are generated; when none is missing the teacher
-    is not even loaded. Pass ``teacher`` to reuse one already loaded (e.g. across shards), or a
-    function returning it, called only if something is missing.
-    """
-    t0 = time.perf_counter()
-    records = select_prompts(config)
-    stop = len(records) if stop is None else stop
-    if not 0 <= start <= stop <= len(records):
-        raise ConfigError(f"index range [{start}, {stop}) is outside the {len(records)} trajectories of this config")
-    check_compatible(config.out, _identity_attrs(config, records))
-    try:
-        existing = TrajectoryStore(config.out)
-    except StoreError:
-        existing = None
-    if existing is not None and not existing.pending_batches(start, stop, config.batch_size):
-        log(f"{config.out}: trajectories [{start}, {stop}) already complete; nothing to do")
-        return GenerationReport(config.out, 0, stop - start, (start, stop), time.perf_counter() - t0, 0.0, 0.0, 0)
-    if existing is not None:
-        check_teacher_unchanged(existing.attrs, config.out)
-
-    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-    teacher = (teacher() if callable(teacher) else teacher) or load_teacher(config.teacher, config.revision, dtype, device)
-    if teacher.dtype != dtype:
-        raise ConfigError(f"the preloaded teacher computes in {teacher.dtype}, the config asks for {config.dtype}")
-    try:
-        grid = SlotGrid.from_scheduler(teacher.scheduler_config, config.slots, config.steps_per_slot)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    texts = [r.text for r in records]
-    truncated = count_truncated(teacher, texts[start:stop]) if stop > start else 0
-    if truncated:
-        log(f"{truncated} of {stop - start} prompts exceed the tokenizer limit and were truncated, as stock diffusers does")
-
-    uncond = encode_uncond(teacher)
-    layout, attrs = _layout_and_attrs(config, records, teacher, grid, uncond)
-    store = TrajectoryStore.open_or_create(
-        config.out, attrs, layout, texts, [r.id for r in records],
-        [trajectory_seed(config.seed, i) for i in range(len(records))],
-        _conditioning_arrays(uncond, layout.embed_dtype),
-    )
-    seeds = store.seeds()
-    batches = store.pending_batches(start, stop, config.batch_size)
-    total = sum(b - a for a, b in batches)
-    done, t_gen = 0, time.perf_counter()
-    with store.writer() as writer:
-        for a, b in batches:
-            cond = encode_prompts(teacher, texts[a:b])
-            noise = initial_noise(seeds[a:b], teacher.latent_shape, dtype, teacher.device)
-            z = teacher_trajectories(teacher.unet, teacher.scheduler_config, grid, noise, cond, uncond, config.guidance)
-            writer.submit(a, {"positions": _as_numpy(z, layout.store_dtype),
-                              **_conditioning_arrays(cond, layout.embed_dtype)})
-            done += b - a
-            if progress is not None:
-                progress(Progress(done, total, time.perf_counter() - t_gen))
-    return GenerationReport(config.out, total, (stop - start) - total, (start, stop), time.perf_counter() - t0,
-                            writer.write_seconds, writer.wait_seconds, truncated)
-
-
-# -- Dask fan-out ------------------------------------------------------------------------------
 @task(name="trajectory-shard", retries=1)
 def trajectory_shard(config: TrajectoriesConfig, start: int, stop: int) -> GenerationReport:
     """Trajectories [start, stop) on whichever process runs this; the teacher stays loaded there."""
@@ -248,17 +41,16 @@ def trajectory_shard(config: TrajectoriesConfig, start: int, stop: int) -> Gener
     return generate_trajectories(config, start, stop, teacher=teacher, log=get_run_logger().info)
 
 
-def generate_sharded(config: TrajectoriesConfig, progress: Callable[[Progress], None] | None = None,
-                     log: Callable[[str], None] = print) -> list[GenerationReport]:
-    """Stage A fanned out over ``config.execution``'s Dask cluster; call it inside a flow.
+def generate_sharded(config: TrajectoriesConfig, progress: Callable[[Progress], None],
+                     log: Callable[[str], None]) -> list[GenerationReport]:
+    """Stage A fanned out over ``config.execution``'s Dask cluster (inside a flow).
 
     One task creates the store (on a worker, whose cached teacher the shards then reuse), then
     every batch-aligned index range is a task writing its own chunks. Per-trajectory seeds and
     aligned batches make the store bit-identical to the in-process one.
     """
-    records = select_prompts(config)
-    num = len(records)
-    check_compatible(config.out, _identity_attrs(config, records))
+    num = len(records := select_prompts(config))
+    check_compatible(config.out, wanted_identity(config, records))
     try:
         pending = TrajectoryStore(config.out).pending_batches(0, num, config.batch_size)
     except StoreError:
@@ -277,63 +69,38 @@ def generate_sharded(config: TrajectoriesConfig, progress: Callable[[Progress], 
         def shard_done(report: GenerationReport) -> None:
             nonlocal done
             done += report.generated
-            if progress is not None:
-                progress(Progress(done, total, time.perf_counter() - t0))
+            progress(Progress(done, total, done / (time.perf_counter() - t0), "trajectories"))
 
         return runner.run(trajectory_shard, [{"config": config, "start": a, "stop": b} for a, b in shards],
                           on_result=shard_done)
 
 
-# -- Prefect wiring ------------------------------------------------------------------------------
 def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    config = flow_run.parameters["config"]
-    config = config if isinstance(config, TrajectoriesConfig) else TrajectoriesConfig.model_validate(config)
+    config = TrajectoriesConfig.model_validate(flow_run.parameters["config"])
     teacher = teacher_ref(config.teacher).rstrip("/").split("/")[-1]
     return f"trajectories-{teacher}-{config_hash(config.model_dump(mode='json'))[:8]}"
 
 
-def _summary_rows(summary: dict) -> list[dict]:
-    keys = ("teacher", "kind", "num_slots", "steps_per_slot", "guidance", "seed", "compute_dtype", "store_dtype",
-            "complete", "total", "bytes_on_disk", "compression_ratio", "config_hash")
-    rows = [{"field": k, "value": str(summary[k])} for k in keys]
-    rows.append({"field": "positions shape", "value": str(summary["shapes"]["positions"])})
-    return rows
-
-
 @flow(name="trajectories", flow_run_name=_run_name)
-def trajectories_flow(config: TrajectoriesConfig) -> dict:
-    """Stage A as a Prefect flow: progress artifact per batch, summary table artifact at the end."""
+def trajectories_flow(config: TrajectoriesConfig = demo_config().trajectories_config()) -> dict:
+    """Stage A: progress artifact while generating, summary table artifact at the end."""
     logger = get_run_logger()
-    artifact = create_progress_artifact(0.0, description=f"trajectories → {config.out}")
-    last_percent = -1
-
-    def report(p: Progress) -> None:
-        # At most one artifact update and log line per percent: large stores have many batches.
-        nonlocal last_percent
-        percent = 100 * p.done // max(p.total, 1)
-        if percent == last_percent:
-            return
-        last_percent = percent
-        update_progress_artifact(artifact, float(percent))
-        logger.info(f"{p.done}/{p.total} trajectories, {p.rate:.2f} traj/s, ETA {p.eta_s:.0f} s")
-
+    progress = ProgressArtifact(f"trajectories → {config.out}", log=logger.info)
     if config.execution.backend == "in-process":
-        result = generate_trajectories(config, progress=report, log=logger.info)
+        result = generate_trajectories(config, progress=progress, log=logger.info)
         logger.info(f"generated {result.generated} trajectories in {result.seconds:.1f} s "
                     f"(writer busy {result.write_seconds:.2f} s, generation waited {result.wait_seconds:.2f} s)")
     else:
-        shards = generate_sharded(config, progress=report, log=logger.info)
+        shards = generate_sharded(config, progress, logger.info)
         logger.info(f"generated {sum(r.generated for r in shards)} trajectories in {len(shards)} shards")
-    update_progress_artifact(artifact, 100.0)
+    progress.finish()
     summary = inspect_store(config.out)
-    create_table_artifact(table=_summary_rows(summary), key="trajectory-store",
-                          description=f"trajectory store {config.out}")
+    rows = [{"field": k, "value": str(summary[k])} for k in SUMMARY_FIELDS]
+    rows.append({"field": "positions shape", "value": str(summary["shapes"]["positions"])})
+    create_table_artifact(table=rows, key="trajectory-store", description=f"trajectory store {config.out}")
     return summary
 
 
-# -- CLI -----------------------------------------------------------------------------------------
 def register(subparsers) -> None:
     parser = subparsers.add_parser("trajectories", help="Stage A: generate teacher trajectories into a Zarr store",
                                    description=TrajectoriesConfig.__doc__)
@@ -344,8 +111,7 @@ def register(subparsers) -> None:
 def _cli(args) -> int:
     config = model_from_args(TrajectoriesConfig, args)
     preflight(config)
-    summary = trajectories_flow(config)
-    print(f"{summary['path']}: {summary['complete']}/{summary['total']} trajectories complete "
-          f"({summary['kind']}, N={summary['num_slots']}, M={summary['steps_per_slot']}, w={summary['guidance']}, "
-          f"{summary['bytes_on_disk'] / 2**20:.1f} MiB)")
+    s = trajectories_flow(config)
+    print(f"{s['path']}: {s['complete']}/{s['total']} trajectories complete ({s['kind']}, N={s['num_slots']}, "
+          f"M={s['steps_per_slot']}, w={s['guidance']}, {s['bytes_on_disk'] / 2**20:.1f} MiB)")
     return 0

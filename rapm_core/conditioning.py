@@ -7,8 +7,10 @@ load a text encoder. SDXL adds pooled text embeddings and the six "time ids"
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 
@@ -17,6 +19,33 @@ class Conditioning:
     prompt_embeds: torch.Tensor  # (B, L, D)
     pooled_prompt_embeds: torch.Tensor | None = None  # (B, P), SDXL only
     time_ids: torch.Tensor | None = None  # (B, 6), SDXL only
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray | None] | Sequence[Mapping[str, np.ndarray | None]],
+                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "Conditioning":
+        """Stored arrays (a store's row or its uncond row, keyed by field name) → conditioning.
+
+        A sequence of per-trajectory mappings (no batch axis) is stacked into one batch.
+        """
+        if not isinstance(arrays, Mapping):
+            rows = list(arrays)
+            arrays = {f.name: None if rows[0][f.name] is None else np.stack([r[f.name] for r in rows])
+                      for f in fields(cls)}
+
+        def tensor(name: str) -> torch.Tensor | None:
+            value = arrays.get(name)
+            if value is None:
+                return None
+            return torch.from_numpy(np.asarray(value, dtype=np.float32)).to(device=device, dtype=dtype)
+
+        return cls(*(tensor(f.name) for f in fields(cls)))
+
+    def to_arrays(self, dtype: str) -> dict[str, np.ndarray | None]:
+        """The arrays a trajectory store keeps (cast to its embedding dtype), keyed by field name."""
+        def array(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.detach().float().cpu().numpy().astype(dtype)
+
+        return {f.name: array(getattr(self, f.name)) for f in fields(self)}
 
     @property
     def is_sdxl(self) -> bool:

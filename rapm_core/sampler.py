@@ -7,6 +7,7 @@ step exactly as diffusers' ``DDIMScheduler`` does (see ``schedule.py``).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import torch
@@ -65,6 +66,33 @@ def ddim_sample(
         out = guided_prediction(unet, z, t, cond, guidance, uncond)
         z = ddim_step(z.float(), out.float(), t, previous_timestep(t, num_steps, sched.config.num_train_timesteps),
                       ac, prediction_type).to(latents.dtype)
+        if positions is not None:
+            positions.append(z)
+    return torch.stack(positions, dim=1) if positions is not None else z
+
+
+@torch.no_grad()
+def scheduler_sample(
+    unet: torch.nn.Module,
+    scheduler,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    num_steps: int,
+    guidance: float = 1.0,
+    uncond: Conditioning | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    return_positions: bool = False,
+) -> torch.Tensor:
+    """A stock pipeline's denoising loop with any diffusers scheduler (DPM-Solver++, LCM …), on
+    already-encoded conditioning; ``generator`` feeds schedulers that draw noise between steps,
+    as a pipeline passes it. ``return_positions`` as :func:`ddim_sample`."""
+    scheduler.set_timesteps(num_steps)
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    z = latents * scheduler.init_noise_sigma
+    positions = [z] if return_positions else None
+    for t in scheduler.timesteps:
+        out = guided_prediction(unet, scheduler.scale_model_input(z, t), t, cond, guidance, uncond)
+        z = scheduler.step(out, t, z, **extra).prev_sample
         if positions is not None:
             positions.append(z)
     return torch.stack(positions, dim=1) if positions is not None else z

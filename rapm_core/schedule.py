@@ -84,6 +84,20 @@ class SlotGrid:
         """t_n as the stock N-step DDIM sampler lands on it (``-1`` for the last slot)."""
         return previous_timestep(self.slot_start(n), self.num_slots, self.num_train_timesteps)
 
+    def boundary_indices(self) -> list[int]:
+        """Indices into Z of the N+1 slot boundaries, noise first: 0, M, 2M, …, N·M."""
+        return [k * self.steps_per_slot for k in range(self.num_slots + 1)]
+
+    def boundary_times(self) -> list[int]:
+        """The noise level of each slot boundary, noise first (``-1`` = clean end).
+
+        A boundary position is where a DDIM step landed, so its level is ``slot_end`` (diffusers'
+        ``t - T // N`` rule), which can sit one below the time the next step evaluates at: for
+        N = 3 the second boundary is at 333 while the coarse grid's next time is 332. Every
+        figure and label uses this one list.
+        """
+        return [self.slot_start(self.num_slots - 1)] + [self.slot_end(n) for n in reversed(range(self.num_slots))]
+
     def absolute_index(self, n: int) -> int:
         """Index into Z of the teacher's position at the end of slot ``n`` (z̃_n)."""
         self._check_slot(n)

@@ -25,7 +25,8 @@ from storage.checkpoints import CheckpointStore
 from storage.errors import ConfigMismatchError, StoreError
 from storage.urls import require_local
 
-RUN_FORMAT = 1
+# 2: the method config tree (training/pointwise/adversarial/rapm sections) replaced the flat one.
+RUN_FORMAT = 2
 
 
 def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -116,6 +117,10 @@ class RunDir:
         """
         if self.run_json.is_file():
             stored = json.loads(self.run_json.read_text(encoding="utf-8"))
+            if stored.get("format", 1) != RUN_FORMAT:
+                raise ConfigMismatchError(
+                    f"{self.path}: made by an earlier rapm (run format {stored.get('format', 1)}), which this "
+                    f"version cannot resume or extend; evaluate it as it is, or train into another --out")
             if stored.get("config_hash") != record["config_hash"]:
                 diff = _differing_keys(stored.get("config", {}), record.get("config", {})) or ["config_hash"]
                 raise ConfigMismatchError(

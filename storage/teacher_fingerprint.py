@@ -15,6 +15,7 @@ from pathlib import Path
 
 from storage.errors import ConfigMismatchError
 from storage.hashing import config_hash, file_sha256
+from storage.trajectory_schema import StoreSchema
 
 
 def teacher_fingerprint(source: str | Path) -> str | None:
@@ -37,13 +38,13 @@ def _content_hash(root: str, signature: tuple[tuple[str, int, int], ...]) -> str
     return config_hash({rel: file_sha256(Path(root) / rel) for rel, _size, _mtime in signature})
 
 
-def check_teacher_unchanged(attrs: dict, store: str) -> None:
-    """Refuse to go on when the teacher recorded in a store's ``attrs`` now has other files.
+def check_teacher_unchanged(schema: StoreSchema, store: str) -> None:
+    """Refuse to go on when the teacher a store's schema records now has other files.
 
     Stores made before fingerprints were recorded, and hub teachers, pass unchecked."""
-    recorded = attrs.get("teacher_fingerprint")
-    current = teacher_fingerprint(attrs["teacher"]) if recorded else None
+    recorded = schema.teacher_fingerprint
+    current = teacher_fingerprint(schema.teacher) if recorded else None
     if current is not None and current != recorded:
         raise ConfigMismatchError(
-            f"{store}: the teacher at {attrs['teacher']} is not the one that made this store (its files' "
+            f"{store}: the teacher at {schema.teacher} is not the one that made this store (its files' "
             f"sha256 changed since); restore those weights, or make a new store with `rapm trajectories --out NEW`")

@@ -1,4 +1,4 @@
-"""Builders shared by the distillation tests: a fresh teacher UNet per student (the Distiller
+"""Builders shared by the distillation tests: a fresh teacher UNet per student (the Trainer
 adapts the UNet in place), random conditioning of the right shapes, a real teacher trajectory."""
 
 from __future__ import annotations
@@ -7,7 +7,9 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from rapm_core.conditioning import Conditioning
-from rapm_core.distill import DistillConfig, Distiller, Example
+from rapm_core.distill.config import MethodConfig
+from rapm_core.distill.method import Example
+from rapm_core.distill.trainer import Trainer
 from rapm_core.sampler import ddim_sample
 from rapm_core.schedule import SlotGrid
 
@@ -49,12 +51,16 @@ def teacher_trajectory(teacher_dir, grid: SlotGrid, seed: int = 0) -> Example:
     return Example(positions=positions, cond=cond, index=seed)
 
 
-def make_distiller(teacher_dir, grid: SlotGrid, **overrides) -> Distiller:
-    """A student on a freshly loaded teacher; small heads keep CPU tests fast. Both losses are
-    adversarial unless overridden: the two discriminators are the path with the most to check."""
-    config = DistillConfig(**{"disc_channels": 16, "loss_relative": "adversarial", "loss_absolute": "adversarial",
-                              **overrides})
-    return Distiller(load_unet(teacher_dir), scheduler_config(teacher_dir), grid, config)
+def method_config(**overrides) -> MethodConfig:
+    """Small heads keep CPU tests fast. Both RAPM losses are adversarial unless overridden: the
+    two discriminators are the path with the most to check."""
+    return MethodConfig.from_options(**{"disc_channels": 16, "loss_relative": "adversarial",
+                                        "loss_absolute": "adversarial", **overrides})
+
+
+def make_distiller(teacher_dir, grid: SlotGrid, **overrides) -> Trainer:
+    """A trainer on a freshly loaded teacher (see ``method_config`` for the defaults)."""
+    return Trainer(load_unet(teacher_dir), scheduler_config(teacher_dir), grid, method_config(**overrides))
 
 
 def grid_for(teacher_dir, n: int, m: int) -> SlotGrid:

@@ -18,8 +18,11 @@ import pytest
 import zarr
 from s3_server import s3_bucket  # noqa: F401  (fixture)
 
-from flows.scale import ExecutionConfig, ShardRunner, default_shard_size, local_worker_envs, shard_ranges, worker_cached
-from flows.trajectories import TrajectoriesConfig, generate_trajectories, trajectories_flow
+from flows.scale import ShardRunner, local_worker_envs
+from rapm_core.execution import ExecutionConfig, default_shard_size, shard_ranges, worker_cached
+from flows.trajectories import trajectories_flow
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_core.trajectories.generate import generate_trajectories
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 
 NUM = 8

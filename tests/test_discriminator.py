@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from distill_support import LATENT, grid_for, load_unet, make_distiller, random_cond, teacher_trajectory
-from rapm_core.discriminator import FeatureTaps, HeadSet
-from rapm_core.student import attach_lora, lora_config
+from rapm_core.distill.discriminator import FeatureTaps, HeadSet
+from rapm_core.distill.student import attach_lora, lora_config
 
 
 def _reference_features(unet, x, t, cond):

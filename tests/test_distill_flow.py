@@ -14,7 +14,8 @@ from distill_run_support import make_store, run_config
 from distill_support import perturb_unet_weights
 from flows.cli import build_parser, main
 from flows.cli_model import model_from_args
-from flows.distill import DistillationDivergedError, DistillRunConfig, run_config_hash, run_distillation
+from rapm_core.distill.config import DistillRunConfig
+from rapm_core.distill.run import DistillationDivergedError, run_config_hash, run_distillation
 from storage.checkpoints import CheckpointStore
 from storage.errors import ConfigMismatchError
 
@@ -36,9 +37,10 @@ def test_cli_options_are_the_run_config():
     ])
     config = model_from_args(DistillRunConfig, args)
     assert (config.trajectories, config.out, config.iterations, config.checkpoint_every, config.seed) == ("S", "R", 7, 3, 5)
-    assert config.method.rank == 2 and config.method.lr == 0.01 and config.method.betas == (0.5, 0.9)
-    assert config.method.loss_relative == "pointwise" and config.method.gradient_checkpointing is True
-    assert config.method.lambda_abs == DistillRunConfig.model_fields["method"].default_factory().lambda_abs
+    assert config.training.rank == 2 and config.training.lr == 0.01 and config.training.betas == (0.5, 0.9)
+    assert config.rapm.loss_relative == "pointwise" and config.training.gradient_checkpointing is True
+    assert config.rapm.lambda_abs == DistillRunConfig.model_fields["rapm"].default_factory().lambda_abs
+    assert config.method == "rapm"
     # Extending, moving or re-checkpointing a run keeps its identity; the method does not.
     longer = config.model_copy(update={"iterations": 99, "checkpoint_every": 1, "device": "cpu", "out": "elsewhere"})
     assert run_config_hash(longer) == run_config_hash(config)
@@ -65,8 +67,8 @@ def test_run_is_resumable_extendable_and_owned(tmp_path, store, capsys):
     assert [s for s, _ in CheckpointStore(run).steps()] == [2, 3]
     assert json.loads((run / "export" / "inference.json").read_text())["num_inference_steps"] == 2
 
-    other = config.model_copy(update={"method": config.method.model_copy(update={"rank": 2})})
-    with pytest.raises(ConfigMismatchError, match=r"method\.rank"):
+    other = config.model_copy(update={"training": config.training.model_copy(update={"rank": 2})})
+    with pytest.raises(ConfigMismatchError, match=r"training\.rank"):
         run_distillation(other, log=_quiet)
 
     # The CLI reports the same refusal in one line (exit 2) and a finished run as a no-op (exit 0).
@@ -78,7 +80,7 @@ def test_run_is_resumable_extendable_and_owned(tmp_path, store, capsys):
     assert "already trained to 3 iterations" in capsys.readouterr().out
     assert main(same + ["--rank", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "different config" in err and "method.rank" in err
+    assert len(err.splitlines()) == 1 and "different config" in err and "training.rank" in err
 
 
 def _nan_positions(store: Path, copy_to: Path, indices) -> Path:

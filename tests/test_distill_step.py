@@ -4,8 +4,11 @@ import pydantic
 import pytest
 import torch
 
-from distill_support import grid_for, make_distiller, scheduler_config, teacher_trajectory
-from rapm_core.distill import DistillConfig, Example, NonFiniteLossError, slot_targets
+from distill_support import grid_for, make_distiller, method_config, scheduler_config, teacher_trajectory
+from rapm_core.distill.config import MethodConfig
+from rapm_core.distill.method import Example
+from rapm_core.distill.rapm import slot_targets
+from rapm_core.distill.trainer import NonFiniteLossError, Trainer
 from rapm_core.errors import ConfigError
 from rapm_core.sampler import ddim_sample
 
@@ -91,16 +94,14 @@ def test_no_gradient_crosses_a_slot_boundary(tiny_sd15_dir, setup3):
     grid, example = setup3
     dist = make_distiller(tiny_sd15_dir, grid, loss_relative="both", loss_absolute="both")
     cond, gen = example.cond, torch.Generator().manual_seed(0)
-    first = dist.slot_losses(example.positions[:1], example.positions, cond, 2, gen)
-    assert first.student.grad_fn is not None
-    assert first.next_input.grad_fn is None and not first.next_input.requires_grad
-    assert first.relative_target.grad_fn is None and not first.relative_target.requires_grad
+    _, first = dist.method.slot_losses(example.positions[:1], example.positions, cond, 2, gen)
+    assert first.grad_fn is not None
 
     # feed slot 1 the un-detached student output of slot 2: its losses still do not depend on it
-    second = dist.slot_losses(first.student, example.positions, cond, 1, gen)
-    loss = sum(second.generator_terms.values()) + sum(second.discriminator_terms.values())
-    assert torch.autograd.grad(loss, first.student, allow_unused=True) == (None,)
-    assert set(second.generator_terms) == {"rel_adv", "abs_adv", "rel_pointwise", "abs_pointwise"}
+    second, _ = dist.method.slot_losses(first, example.positions, cond, 1, gen)
+    loss = sum(second.generator.values()) + sum(second.discriminator.values())
+    assert torch.autograd.grad(loss, first, allow_unused=True) == (None,)
+    assert set(second.generator) == {"rel_adv", "abs_adv", "rel_pointwise", "abs_pointwise"}
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd15_dir", "tiny_sd15_vpred_dir", "tiny_sdxl_dir"])
@@ -217,9 +218,11 @@ def test_pointwise_training_reduces_the_absolute_gap(tiny_sd15_dir, setup):
 def test_config_errors(tiny_sd15_dir, setup):
     grid, example = setup
     with pytest.raises(pydantic.ValidationError, match="nothing to train"):
-        DistillConfig(loss_relative="off", loss_absolute="off")
+        MethodConfig.from_options(loss_relative="off", loss_absolute="off")
     with pytest.raises(pydantic.ValidationError):
-        DistillConfig(rank=0)
+        MethodConfig.from_options(rank=0)
+    with pytest.raises(pydantic.ValidationError):
+        MethodConfig.from_options(lr=float("inf"))
     with pytest.raises(ConfigError, match="relative_offset"):
         make_distiller(tiny_sd15_dir, grid, relative_offset=2)
     with pytest.raises(ConfigError, match="CUDA"):
@@ -233,11 +236,10 @@ def test_config_errors(tiny_sd15_dir, setup):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_autocast_step_on_cuda_keeps_fp32_trainables(tiny_sd15_dir):
     from distill_support import load_unet
-    from rapm_core.distill import Distiller
     grid = grid_for(tiny_sd15_dir, 2, 2)
     example = teacher_trajectory(tiny_sd15_dir, grid)
-    dist = Distiller(load_unet(tiny_sd15_dir), scheduler_config(tiny_sd15_dir), grid,
-                     DistillConfig(disc_channels=16, mixed_precision="bf16"), device="cuda")
+    dist = Trainer(load_unet(tiny_sd15_dir), scheduler_config(tiny_sd15_dir), grid,
+                   method_config(mixed_precision="bf16"), device="cuda")
     metrics = dist.train_step(example, torch.Generator().manual_seed(0))
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert all(p.dtype == torch.float32 for p in [*dist.lora_params, *dist.heads.parameters()])

@@ -8,9 +8,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from flows import recipe
-from rapm_core.embedded.evaluator import load_evaluator, prompt_adherence
-from rapm_core.embedded.measure import generate, initial_latents, prompt_cycle
-from rapm_core.embedded.train_teacher import high_noise_loss_weights, sd_scheduler
+from rapm_shapes import recipe as shapes_recipe
+from rapm_shapes.evaluator import load_evaluator, prompt_adherence
+from rapm_shapes.measure import generate, initial_latents, prompt_cycle
+from rapm_shapes.train_teacher import high_noise_loss_weights, sd_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "assets" / "shapes-teacher"
@@ -93,7 +94,7 @@ def test_high_noise_weights_restore_the_x0_loss_at_high_noise_up_to_the_cap():
 
 
 def test_card_says_which_way_the_few_step_sampler_differs():
-    assert recipe._compare(0.8, 0.9, higher_is_better=True) == "worse"
-    assert recipe._compare(60.0, 50.0, higher_is_better=False) == "worse"
-    assert recipe._compare(40.0, 50.0, higher_is_better=False) == "better"
-    assert recipe._compare(0.875, 0.875, higher_is_better=True) == "equal"
+    assert shapes_recipe._compare(0.8, 0.9, higher_is_better=True) == "worse"
+    assert shapes_recipe._compare(60.0, 50.0, higher_is_better=False) == "worse"
+    assert shapes_recipe._compare(40.0, 50.0, higher_is_better=False) == "better"
+    assert shapes_recipe._compare(0.875, 0.875, higher_is_better=True) == "equal"

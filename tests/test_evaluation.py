@@ -8,16 +8,20 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from distill_support import perturb_unet_weights
-from flows.distill import DistillRunConfig, run_distillation
-from flows.evaluate import EvaluateConfig, evaluate_run, finished
-from flows.trajectories import TrajectoriesConfig, generate_trajectories
-from rapm_core.distill import DistillConfig
-from rapm_core.embedded.evaluator import ShapesClassifier, save_evaluator
-from rapm_core.embedded.shapes import all_prompts
-from rapm_core.evaluation import dpm_solver_sample, dpm_solver_scheduler, method_specs
+from distill_support import method_config, perturb_unet_weights
+from flows.cli import main as rapm_main
+from rapm_core.distill.config import DistillRunConfig
+from rapm_core.distill.run import run_distillation
+from rapm_core.evaluate.config import EvaluateConfig
+from rapm_core.evaluate.run import evaluate_run, finished
+from rapm_core.evaluate.samplers import dpm_solver_sample, dpm_solver_scheduler, method_specs
+from rapm_core.evaluate.student import StudentExport
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
-from rapm_core.trajectory import initial_noise
+from rapm_core.trajectories.chain import initial_noise
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_core.trajectories.generate import generate_trajectories
+from rapm_shapes.evaluator import ShapesClassifier, save_evaluator
+from rapm_shapes.shapes import all_prompts
 from storage.prompt_sources import IngestConfig, ingest_prompts
 from storage.errors import ConfigMismatchError, StoreError
 
@@ -42,7 +46,8 @@ def test_dpm_solver_equals_stock_pipeline(kind, tiny_sd15_dir, tiny_sdxl_dir):
 
 
 def test_method_specs_cost():
-    specs = method_specs(num_slots=4, steps_per_slot=10, guidance=7.5, student_steps=4)
+    specs = method_specs(num_slots=4, steps_per_slot=10, guidance=7.5,
+                         student=StudentExport(Path("export"), {}, num_steps=4, method="rapm"))
     assert {k: s.nfe for k, s in specs.items()} == {"teacher_ref": 80, "teacher_ddim": 8, "dpm_solver": 8,
                                                     "student": 4}
     assert specs["student"].guidance == 1.0
@@ -59,9 +64,9 @@ def build_tiny_run(root: Path, teacher_dir: Path, iterations: int = 3) -> tuple[
                                              steps_per_slot=2, guidance=3.0, device="cpu", batch_size=8),
                           log=lambda _: None)
     run = root / "run"
-    method = DistillConfig(disc_channels=8, lr=1e-2, lr_disc=1e-2, loss_relative="both", loss_absolute="both")
+    method = method_config(disc_channels=8, lr=1e-2, lr_disc=1e-2, loss_relative="both", loss_absolute="both")
     run_distillation(DistillRunConfig(trajectories=str(store), out=str(run), iterations=iterations,
-                                      checkpoint_every=iterations, device="cpu", method=method), log=lambda _: None)
+                                      checkpoint_every=iterations, device="cpu", **dict(method)), log=lambda _: None)
     return prompts, store, run
 
 
@@ -80,14 +85,14 @@ def test_evaluate_writes_every_output(tiny_run, tiny_evaluator):
     prompts, store, run = tiny_run
     config = EvaluateConfig(run=str(run), trajectories=str(store), num_images=6, batch_size=4, device="cpu",
                             evaluator=str(tiny_evaluator), grid_rows=3, trajectory_rows=2)
-    progress: list[float] = []
+    progress = []
     result = evaluate_run(config, progress=progress.append, log=lambda _: None)
     assert not result.skipped
     eval_dir = run / "eval"
     assert Path(result.eval_dir) == eval_dir
     for name in ("metrics.json", "grid.png", "metrics.png", "trajectory.png", "report.md"):
         assert (eval_dir / name).stat().st_size > 0, name
-    assert progress[-1] == pytest.approx(100.0)
+    assert progress[-1].percent == pytest.approx(100.0) and progress[-1].unit == "images"
 
     data = json.loads((eval_dir / "metrics.json").read_text())
     rows = {r["method"]: r for r in data["methods"]}
@@ -145,6 +150,17 @@ def test_evaluate_refuses_other_weights_at_the_teacher_path(tmp_path, tiny_sd15_
     with pytest.raises(ConfigMismatchError, match="is not the one that made this store"):
         evaluate_run(config, log=lambda _: None)
     assert not (run / "eval" / "metrics.json").exists()
+
+
+def test_evaluate_finds_the_store_its_run_was_distilled_from(tiny_run, tmp_path, capsys):
+    """`rapm evaluate --run RUN` as the README types it: no --trajectories, no --prompts."""
+    _, _, run = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval"))
+    assert rapm_main(["evaluate", "--run", str(copy), "--num-images", "2", "--batch-size", "2", "--device", "cpu",
+                      "--evaluator", "none", "--methods", "student"]) == 0
+    assert "| RAPM student 2 steps |" in capsys.readouterr().out
+    assert (copy / "eval" / "metrics.json").is_file()
 
 
 def test_evaluate_refuses_unfinished_run(tmp_path):

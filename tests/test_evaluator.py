@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from rapm_core.embedded.evaluator import (
+from rapm_shapes.evaluator import (
     attribute_accuracy, features, frechet_distance, images_from_uint8, images_to_uint8, load_evaluator,
     predict_attributes, prompt_adherence,
 )
-from rapm_core.embedded.shapes import all_prompts, caption, make_dataset, render_prompts
-from rapm_core.embedded.train_evaluator import train_evaluator
+from rapm_shapes.shapes import all_prompts, caption, make_dataset, render_prompts
+from rapm_shapes.train_evaluator import train_evaluator
 from rapm_core.errors import ConfigError
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "shapes-evaluator"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rapm_core.losses import (
+from rapm_core.distill.losses import (
     discriminator_accuracy,
     discriminator_hinge_loss,
     generator_adversarial_loss,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from rapm_core.errors import ConfigError
-from rapm_core.metrics import (
+from rapm_core.evaluate.measures import (
     clip_score,
     finite_mean,
     frechet_inception_distance,
@@ -120,3 +120,33 @@ def test_clip_score_matches_direct_cosine(tiny_clip_dir):
 def test_clip_score_without_model_dir(tmp_path):
     with pytest.raises(ConfigError, match="not a local transformers CLIPModel directory"):
         clip_score(_images(0, n=2), ["a", "b"], tmp_path / "nowhere")
+
+
+def test_knn_precision_recall_sees_a_collapsed_generator():
+    from rapm_core.evaluate.measures import knn_precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=g)
+    same = knn_precision_recall(real, torch.randn(400, 8, generator=g))
+    assert same["precision"] > 0.8 and same["recall"] > 0.8 and same["coverage"] > 0.8
+    collapsed = real[:1].repeat(400, 1) + 0.01 * torch.randn(400, 8, generator=g)  # one mode, near a real sample
+    low = knn_precision_recall(real, collapsed)
+    assert low["precision"] > 0.9 and low["recall"] < 0.05 and low["coverage"] < 0.05
+    assert knn_precision_recall(real, real) == {"precision": 1.0, "recall": 1.0, "coverage": 1.0}
+
+
+def test_kernel_distance_is_near_zero_for_one_distribution_and_not_for_two():
+    from torch import nn
+
+    from rapm_core.evaluate.measures import kernel_distance
+
+    class MeanColour(nn.Module):
+        def forward(self, images):
+            return images.float().mean(dim=(2, 3))
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 256, (120, 3, 4, 4), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (120, 3, 4, 4), generator=g, dtype=torch.uint8)
+    shifted = (b.int() // 2).to(torch.uint8)
+    same, different = kernel_distance(a, b, MeanColour()), kernel_distance(a, shifted, MeanColour())
+    assert abs(same) < 0.1 * different and different > 0

@@ -8,29 +8,22 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from flows.pipeline import (
-    DEMO_METHOD,
-    DemoConfig,
-    PipelineConfig,
-    distill_config,
-    evaluate_config,
-    ingest_config,
-    paths,
-    prepare,
-    trajectories_config,
-)
-from flows.trajectories import generate_trajectories
-from rapm_core.embedded.shapes import all_prompts
+from flows.pipeline import prepare
+from rapm_core.pipeline import PipelineConfig
+from rapm_shapes.demo import DEMO_VALUES, DemoConfig
+from rapm_core.trajectories.generate import generate_trajectories
+from rapm_shapes.shapes import all_prompts
 from storage.prompt_sources import ingest_prompts
 
 TIMING = ("images_per_second", "seconds", "distill_seconds")
 
 
 def _cli_args(work: Path, prompts: Path, teacher: Path) -> list[str]:
-    return ["pipeline", "--work", str(work), "--prompts", str(prompts), "--teacher", str(teacher), "--slots", "2",
-            "--steps-per-slot", "2", "--guidance", "3", "--iterations", "2", "--checkpoint-every", "2",
-            "--num-images", "4", "--eval-batch-size", "4", "--device", "cpu", "--evaluator", "none",
-            "--disc-channels", "8", "--eval-fraction", "0.4"]
+    return ["pipeline", "--work", str(work), "--prompts", str(prompts), "--teacher", str(teacher),
+            "--trajectories-slots", "2", "--trajectories-steps-per-slot", "2", "--trajectories-guidance", "3",
+            "--distill-iterations", "2", "--distill-checkpoint-every", "2", "--evaluate-num-images", "4",
+            "--evaluate-batch-size", "4", "--device", "cpu", "--evaluate-evaluator", "none",
+            "--distill-disc-channels", "8", "--ingest-eval-fraction", "0.4"]
 
 
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -86,28 +79,54 @@ def test_a_changed_stage_option_is_refused_not_mixed(tmp_path, tiny_sd15_dir, ca
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(all_prompts()[:6]) + "\n", encoding="utf-8")
     args = _cli_args(tmp_path / "work", prompts, tiny_sd15_dir)
-    config = PipelineConfig(work=str(tmp_path / "work"), prompts=str(prompts), teacher=str(tiny_sd15_dir), slots=2,
-                            steps_per_slot=2, guidance=3.0, device="cpu", eval_fraction=0.4)
+    config = PipelineConfig(work=str(tmp_path / "work"), prompts=str(prompts), teacher=str(tiny_sd15_dir),
+                            device="cpu", ingest={"eval_fraction": 0.4},
+                            trajectories={"slots": 2, "steps_per_slot": 2, "guidance": 3.0})
     prepare(config)
-    ingest_prompts(ingest_config(config))
-    generate_trajectories(trajectories_config(config), log=lambda _: None)
+    ingest_prompts(config.ingest_config())
+    generate_trajectories(config.trajectories_config(), log=lambda _: None)
     bad = [a if a != "3" else "5" for a in args]  # another guidance on the same work dir
     assert main(bad) == 2
     assert "different config" in capsys.readouterr().err
 
 
-def test_demo_defaults_and_method_overrides():
+def test_demo_defaults_and_refinements():
     demo = DemoConfig()
     assert Path(demo.work) == Path("runs/demo") and Path(demo.teacher).name == "shapes-teacher"
-    assert demo.prompts is None and paths(demo)["source"] == Path("runs/demo/prompts.txt")
-    assert demo.method.model_dump(include=set(DEMO_METHOD)) == DEMO_METHOD
-    refined = DemoConfig(method={"lr": 3e-4})
-    assert refined.method.lr == 3e-4
-    assert refined.method.model_dump(include=set(DEMO_METHOD) - {"lr"}) == {k: v for k, v in DEMO_METHOD.items()
-                                                                             if k != "lr"}
-    run = distill_config(demo)
-    assert run.iterations == demo.iterations and run.method == demo.method
-    ev = evaluate_config(demo)
-    assert ev.trajectories == str(Path("runs/demo/trajectories.zarr")) and ev.num_images == demo.num_images
+    assert demo.prompts is None and demo.paths()["source"] == Path("runs/demo/prompts.txt")
+    assert demo.distill.iterations == DEMO_VALUES["distill"]["iterations"] != PipelineConfig.model_fields[
+        "distill"].default_factory().iterations
+    assert demo.trajectories.model_dump(include=set(DEMO_VALUES["trajectories"])) == DEMO_VALUES["trajectories"]
+    # An option refines its section: the demo's other values in that section stay.
+    refined = DemoConfig(distill={"checkpoint_every": 50, "training": {"lr": 3e-4}})
+    assert refined.distill.checkpoint_every == 50 and refined.distill.training.lr == 3e-4
+    assert refined.distill.iterations == DEMO_VALUES["distill"]["iterations"]
+    run = demo.distill_config()
+    assert run.iterations == demo.distill.iterations and run.method_config() == demo.distill.method_config()
+    assert run.out == str(Path("runs/demo/run")) and run.seed == demo.seed
+    ev = demo.evaluate_config()
+    assert ev.trajectories == str(Path("runs/demo/trajectories.zarr")) and ev.num_images == demo.evaluate.num_images
     with pytest.raises(ValueError):
-        PipelineConfig()  # the pipeline needs a work dir
+        PipelineConfig(teacher="t")  # the pipeline needs a work dir
+
+
+def test_every_stage_option_is_reachable_from_the_pipeline():
+    """Each stage config field is either derived by the pipeline or one of its stage's options."""
+    from rapm_core.distill.config import DistillOptions, DistillRunConfig
+    from rapm_core.evaluate.config import EvaluateConfig, EvaluateOptions
+    from rapm_core.trajectories.config import TrajectoriesConfig, TrajectoriesOptions
+    from storage.prompt_sources import IngestConfig, IngestOptions
+
+    derived = {"source", "out", "prompts", "teacher", "revision", "seed", "device", "split", "trajectories", "run"}
+    for full, options in ((IngestConfig, IngestOptions), (TrajectoriesConfig, TrajectoriesOptions),
+                          (DistillRunConfig, DistillOptions), (EvaluateConfig, EvaluateOptions)):
+        assert set(full.model_fields) - set(options.model_fields) <= derived, full
+    config = PipelineConfig(work="w", teacher="t", trajectories={"store_dtype": "float32", "limit": 5,
+                                                                 "execution": {"backend": "local-cluster"}},
+                            distill={"keep_checkpoints": 7}, evaluate={"fid_reference": "real", "publish": "s3://b/r",
+                                                                       "methods": ["student"]})
+    assert config.trajectories_config().store_dtype == "float32" and config.trajectories_config().limit == 5
+    assert config.trajectories_config().execution.backend == "local-cluster"
+    assert config.distill_config().keep_checkpoints == 7
+    ev = config.evaluate_config()
+    assert (ev.fid_reference, ev.publish, ev.methods) == ("real", "s3://b/r", ["teacher_ref", "student"])

@@ -32,25 +32,32 @@ def _deployments() -> dict[str, dict]:
     return {d["entrypoint"]: d for d in spec["deployments"]}
 
 
-def test_demo_deployments_match_the_demo_config():
-    """prefect.yaml's parameters are DemoConfig's (the pipeline) and the stage configs it derives."""
-    from flows import pipeline
+def test_demo_deployments_take_their_values_from_the_demo_config():
+    """prefect.yaml passes no parameters: each deployment runs its flow's default config, which is
+    the demo (rapm_shapes.demo, the one place its values live) or the stage config it derives."""
+    import importlib
+    import inspect
+
+    from prefect.utilities.callables import parameter_schema
+
+    from rapm_shapes.demo import demo_config
 
     deployments = _deployments()
-    demo = pipeline.DemoConfig()
-    params = deployments["flows/pipeline.py:pipeline_flow"]["parameters"]["config"]
-    assert pipeline.PipelineConfig.model_validate(params) == pipeline.PipelineConfig.model_validate(demo.model_dump())
-    derived = {"flows/ingest.py:ingest_flow": pipeline.ingest_config(demo),
-               "flows/trajectories.py:trajectories_flow": pipeline.trajectories_config(demo),
-               "flows/distill.py:distill_flow": pipeline.distill_config(demo),
-               "flows/evaluate.py:evaluate_flow": pipeline.evaluate_config(demo)}
-    assert set(deployments) == {"flows/pipeline.py:pipeline_flow", *derived}
-    for entrypoint, expected in derived.items():
-        given = dict(deployments[entrypoint]["parameters"]["config"])
-        if "teacher" in given:  # relative in prefect.yaml: flow runs start in the project directory
-            given["teacher"] = str(ROOT / given["teacher"])
-        assert type(expected).model_validate(given) == expected, entrypoint
+    demo = demo_config()
+    expected = {"flows/pipeline.py:pipeline_flow": demo, "flows/ingest.py:ingest_flow": demo.ingest_config(),
+                "flows/trajectories.py:trajectories_flow": demo.trajectories_config(),
+                "flows/distill.py:distill_flow": demo.distill_config(),
+                "flows/evaluate.py:evaluate_flow": demo.evaluate_config()}
+    assert set(deployments) == set(expected)
+    for entrypoint, config in expected.items():
+        assert "parameters" not in deployments[entrypoint], entrypoint
         assert deployments[entrypoint]["work_pool"]["name"] == "rapm-local"
+        path, name = entrypoint.split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        assert inspect.signature(flow.fn).parameters["config"].default == config, entrypoint
+        # The UI's parameter form shows it as the default.
+        assert parameter_schema(flow.fn).model_dump()["properties"]["config"]["default"] == \
+            config.model_dump(mode="json"), entrypoint
 
 
 @pytest.fixture(scope="session")
@@ -68,10 +75,12 @@ def prefect_stack(tmp_path_factory):
 def _params(work: Path, teacher: Path) -> dict:
     # The built-in prompts cut to 6 (4 train, 2 eval with this split), N=2, M=2, 12 iterations.
     return {"config": {
-        "work": str(work), "prompt_limit": 6, "eval_fraction": 0.3, "teacher": str(teacher), "device": "cpu",
-        "slots": 2, "steps_per_slot": 2, "guidance": 3.0, "iterations": 12, "checkpoint_every": 3,
-        "method": {"disc_channels": 8, "lr": 0.01, "lr_disc": 0.01},
-        "num_images": 2, "eval_batch_size": 2, "evaluator": "none",
+        "work": str(work), "teacher": str(teacher), "device": "cpu",
+        "ingest": {"limit": 6, "eval_fraction": 0.3},
+        "trajectories": {"slots": 2, "steps_per_slot": 2, "guidance": 3.0},
+        "distill": {"iterations": 12, "checkpoint_every": 3, "training": {"lr": 0.01},
+                    "adversarial": {"disc_channels": 8, "lr_disc": 0.01}},
+        "evaluate": {"num_images": 2, "batch_size": 2, "evaluator": "none"},
     }}
 
 

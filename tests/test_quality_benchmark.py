@@ -1,19 +1,22 @@
-"""The quality benchmark's bookkeeping: its section of RESULTS.md and the variants it runs."""
+"""The quality benchmark's bookkeeping: its variants, its intervals and its section of RESULTS.md."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-from rapm_core.distill import DistillConfig
+from rapm_core.distill.config import MethodConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quality():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -32,10 +35,21 @@ def test_rewriting_the_quality_section_keeps_the_other_sections(quality, tmp_pat
     assert text.count("## Quality\n") == 1 and "newer" in text and text.endswith("## Quality on an older teacher\n\nhistory\n")
 
 
-def test_every_variant_is_a_valid_distill_config_that_changes_something(quality):
-    changed = {name for name, (_, overrides) in quality.VARIANTS.items()
-               if DistillConfig().model_copy(update=overrides) != DistillConfig()}
-    for _, overrides in quality.VARIANTS.values():
-        DistillConfig.model_validate({**DistillConfig().model_dump(), **overrides})
-    # Only the variants that restate a default are no-ops (the script leaves those out).
-    assert set(quality.VARIANTS) - changed == {"default", "losses-pointwise", "d1", "rank1", "lr1e-3"}
+def test_every_variant_is_a_valid_method_and_the_sweep_varies_the_discriminators(quality):
+    methods = {name: MethodConfig.from_options(**options) for name, (_, _, options) in quality.VARIANTS.items()}
+    assert methods["rapm"] == MethodConfig()  # the defaults, compared with everything else
+    assert {methods[n].method for n in ("pcm", "lcm", "pcm-renders", "lcm-renders")} == {"pcm", "lcm"}
+    sweep = [methods[n] for n in quality.GROUPS["adversarial"]]
+    assert all(m.rapm.adversarial("rel") and m.rapm.adversarial("abs") for m in sweep)
+    assert {m.adversarial.lambda_adv for m in sweep} == {1.0, 0.1, 0.01}
+    assert {m.adversarial.disc_schedule for m in sweep} == {"simultaneous", "alternate"}
+    assert {m.rapm.loss_relative for m in sweep} == {"adversarial", "both"}
+    # equal budget: RAPM's N passes per iteration, a peer's one
+    assert quality.passes_per_iteration({}, 4) == 4 and quality.passes_per_iteration({"method": "lcm"}, 4) == 1
+
+
+def test_intervals_and_separation(quality):
+    mean, std, half = quality.interval([1.0, 2.0, 3.0])
+    assert (mean, std) == (2.0, 1.0) and half == pytest.approx(4.303 / 3 ** 0.5)
+    assert quality.separated([1.0, 1.1, 0.9], [5.0, 5.1, 4.9]) and not quality.separated([1, 2, 3], [2, 3, 4])
+    assert quality.cell([2.0]) == "2.00"

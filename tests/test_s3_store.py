@@ -15,11 +15,13 @@ import pytest
 import zarr
 from s3_server import s3_bucket  # noqa: F401  (fixture)
 
-from flows.trajectories import TrajectoriesConfig, generate_trajectories
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_core.trajectories.generate import generate_trajectories
 from storage.errors import StoreError
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 from storage.run_dir import RunDir
-from storage.trajectory_store import TrajectoryStore, inspect_store
+from storage.trajectory_inspect import inspect_store
+from storage.trajectory_store import TrajectoryStore
 from storage.urls import exists, is_url, join, publish_dir, read_text, require_local
 
 PROMPTS = ["a red circle", "a small blue square at the top", "green triangle", "a large yellow star"]
@@ -66,7 +68,7 @@ def test_s3_store_resumes_and_equals_the_local_store(s3_bucket, tmp_path, tiny_s
     assert sorted(theirs.array_keys()) == sorted(ours.array_keys())
     for name in ours.array_keys():
         assert np.array_equal(theirs[name][:], ours[name][:]), name
-    assert theirs.attrs["config_hash"] == ours.attrs["config_hash"]
+    assert theirs.attrs["config_hash"] == ours.attrs["config_hash"] == TrajectoryStore(url).schema.config_hash
 
     summary = inspect_store(url)
     assert (summary["complete"], summary["total"]) == (4, 4) and summary["bytes_on_disk"] > 0
@@ -95,16 +97,16 @@ def test_url_helpers(s3_bucket, tmp_path):  # noqa: F811
 
 def test_distill_and_evaluate_from_an_s3_store_publish_the_report_to_s3(s3_bucket, tmp_path, tiny_sd15_dir):  # noqa: F811
     """The stages after Stage A read the store from S3; the report lands on S3 as well."""
-    from flows.distill import DistillRunConfig, run_distillation
-    from flows.evaluate import EvaluateConfig, evaluate_run
-    from rapm_core.distill import DistillConfig
+    from rapm_core.distill.config import DistillRunConfig
+    from rapm_core.distill.run import run_distillation
+    from rapm_core.evaluate.config import EvaluateConfig
+    from rapm_core.evaluate.run import evaluate_run
 
     url = f"{s3_bucket}/stores/{uuid.uuid4().hex[:8]}"
     generate_trajectories(_config(tmp_path, tiny_sd15_dir, url), log=_quiet)
     run = tmp_path / "run"
-    method = DistillConfig(disc_channels=8, loss_relative="pointwise", loss_absolute="pointwise")
     run_distillation(DistillRunConfig(trajectories=url, out=str(run), iterations=2, checkpoint_every=2, device="cpu",
-                                      method=method), log=_quiet)
+                                      adversarial={"disc_channels": 8}), log=_quiet)
 
     target = f"{s3_bucket}/reports/{uuid.uuid4().hex[:8]}"
     eval_prompts = tmp_path / "eval-prompts"

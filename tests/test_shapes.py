@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from rapm_core.embedded.shapes import (
+from rapm_shapes.shapes import (
     ATTRIBUTES, RESOLUTION, all_prompts, caption, make_dataset, parse_caption, render, render_prompts, vocabulary,
 )
-from rapm_core.embedded.tokenizer import write_word_tokenizer
+from rapm_shapes.tokenizer import write_word_tokenizer
 from rapm_core.errors import ConfigError
 
 

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from flows.cli import main as rapm_main
-from flows.store_cli import strip_size
-from flows.trajectories import TrajectoriesConfig, generate_trajectories
+from rapm_core.trajectories.preview import strip_size
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_core.trajectories.generate import generate_trajectories
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 from storage.teacher_fingerprint import teacher_fingerprint
 

@@ -3,7 +3,7 @@ import torch
 
 from distill_support import LATENT, load_unet, random_cond
 from rapm_core.errors import ConfigError
-from rapm_core.student import (
+from rapm_core.distill.student import (
     attach_lora,
     load_lora_state_dict,
     lora_config,

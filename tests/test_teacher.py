@@ -17,7 +17,7 @@ from rapm_core.schedule import SlotGrid, ddim_step, inference_scheduler, predict
 from rapm_core.teacher import (
     count_truncated, decode_latents, encode_prompts, encode_uncond, latent_shape, load_teacher, load_unet, load_vae,
 )
-from rapm_core.trajectory import initial_noise, slot_boundaries, solve_x0_eps, teacher_trajectories, trajectory_seed
+from rapm_core.trajectories.chain import boundary_x0, initial_noise, solve_x0_eps, teacher_trajectories, trajectory_seed
 
 LONG = "a very small red circle in the top left corner of a large empty canvas"  # > 32 chars
 
@@ -127,7 +127,7 @@ def test_x0_from_two_stored_positions_equals_the_unets_prediction(fixture, reque
     nxt = ddim_step(z[:, k], eps, grid.fine[k], grid.fine_prev(k), ac, "epsilon")
     torch.testing.assert_close(nxt, z[:, k + 1], rtol=0, atol=1e-5)
 
-    at, x0s = slot_boundaries(z[0], grid, ac)
+    at, x0s = z[0][grid.boundary_indices()], boundary_x0(z[0], grid, ac)
     assert at.shape == (3, 4, 16, 16) and x0s.shape == (2, 4, 16, 16)
     assert torch.equal(at[1], z[0, 2]) and torch.equal(at[2], z[0, 4])
     torch.testing.assert_close(x0s[1], x0_unet[0], rtol=0, atol=1e-4)

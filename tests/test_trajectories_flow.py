@@ -18,7 +18,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from distill_support import perturb_unet_weights
 from flows.cli import main as rapm_main
-from flows.trajectories import TrajectoriesConfig, generate_trajectories
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_core.trajectories.generate import generate_trajectories
 from storage.errors import ConfigMismatchError
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 from storage.teacher_fingerprint import teacher_fingerprint
@@ -68,37 +69,37 @@ def test_stored_trajectories_equal_stock_pipeline(kind, tmp_path, tiny_sd15_dir,
     assert report.generated == 3
 
     store = TrajectoryStore(config.out)
-    assert store.attrs["kind"] == kind and store.complete_indices().tolist() == [0, 1, 2]
+    assert store.schema.kind == kind and store.complete_indices().tolist() == [0, 1, 2]
     records = [store.read(i) for i in range(3)]
-    stored = torch.from_numpy(np.stack([r["positions"] for r in records]))
+    stored = torch.from_numpy(np.stack([r.positions for r in records]))
     assert stored.shape == (3, 2 * 3 + 1, 4, 16, 16) and stored.dtype == torch.float32
 
     # The stored initial noise is what a stock pipeline draws from one CPU generator per trajectory.
-    seeds = [r["seed"] for r in records]
+    seeds = [r.seed for r in records]
     noise = randn_tensor((3, 4, 16, 16), generator=[torch.Generator().manual_seed(s) for s in seeds])
     assert torch.equal(stored[:, 0], noise)
 
     cls = StableDiffusionPipeline if kind == "sd15" else StableDiffusionXLPipeline
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
     pipe = cls.from_pretrained(teacher_dir, **extra)
-    ref = _stock_positions(pipe, [r["prompt"] for r in records], stored[:, 0], 6, 7.5)
+    ref = _stock_positions(pipe, [r.prompt for r in records], stored[:, 0], 6, 7.5)
     assert (stored - ref).abs().max().item() <= 1e-4
     assert (stored[:, -1] - stored[:, 0]).abs().max() > 0.1  # it really moved
 
     # Stored conditioning is what the stock pipeline encodes (same batch as generation: [0, 2)).
-    batch = [records[0]["prompt"], records[1]["prompt"]]
+    batch = [records[0].prompt, records[1].prompt]
     with torch.no_grad():
         if kind == "sd15":
             embeds, _ = pipe.encode_prompt(batch, "cpu", 1, False)
             pooled = None
         else:
             embeds, _, pooled, _ = pipe.encode_prompt(batch, device="cpu", do_classifier_free_guidance=False)
-    assert np.array_equal(records[1]["prompt_embeds"], embeds[1].numpy())
+    assert np.array_equal(records[1].conditioning["prompt_embeds"], embeds[1].numpy())
     if kind == "sd15":
-        assert records[1]["pooled_prompt_embeds"] is None and records[1]["time_ids"] is None
+        assert records[1].conditioning["pooled_prompt_embeds"] is None and records[1].conditioning["time_ids"] is None
     else:
-        assert np.array_equal(records[1]["pooled_prompt_embeds"], pooled[1].numpy())
-        assert records[1]["time_ids"].tolist() == [32, 32, 0, 0, 32, 32]
+        assert np.array_equal(records[1].conditioning["pooled_prompt_embeds"], pooled[1].numpy())
+        assert records[1].conditioning["time_ids"].tolist() == [32, 32, 0, 0, 32, 32]
 
 
 class _Interrupt(RuntimeError):
@@ -150,14 +151,14 @@ def test_samples_per_prompt_extends_a_one_sample_store_with_new_noise(tmp_path, 
 
     a, b = TrajectoryStore(one.out), TrajectoryStore(three.out)
     rows = [b.read(i) for i in range(6)]
-    assert [r["prompt"] for r in rows] == PROMPTS[:2] * 3
-    assert len({r["seed"] for r in rows}) == 6
+    assert [r.prompt for r in rows] == PROMPTS[:2] * 3
+    assert len({r.seed for r in rows}) == 6
     # Round 0 is the one-sample store, bit for bit; later rounds are the same prompts, other noise.
     for i in range(2):
-        np.testing.assert_array_equal(a.read(i)["positions"], rows[i]["positions"])
-        np.testing.assert_array_equal(rows[i]["prompt_embeds"], rows[i + 2]["prompt_embeds"])
-        assert not np.array_equal(rows[i]["positions"][0], rows[i + 2]["positions"][0])
-    assert b.attrs["prompt_store"]["samples_per_prompt"] == 3
+        np.testing.assert_array_equal(a.read(i).positions, rows[i].positions)
+        np.testing.assert_array_equal(rows[i].conditioning["prompt_embeds"], rows[i + 2].conditioning["prompt_embeds"])
+        assert not np.array_equal(rows[i].positions[0], rows[i + 2].positions[0])
+    assert b.schema.prompt_store.samples_per_prompt == 3
     with pytest.raises(ConfigMismatchError):
         generate_trajectories(three.model_copy(update={"samples_per_prompt": 2}), log=_quiet)
 
@@ -178,7 +179,7 @@ def test_a_store_is_not_resumed_with_other_weights_at_the_teacher_path(tmp_path,
     teacher = Path(shutil.copytree(tiny_sd15_dir, tmp_path / "teacher"))
     config = _config(tmp_path, teacher, steps_per_slot=2)
     generate_trajectories(config, stop=2, log=_quiet)
-    recorded = TrajectoryStore(config.out).attrs["teacher_fingerprint"]
+    recorded = TrajectoryStore(config.out).schema.teacher_fingerprint
     assert recorded == teacher_fingerprint(teacher) == teacher_fingerprint(tiny_sd15_dir)  # content, not path
 
     perturb_unet_weights(teacher)
@@ -219,4 +220,4 @@ def test_cli_runs_the_flow_in_a_subprocess(tmp_path, tiny_sdxl_dir):
     assert "2/2 trajectories complete (sdxl, N=2, M=2, w=7.5" in proc.stdout
     assert "traj/s" in proc.stderr + proc.stdout  # the flow's progress log line
     store = TrajectoryStore(str(out))
-    assert store.complete_indices().tolist() == [0, 1] and store.attrs["store_dtype"] == "float16"
+    assert store.complete_indices().tolist() == [0, 1] and store.schema.store_dtype == "float16"

@@ -11,22 +11,20 @@ import pytest
 import zarr
 
 from storage.errors import ConfigMismatchError, StoreError
-from storage.trajectory_store import TrajectoryLayout, TrajectoryStore, check_compatible, inspect_store
+from storage.trajectory_inspect import inspect_store
+from storage.trajectory_schema import StoreSchema
+from storage.trajectory_store import TrajectoryStore, check_compatible
 
 K1, C, H, W, L, D, P = 5, 4, 8, 8, 6, 10, 3  # N·M+1 = 5 (N=2, M=2)
 
 
-def _attrs(**kw) -> dict:
+def _schema(**kw) -> StoreSchema:
     base = dict(teacher="/teachers/tiny", teacher_revision=None, kind="sdxl",
                 scheduler_config={"beta_start": 0.00085, "_class_name": "DDIMScheduler"}, num_slots=2,
                 steps_per_slot=2, guidance=7.5, seed=0, compute_dtype="fp32", prompts_hash="abc",
-                fine_timesteps=[999, 749, 499, 249], coarse_timesteps=[999, 499])
-    return {**base, **kw}
-
-
-def _layout(num=4, sdxl=True, store_dtype="float32") -> TrajectoryLayout:
-    return TrajectoryLayout(num=num, positions=(K1, C, H, W), prompt_embeds=(L, D), pooled_dim=P if sdxl else None,
-                            store_dtype=store_dtype)
+                fine_timesteps=[999, 749, 499, 249], coarse_timesteps=[999, 499], num=4, latent_shape=(C, H, W),
+                store_dtype="float32")
+    return StoreSchema(**{**base, **kw})
 
 
 def _uncond(sdxl=True) -> dict:
@@ -35,9 +33,8 @@ def _uncond(sdxl=True) -> dict:
 
 
 def _create(path, num=4, sdxl=True, **attrs) -> TrajectoryStore:
-    layout = _layout(num, sdxl)
     return TrajectoryStore.open_or_create(
-        str(path), _attrs(kind="sdxl" if sdxl else "sd15", **attrs), layout, [f"prompt {i}" for i in range(num)],
+        str(path), _schema(kind="sdxl" if sdxl else "sd15", num=num, **attrs), [f"prompt {i}" for i in range(num)],
         [f"id{i}" for i in range(num)], [100 + i for i in range(num)], _uncond(sdxl))
 
 
@@ -59,16 +56,20 @@ def test_write_then_read_one_trajectory(tmp_path):
     reader = TrajectoryStore(str(tmp_path / "s"))
     assert reader.complete_indices().tolist() == [0, 1]
     rec = reader.read(1)
-    np.testing.assert_array_equal(rec["positions"], batch["positions"][1])
-    assert rec["positions"].shape == (K1, C, H, W) and rec["positions"].dtype == np.float32
-    assert rec["prompt_embeds"].shape == (L, D) and rec["pooled_prompt_embeds"].tolist() == [1.5] * P
-    assert rec["time_ids"].tolist() == [32, 32, 0, 0, 32, 32]
-    assert (rec["prompt"], rec["prompt_id"], rec["seed"]) == ("prompt 1", "id1", 101)
-    assert isinstance(rec["prompt"], str) and isinstance(rec["seed"], int)
+    np.testing.assert_array_equal(rec.positions, batch["positions"][1])
+    assert rec.positions.shape == (K1, C, H, W) and rec.positions.dtype == np.float32
+    assert rec.conditioning["prompt_embeds"].shape == (L, D)
+    assert rec.conditioning["pooled_prompt_embeds"].tolist() == [1.5] * P
+    assert rec.conditioning["time_ids"].tolist() == [32, 32, 0, 0, 32, 32]
+    assert (rec.prompt, rec.prompt_id, rec.seed) == ("prompt 1", "id1", 101)
+    assert isinstance(rec.prompt, str) and isinstance(rec.seed, int)
     assert reader.uncond()["time_ids"].shape == (1, 6)
+    attrs = dict(zarr.open_group(str(tmp_path / "s"), mode="r").attrs)  # what a plain-zarr reader sees
     for key in ("num_slots", "steps_per_slot", "guidance", "teacher", "teacher_revision", "kind", "scheduler_config",
                 "config_hash"):
-        assert key in reader.attrs
+        assert key in attrs
+    assert reader.schema.config_hash == attrs["config_hash"] == reader.schema.identity_hash()
+    assert reader.schema.chunk_checksums
     with pytest.raises(IndexError):
         reader.read(4)
 
@@ -77,7 +78,7 @@ def test_sd15_store_has_no_pooled_embeddings(tmp_path):
     store = _create(tmp_path / "s", sdxl=False)
     store.write_batch(2, _batch(2, 3.0, sdxl=False))
     rec = TrajectoryStore(str(tmp_path / "s")).read(3)
-    assert rec["pooled_prompt_embeds"] is None and rec["time_ids"] is None
+    assert rec.conditioning["pooled_prompt_embeds"] is None and rec.conditioning["time_ids"] is None
     assert "pooled_prompt_embeds" not in zarr.open_group(str(tmp_path / "s"), mode="r")
 
 
@@ -85,7 +86,7 @@ def test_same_identity_resumes_and_different_identity_is_refused(tmp_path):
     first = _create(tmp_path / "s")
     first.write_batch(0, _batch(2, 1.0))
     again = _create(tmp_path / "s")  # same config: resumes with what is there
-    assert again.complete_indices().tolist() == [0, 1] and again.attrs["config_hash"] == first.attrs["config_hash"]
+    assert again.complete_indices().tolist() == [0, 1] and again.schema.config_hash == first.schema.config_hash
     with pytest.raises(ConfigMismatchError) as err:
         _create(tmp_path / "s", guidance=5.0, num_slots=3, steps_per_slot=1)
     message = str(err.value)
@@ -192,5 +193,34 @@ def test_store_works_on_an_fsspec_url():
     url = "memory://rapm-tests/trajectories"
     _create(url).write_batch(2, _batch(2, 1.0))
     reader = TrajectoryStore(url)
-    assert reader.complete_indices().tolist() == [2, 3] and reader.read(3)["prompt"] == "prompt 3"
+    assert reader.complete_indices().tolist() == [2, 3] and reader.read(3).prompt == "prompt 3"
     assert inspect_store(url)["complete"] == 2
+
+
+def test_a_store_written_before_checksums_and_fingerprints_stays_readable(tmp_path):
+    """A store as the first schema-1 writers left it: no chunk checksums, no teacher fingerprint,
+    positions compressed by Blosc alone (attributes written by hand, as that code did)."""
+    from zarr.codecs import BloscCodec
+
+    path = str(tmp_path / "old")
+    attrs = {**_schema().identity(), "embed_dtype": "float32", "positions_codec": {"cname": "zstd", "clevel": 5,
+             "shuffle": "shuffle"}, "prompt_store": {"path": "p", "split": "train", "limit": None, "config_hash": None}}
+    attrs["config_hash"] = _schema().identity_hash()
+    g = zarr.create_group(path, attributes=attrs)
+    g.create_array("positions", shape=(4, K1, C, H, W), chunks=(1, K1, C, H, W), dtype="float32",
+                   compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"))
+    g.create_array("prompt_embeds", shape=(4, L, D), chunks=(1, L, D), dtype="float32")
+    g.create_array("uncond_prompt_embeds", data=np.zeros((1, L, D), dtype="float32"))
+    for name, values in (("prompt", [f"p{i}" for i in range(4)]), ("prompt_id", [f"i{i}" for i in range(4)])):
+        g.create_array(name, shape=(4,), chunks=(4,), dtype=str)[:] = np.asarray(values, dtype=str)
+    g.create_array("seed", data=np.arange(4, dtype=np.int64), chunks=(4,))
+    g.create_array("complete", shape=(4,), chunks=(1,), dtype=bool, fill_value=False)
+    g["positions"][1] = np.ones((K1, C, H, W), dtype="float32")
+    g["complete"][1] = True
+
+    store = TrajectoryStore(path)
+    assert not store.schema.chunk_checksums and store.schema.teacher_fingerprint is None
+    assert store.schema.config_hash == store.schema.identity_hash()
+    assert store.complete_indices().tolist() == [1] and store.read(1).positions.sum() == K1 * C * H * W
+    assert store.schema.prompt_store.samples_per_prompt == 1
+    assert inspect_store(path)["chunk_checksums"] is False

@@ -65,12 +65,9 @@ def solve_x0_eps(
     return x0.to(z_s.dtype), eps.to(z_s.dtype)
 
 
-def slot_boundaries(positions: torch.Tensor, grid: SlotGrid,
-                    alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One stored trajectory (K+1, C, H, W) → its positions at the N+1 slot boundaries and the
-    teacher's x̂0 at the first N of them (the last boundary is the end of sampling)."""
-    m = grid.steps_per_slot
-    ks = [n * m for n in range(grid.num_slots + 1)]
-    x0 = [solve_x0_eps(positions[k], positions[k + 1], grid.fine[k], grid.fine_prev(k), alphas_cumprod)[0]
-          for k in ks[:-1]]
-    return positions[ks], torch.stack(x0)
+def boundary_x0(positions: torch.Tensor, grid: SlotGrid, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The teacher's x̂0 at the first N slot boundaries of one stored trajectory (K+1, C, H, W),
+    solved from each boundary position and the next (the last boundary ends the sampling)."""
+    ks = grid.boundary_indices()[:-1]
+    return torch.stack([solve_x0_eps(positions[k], positions[k + 1], grid.fine[k], grid.fine_prev(k),
+                                     alphas_cumprod)[0] for k in ks])

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rapm_core.embedded.shapes import ATTRIBUTES, parse_caption
+from rapm_shapes.shapes import ATTRIBUTES, parse_caption
 from rapm_core.errors import ConfigError
 
 WEIGHTS = "model.safetensors"

@@ -133,3 +133,41 @@ def clip_score(images: torch.Tensor, prompts: list[str], model_dir: str | Path, 
     for i in range(0, len(prompts), batch_size):
         metric.update(images[i:i + batch_size], prompts[i:i + batch_size])
     return float(metric.compute())
+
+
+def _kth_neighbour_radii(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance of every row to its k-th nearest other row."""
+    d = torch.cdist(features, features)
+    return d.kthvalue(k + 1, dim=1).values  # the 0 to itself comes first
+
+
+def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) and coverage (Naeem et al. 2020)
+    of two feature sets (N, D), with each set's manifold the union of k-NN balls around its samples.
+
+    Precision: share of fakes inside the real manifold (fidelity). Recall: share of reals inside the
+    fake manifold (diversity: a collapsed generator has low recall whatever its FID). Coverage:
+    share of reals whose own ball holds a fake (like recall, robust to fake outliers).
+    """
+    real, fake = real.double(), fake.double()
+    if min(real.shape[0], fake.shape[0]) <= k:
+        raise ValueError(f"k-NN precision/recall needs more than k={k} samples per set")
+    real_r, fake_r = _kth_neighbour_radii(real, k), _kth_neighbour_radii(fake, k)
+    d = torch.cdist(real, fake)  # (real, fake)
+    return {"precision": float((d <= real_r[:, None]).any(dim=0).double().mean()),
+            "recall": float((d <= fake_r[None, :]).any(dim=1).double().mean()),
+            "coverage": float((d.min(dim=1).values <= real_r).double().mean())}
+
+
+def kernel_distance(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module, subsets: int = 50,
+                    subset_size: int = 100) -> float:
+    """torchmetrics' KID (unbiased MMD², cubic kernel) between uint8 image sets through ``feature``,
+    a network mapping uint8 (B, 3, H, W) to (B, D); subsets no larger than the smaller set."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(subset_size, real.shape[0], fake.shape[0])
+    metric = KernelInceptionDistance(feature=feature, subsets=subsets, subset_size=size)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    mean, _std = metric.compute()
+    return float(mean)

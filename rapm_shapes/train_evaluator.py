@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rapm_core.embedded.evaluator import (
+from rapm_shapes.evaluator import (
     ShapesClassifier, attribute_accuracy, images_from_uint8, predict_attributes, save_evaluator,
 )
-from rapm_core.embedded.logbook import Logbook
-from rapm_core.embedded.shapes import ATTRIBUTES, make_dataset
+from rapm_shapes.logbook import Logbook
+from rapm_shapes.shapes import ATTRIBUTES, make_dataset
 
 HELD_OUT_SEED_OFFSET = 1_000_003  # held-out renders come from a seed disjoint from training's
 

@@ -8,34 +8,18 @@ so what a person reads anywhere is one rendering of metrics.json.
 from __future__ import annotations
 
 import base64
-import re
-
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib
 import torch
 
+from rapm_core.evaluate.metrics import Column, table_columns
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-
-# (key in a metrics row, column title, format); rows lacking a key show "—".
-COLUMNS = (
-    ("label", "method", "{}"),
-    ("domain_fid", "domain FID ↓", "{:.2f}"),
-    ("prompt_adherence", "prompt adherence ↑", "{:.1%}"),
-    ("inception_fid", "Inception FID ↓", "{:.2f}"),
-    ("clip_score", "CLIP score ↑", "{:.2f}"),
-    ("latent_mse", "latent MSE to ref ↓", "{:.4f}"),
-    ("psnr", "PSNR to ref (dB) ↑", "{:.2f}"),
-    ("nfe", "NFE / image", "{}"),
-    ("images_per_second", "images / s", "{:.2f}"),
-    ("distill_seconds", "distillation wall time (s)", "{:.0f}"),
-)
-BAR_METRICS = ("domain_fid", "prompt_adherence", "inception_fid", "clip_score", "latent_mse", "psnr", "nfe",
-               "images_per_second")
-_TITLES = {key: title for key, title, _ in COLUMNS}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -45,23 +29,22 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(value).replace("|", "&#124;")
 
 
-def present_columns(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
+def present_columns(rows: Sequence[dict]) -> list[Column]:
     """The label plus every column some row has a value for (a tiny teacher has no domain FID…)."""
-    return [c for c in COLUMNS if c[0] == "label" or any(r.get(c[0]) is not None for r in rows)]
+    return [c for c in table_columns() if c.key == "label" or any(r.get(c.key) is not None for r in rows)]
 
 
 def metrics_table_markdown(rows: Sequence[dict]) -> str:
     columns = present_columns(rows)
-    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in columns) + " |" for r in rows]
+    lines = ["| " + " | ".join(c.title for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(r, c.key, c.fmt) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def table_artifact_rows(rows: Sequence[dict]) -> list[dict]:
     """Rows as Prefect's table artifact shows them: formatted strings under readable titles."""
     columns = present_columns(rows)
-    return [{title: _cell(r, key, fmt) for key, title, fmt in columns} for r in rows]
+    return [{c.title: _cell(r, c.key, c.fmt) for c in columns} for r in rows]
 
 
 def _save(fig, out: Path) -> Path:
@@ -92,7 +75,8 @@ def image_grid(columns: dict[str, torch.Tensor], row_labels: Sequence[str], out:
 
 def metrics_bar_chart(rows: Sequence[dict], out: str | Path) -> Path:
     """One panel per metric present, one bar per method."""
-    keys = [k for k in BAR_METRICS if any(r.get(k) is not None for r in rows)]
+    charted = [c for c in present_columns(rows) if c.chart]
+    keys, titles = [c.key for c in charted], {c.key: c.title for c in charted}
     cols = min(4, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
@@ -107,7 +91,7 @@ def metrics_bar_chart(rows: Sequence[dict], out: str | Path) -> Path:
             ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize=7)
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
-        ax.set_title(_TITLES[key], fontsize=9)
+        ax.set_title(titles[key], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")

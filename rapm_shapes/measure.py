@@ -17,10 +17,10 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from rapm_core.conditioning import Conditioning
-from rapm_core.embedded.evaluator import (
+from rapm_shapes.evaluator import (
     features, frechet_distance, images_from_uint8, images_to_uint8, load_evaluator, prompt_adherence,
 )
-from rapm_core.embedded.shapes import all_prompts, render_prompts
+from rapm_shapes.shapes import all_prompts, render_prompts
 from rapm_core.sampler import ddim_sample
 
 REAL_SEED_OFFSET = 7919  # real renders use other generators than the initial noise

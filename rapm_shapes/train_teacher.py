@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from rapm_core.embedded.evaluator import images_from_uint8
-from rapm_core.embedded.logbook import Logbook
-from rapm_core.embedded.shapes import all_prompts, caption, make_dataset, vocabulary
-from rapm_core.embedded.tokenizer import write_word_tokenizer
+from rapm_shapes.evaluator import images_from_uint8
+from rapm_shapes.logbook import Logbook
+from rapm_shapes.shapes import all_prompts, caption, make_dataset, vocabulary
+from rapm_shapes.tokenizer import write_word_tokenizer
 
 MAX_TOKENS = 16  # BOS + the 7 caption words + EOS, with room to spare
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
-from rapm_core.student import teacher_mode
+from rapm_core.distill.student import teacher_mode
 
 
 class _FeaturesCollected(Exception):
@@ -29,7 +29,7 @@ def _no_gradient_checkpointing(unet: nn.Module) -> Iterator[None]:
     # Non-reentrant checkpointing recomputes a block during backward, by which time the adapters
     # are enabled again: the backbone would be recomputed as the student. It runs unchecked.
     # The flag lives on the blocks; ``unet.is_gradient_checkpointing`` would walk every submodule
-    # (~10 ms on a LoRA'd UNet) on each of the two discriminator calls per slot.
+    # (found costly in bench_distill.py's profile) on each of the two discriminator calls per slot.
     blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     was_on = any(getattr(b, "gradient_checkpointing", False) for b in blocks)
     if was_on:

@@ -1,26 +1,27 @@
 """The student: the teacher UNet itself plus a peft LoRA, and the teacher recovered from it.
 
-RAPM never holds a second UNet copy: wherever the teacher itself is needed (the discriminator
-backbone), the same module runs with its adapters bypassed. The adapter is exported in the
-diffusers LoRA format so that a stock ``pipe.load_lora_weights(dir)`` reproduces the student
-exactly (see PLATFORM_NOTES.md for the two ways that silently fails).
+No method holds a second UNet copy: wherever the teacher itself is needed (a discriminator
+backbone, a peer's teacher solver step), the same module runs with its adapters bypassed
+(:func:`teacher_mode`). :class:`Student` bundles what every method asks of the student: its
+deterministic DDIM jump under the run's autocast, the noise schedule and the trainable LoRA.
 """
 
 from __future__ import annotations
 
-import json
 import weakref
-from contextlib import contextmanager
-from pathlib import Path
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from rapm_core.conditioning import Conditioning
+from rapm_core.distill.config import TrainingConfig
 from rapm_core.errors import ConfigError
+from rapm_core.sampler import guided_prediction
+from rapm_core.schedule import ddim_step, inference_scheduler
 
 # PCM / LCM-LoRA's target set: every attention projection, feed-forward, ResNet conv and
 # time-embedding projection, so a rank-1 adapter can still move every block.
@@ -72,7 +73,7 @@ def teacher_mode(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run the bare teacher through the student's module (adapters bypassed, not removed).
 
     Does per layer what ``unet.disable_adapters()`` / ``enable_adapters()`` do, over a cached
-    layer list: those walk every submodule each time, which cost a quarter of a training step
+    layer list: those walk every submodule each time, a large share of a training step
     (the discriminator toggles twice per slot). peft also clears requires_grad on the adapter
     while disabled; re-enabling restores it. Gradients of graphs built inside still reach the
     adapter through inputs made outside.
@@ -107,55 +108,44 @@ def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) 
     set_peft_model_state_dict(unet, {k: v.to(current[k].dtype) for k, v in state.items()})
 
 
-def is_sdxl_unet(unet: torch.nn.Module) -> bool:
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+class Student:
+    """The teacher UNet (adapted in place) with a fresh LoRA, on ``device``.
 
-
-def save_diffusers_lora(unet: torch.nn.Module, config: LoraConfig, out_dir: str | Path) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` as stock ``load_lora_weights`` expects it.
-
-    The raw peft keys (not ``convert_state_dict_to_diffusers``, whose old-style attention keys the
-    loader skips) and the adapter metadata (without it a lora_alpha ≠ rank silently becomes 1).
+    Holds the DDIM noise schedule of the teacher's scheduler config (RAPM's inference
+    scheduler: trailing, no clipping) and the autocast the run's ``mixed_precision`` asks for.
     """
-    pipeline_cls = StableDiffusionXLPipeline if is_sdxl_unet(unet) else StableDiffusionPipeline
-    out_dir = Path(out_dir)
-    pipeline_cls.save_lora_weights(
-        out_dir, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=config.to_dict(),
-    )
-    return out_dir
 
+    def __init__(self, unet: torch.nn.Module, scheduler_config: Mapping[str, Any] | Any, training: TrainingConfig,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        if training.mixed_precision != "no" and self.device.type != "cuda":
+            raise ConfigError(
+                f"mixed_precision={training.mixed_precision!r} needs a CUDA device; use 'no' on {self.device.type}")
+        self.training = training
+        scheduler = inference_scheduler(scheduler_config)
+        self.scheduler_config = dict(scheduler.config)
+        self.prediction_type = scheduler.config.prediction_type
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.unet = unet.to(self.device).eval()
+        self.lora_config = lora_config(training.rank, training.lora_alpha)
+        self.lora_params = attach_lora(self.unet, self.lora_config, seed=training.init_seed)
+        # diffusers' ``unet.dtype`` walks every submodule, as costly as a small UNet call; a
+        # method reads it several times per slot, so once here.
+        self.dtype = self.unet.dtype
+        if training.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
 
-def write_model_card(out_dir: str | Path, teacher: str, num_steps: int, steps_per_slot: int, lora: LoraConfig,
-                     sdxl: bool, extra: Mapping[str, Any]) -> None:
-    """README.md (Hub-style card: teacher, N, M, how to sample) and ``inference.json`` (N, guidance)
-    beside the LoRA, because the scheduler config alone cannot record the step count."""
-    out_dir = Path(out_dir)
-    settings = {"num_inference_steps": num_steps, "guidance_scale": 1.0, "teacher": teacher,
-                "steps_per_slot": steps_per_slot, "lora_rank": lora.r, "lora_alpha": lora.lora_alpha}
-    (out_dir / "inference.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    pipeline_cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    rows = [("teacher", teacher), ("steps N", num_steps), ("teacher steps per slot M", steps_per_slot),
-            ("guidance at inference", 1.0), ("LoRA rank / alpha", f"{lora.r} / {lora.lora_alpha}")]
-    rows += [(k, v) for k, v in extra.items() if not isinstance(v, Mapping)]
-    lines = ["---", f"base_model: {teacher}", "library_name: diffusers",
-             "tags: [lora, text-to-image, rapm, distillation]", "---", "",
-             f"# RAPM {num_steps}-step LoRA for {teacher}", "",
-             "Distilled with Relative and Absolute Position Matching (Zhang et al., arXiv 2503.20744).", "",
-             "| | |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in rows), ""]
-    for k, v in extra.items():
-        if isinstance(v, Mapping):
-            lines += [f"## {k}", "", "| | |", "|---|---|", *(f"| {kk} | {_cell(vv)} |" for kk, vv in v.items()), ""]
-    lines += ["## Use", "", "```python", f"from diffusers import {pipeline_cls}, DDIMScheduler",
-              f'pipe = {pipeline_cls}.from_pretrained("{teacher}")', 'pipe.load_lora_weights("<this folder>")',
-              'pipe.scheduler = DDIMScheduler.from_pretrained("<this folder>", subfolder="scheduler")',
-              f'image = pipe("a prompt", num_inference_steps={num_steps}, guidance_scale=1.0).images[0]', "```", ""]
-    (out_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    def autocast(self):
+        if self.training.mixed_precision == "no":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.training.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def predict(self, z: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
+        """The UNet's raw output at (z, t) with the LoRA enabled, guidance 1, in fp32."""
+        with self.autocast():
+            return guided_prediction(self.unet, z.to(self.dtype), t, cond).float()
 
-def _cell(value: Any) -> str:
-    # Nested settings (a run's whole config) stay readable and cannot break the table.
-    if isinstance(value, (Mapping, list, tuple)):
-        text = json.dumps(value, default=str)
-    else:
-        text = str(value)
-    return text.replace("|", "\\|")
+    def jump(self, z: torch.Tensor, t_from: int, t_to: int, cond: Conditioning) -> torch.Tensor:
+        """One student DDIM jump t_from → t_to, ε- or v-prediction alike."""
+        return ddim_step(z, self.predict(z, t_from, cond), t_from, t_to, self.alphas_cumprod, self.prediction_type)

@@ -1,0 +1,110 @@
+"""The quality benchmark's measurements: a student or the teacher's samplers on the held-out
+prompts, scored by the shapes domain's metric (``rapm_shapes.metric.ShapesDomain``), and what the
+evaluator's features respond to (``image_statistics``).
+
+A student is loaded the stock way (``load_lora_weights`` into a fresh pipeline, its exported
+scheduler); noise per image comes from ``eval_seed(seed, i)``, so every method and every run at
+one eval seed sees the same noise.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rapm_core.conditioning import Conditioning
+from rapm_core.evaluate.config import EvaluateConfig
+from rapm_core.evaluate.samplers import MethodSpec, eval_seed, method_specs, run_method
+from rapm_core.evaluate.student import load_student_export
+from rapm_core.pipeline import PipelineConfig
+from rapm_core.teacher import decode_latents, encode_prompts, encode_uncond, load_teacher
+from rapm_core.trajectories.chain import initial_noise
+from rapm_shapes import evaluator as judge
+from rapm_shapes.metric import ShapesDomain, evaluator_images
+from rapm_shapes.shapes import parse_caption
+from storage.prompt_store import PromptStore
+from storage.trajectory_store import TrajectoryStore
+
+TEACHER_METHODS = ("teacher_ref", "teacher_ddim", "dpm_solver")
+BATCH = 64
+
+
+class Bench:
+    """The teacher, the eval prompts and noise of one eval seed, and the metric."""
+
+    def __init__(self, config: PipelineConfig, seed: int, num_images: int):
+        texts = [r.text for r in PromptStore(config.paths()["prompts"]).records("eval")]
+        self.prompts = [texts[i % len(texts)] for i in range(num_images)]
+        self.schema = TrajectoryStore(str(config.paths()["trajectories"])).schema
+        self.teacher = load_teacher(self.schema.teacher, None, torch.float32, "cpu")
+        self.cond = reduce(Conditioning.cat, [encode_prompts(self.teacher, self.prompts[a:a + BATCH])
+                                              for a in range(0, num_images, BATCH)])
+        self.uncond = encode_uncond(self.teacher)
+        self.noise = initial_noise([eval_seed(seed, i) for i in range(num_images)], self.teacher.latent_shape,
+                                   torch.float32, "cpu")
+        self.step_seeds = [eval_seed(seed, i, "rapm-eval-steps") for i in range(num_images)]
+        self.metric = ShapesDomain.create(EvaluateConfig(run="-", evaluator="auto", render_seed=seed), self.prompts,
+                                          reference=None)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.teacher.pipe.vae, z)
+
+    def sample(self, spec: MethodSpec, scheduler_config) -> torch.Tensor:
+        return run_method(spec, self.teacher.unet, scheduler_config, self.decode, self.noise, self.cond, self.uncond,
+                          BATCH, step_seeds=self.step_seeds)
+
+
+def _scores(bench: Bench, samples) -> dict[str, float]:
+    return {**bench.metric.measure(samples), "nfe": samples.spec.nfe, "label": samples.spec.label}
+
+
+def measure_teachers(config_json: str, seed: int, num_images: int,
+                     methods: tuple[str, ...] = TEACHER_METHODS) -> dict[str, dict]:
+    """The teacher's samplers at this N (reference: N·M-step DDIM) at one eval seed."""
+    torch.set_num_threads(1)
+    config = PipelineConfig.model_validate_json(config_json)
+    bench = Bench(config, seed, num_images)
+    s = bench.schema
+    specs = method_specs(s.num_slots, s.steps_per_slot, s.guidance, load_student_stub(s.num_slots))
+    return {m: _scores(bench, bench.sample(specs[m], bench.teacher.scheduler_config)) for m in methods}
+
+
+def load_student_stub(num_steps: int):
+    from rapm_core.evaluate.student import StudentExport
+
+    return StudentExport(Path("-"), {}, num_steps, "rapm")
+
+
+def measure_student(config: PipelineConfig, run_dir: Path, seed: int, num_images: int) -> dict[str, float]:
+    """The student of ``run_dir``'s export, loaded into a fresh pipeline, at one eval seed."""
+    bench = Bench(config, seed, num_images)
+    student = load_student_export(run_dir / "export")
+    student.load_into(bench.teacher.pipe)
+    s = bench.schema
+    spec = method_specs(s.num_slots, s.steps_per_slot, s.guidance, student)["student"]
+    return _scores(bench, bench.sample(spec, student.scheduler_config))
+
+
+# -- what the features respond to ---------------------------------------------------------------------
+def image_statistics(images: torch.Tensor, prompts: list[str], model: judge.ShapesClassifier) -> dict[str, float]:
+    """Per-set image statistics (images (B, H, W, 3) in [0, 1]): per-attribute accuracy, colour
+    saturation, edge sharpness, background level, and the spread of the evaluator's features."""
+    x = images.float().clamp(0, 1)
+    mx, mn = x.max(dim=-1).values, x.min(dim=-1).values
+    saturation = ((mx - mn) / mx.clamp(min=1e-6)).mean().item()
+    gray = x.mean(dim=-1)
+    sharpness = ((gray[:, 1:, :] - gray[:, :-1, :]).abs().mean() + (gray[:, :, 1:] - gray[:, :, :-1]).abs().mean()).item()
+    background = torch.quantile(gray.flatten(1), 0.1, dim=1).mean().item()
+    ev = evaluator_images(images)
+    feats = judge.features(model, ev)
+    accuracy = judge.attribute_accuracy(judge.predict_attributes(model, ev), [parse_caption(p) for p in prompts])
+    return {**{f"acc_{k}": v for k, v in accuracy.items()}, "saturation": saturation, "sharpness": sharpness,
+            "background": background, "feature_spread": float(feats.std(dim=0).mean()),
+            "feature_norm": float(feats.norm(dim=1).mean())}
+
+
+def renders_as_images(renders: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(renders).float() / 255.0

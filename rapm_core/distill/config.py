@@ -1,0 +1,204 @@
+"""Stage B's config tree: shared training options, one section per loss family and per method.
+
+``MethodConfig`` is everything that changes what one iteration computes (it is hashed to name a
+run); ``DistillOptions`` adds how long to train and how often to save; ``DistillRunConfig`` adds
+the wiring (store, run dir, seed, device) a pipeline derives from its own fields.
+
+Defaults come from the quality benchmark (``benchmarks/RESULTS.md``): pointwise (pseudo-Huber)
+ℓ_rel and ℓ_abs, because on the embedded teacher they beat the paper's adversarial losses at
+equal iterations in under half the time per iteration; the two discriminators remain one option
+away ("adversarial" or "both"). lr 1e-3, ten times LCM-LoRA's, because pointwise matching takes
+it. Rank 1 is the paper's; no weight decay, so the rank-1 A is not pulled towards zero; grad clip
+1.0 as diffusers' training scripts; heads narrower than PCM's (which use the feature width and
+would be very large at SDXL size).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rapm_core.config import FrozenModel
+
+LossMode = Literal["adversarial", "pointwise", "both", "off"]
+Kind = Literal["rel", "abs"]
+Method = Literal["rapm", "pcm", "lcm"]
+# The sections each method reads besides ``training``; the others cannot change what it computes
+# and stay out of its run's hash.
+METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "rapm": ("pointwise", "adversarial", "rapm"),
+    "pcm": ("pointwise", "adversarial", "peer", "pcm"),
+    "lcm": ("pointwise", "peer"),
+}
+METHOD_NAMES = tuple(METHOD_SECTIONS)
+
+
+class TrainingConfig(FrozenModel):
+    """The LoRA student and its optimizer, shared by every method."""
+
+    rank: int = Field(1, ge=1, description="LoRA rank; 1 as in the paper's SDXL run (~7 MB)")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; None means = rank (scale 1)")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, both optimizers")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, both optimizers")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm per optimizer; None = off")
+    gradient_checkpointing: bool = Field(False, description="checkpoint the student's UNet call")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast for UNet and heads on CUDA; LoRA and heads stay fp32")
+    max_consecutive_nonfinite: int = Field(5, ge=1, description="the run aborts after this many skipped iterations in a row")
+    init_seed: int = Field(0, description="seed of the initial LoRA A and head weights")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainingConfig":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class PointwiseConfig(FrozenModel):
+    """The pointwise distance between a student position and its target."""
+
+    pointwise: Literal["huber", "l2"] = Field("huber", description="pointwise distance")
+    huber_c: float = Field(0.001, gt=0, description="pseudo-Huber c (PCM's 0.001)")
+
+
+class AdversarialConfig(FrozenModel):
+    """Discriminator heads on the frozen teacher's features (used only by adversarial losses).
+
+    PCM's published settings are λ_adv 0.1, lr 1e-5, betas (0, 0.999) and alternating steps.
+    """
+
+    lambda_adv: float = Field(1.0, ge=0, description="λ_adv: weight of each adversarial G term")
+    lr_disc: float = Field(1e-4, gt=0, description="AdamW learning rate of the discriminator heads")
+    disc_betas: tuple[float, float] | None = Field(
+        None, description="AdamW betas of the heads (default: the LoRA's --betas)")
+    disc_schedule: Literal["simultaneous", "alternate"] = Field(
+        "simultaneous", description="both optimizers step every iteration, or D on even and G on odd iterations")
+    gen_loss: Literal["hinge", "linear"] = Field("hinge", description="G loss: relu(1 − D(fake)) or −D(fake)")
+    disc_channels: int = Field(256, ge=1, description="inner width of every discriminator head")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdversarialConfig":
+        if self.disc_betas is not None and not all(0.0 <= b < 1.0 for b in self.disc_betas):
+            raise ValueError(f"disc_betas must lie in [0, 1), got {self.disc_betas}")
+        return self
+
+
+class RapmConfig(FrozenModel):
+    """RAPM's own options: which positions are matched, how, and over which slots."""
+
+    relative_offset: int = Field(1, ge=0, description="d: fine steps into the slot for the relative target")
+    slots_per_iteration: Literal["all", "random"] = Field(
+        "all", description="all slots per iteration, or one slot drawn from the run's generator")
+    loss_relative: LossMode = Field("pointwise", description="ℓ_rel: adversarial, pointwise, both or off")
+    loss_absolute: LossMode = Field("pointwise", description="ℓ_abs: adversarial, pointwise, both or off")
+    lambda_rel: float = Field(1.0, ge=0, description="λ_rel")
+    lambda_abs: float = Field(1.0, ge=0, description="λ_abs")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RapmConfig":
+        if self.loss_relative == "off" and self.loss_absolute == "off":
+            raise ValueError("loss_relative and loss_absolute are both 'off': nothing to train")
+        return self
+
+    def mode(self, kind: Kind) -> str:
+        return self.loss_relative if kind == "rel" else self.loss_absolute
+
+    def adversarial(self, kind: Kind) -> bool:
+        return self.mode(kind) in ("adversarial", "both")
+
+    def pointwise_on(self, kind: Kind) -> bool:
+        return self.mode(kind) in ("pointwise", "both")
+
+    def weight(self, kind: Kind) -> float:
+        return self.lambda_rel if kind == "rel" else self.lambda_abs
+
+
+class PeerConfig(FrozenModel):
+    """What the consistency peers (PCM, LCM-LoRA) share: their data and their online teacher step."""
+
+    x0_source: Literal["store", "renders"] = Field(
+        "store", description="clean latents x0: the store's final teacher positions (data-free, as RAPM), or real "
+                             "renders of the prompts through the VAE (a domain that renders, e.g. the shapes)")
+    teacher_guidance: tuple[float, float] | None = Field(
+        None, description="CFG scale range of the teacher's online solver step, drawn per iteration "
+                          "(default: the store's guidance; PCM's script uses 5 6, LCM's 6 16)")
+    solver_steps: int = Field(50, ge=2, le=1000, description="steps of the DDIM teacher grid the peers skip along")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PeerConfig":
+        if self.teacher_guidance is not None and not 1.0 <= self.teacher_guidance[0] <= self.teacher_guidance[1]:
+            raise ValueError(f"teacher_guidance must be an increasing range ≥ 1, got {self.teacher_guidance}")
+        return self
+
+
+class PcmConfig(FrozenModel):
+    """PCM's own option (Wang et al., arXiv 2405.18407)."""
+
+    pcm_adversarial: bool = Field(False, description="add PCM's adversarial term (the discriminator section)")
+
+
+class LcmConfig(FrozenModel):
+    """LCM-LoRA's own option (Luo et al., arXiv 2311.05556). σ_data is 0.5, as diffusers'
+    LCMScheduler fixes it, so the exported scheduler samples what was trained."""
+
+    timestep_scaling: float = Field(10.0, gt=0, description="timestep scaling of the consistency c_skip/c_out")
+
+
+class MethodConfig(FrozenModel):
+    """What one iteration computes: the method, its section and the shared sections."""
+
+    method: Method = Field("rapm", description=f"distillation method ({', '.join(METHOD_NAMES)})")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="LoRA and optimizer")
+    pointwise: PointwiseConfig = Field(default_factory=PointwiseConfig, description="pointwise distance")
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig, description="discriminator heads")
+    rapm: RapmConfig = Field(default_factory=RapmConfig, description="RAPM's options")
+    peer: PeerConfig = Field(default_factory=PeerConfig, description="PCM and LCM-LoRA's data and teacher step")
+    pcm: PcmConfig = Field(default_factory=PcmConfig, description="PCM's options")
+    lcm: LcmConfig = Field(default_factory=LcmConfig, description="LCM-LoRA's options")
+
+    @classmethod
+    def from_options(cls, **options) -> "MethodConfig":
+        """Build from options named as on the command line (``lr=…, loss_relative=…``): each goes
+        to the section that has it (the CLI flattens sections the same way)."""
+        data: dict = {}
+        for key, value in options.items():
+            section = next((name for name, f in cls.model_fields.items()
+                            if isinstance(f.annotation, type) and key in f.annotation.model_fields), None)
+            if section is None and key not in cls.model_fields:
+                raise ValueError(f"unknown distillation option {key!r}")
+            if section is None:
+                data[key] = value
+            else:
+                data.setdefault(section, {})[key] = value
+        return cls.model_validate(data)
+
+    def hashed(self) -> dict:
+        """The method's dump without the sections it does not read, which cannot change what it computes."""
+        return self.model_dump(mode="json", include={"method", "training", *METHOD_SECTIONS[self.method]})
+
+
+class DistillOptions(MethodConfig):
+    """How a run trains: the method, how long, how often it saves."""
+
+    # The paper's SDXL run: 20K iterations at batch size 1.
+    iterations: int = Field(20000, ge=1, description="total optimizer steps (extend a finished run by raising it)")
+    checkpoint_every: int = Field(500, ge=1, description="save a checkpoint every this many iterations (and at the end)")
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept on disk (oldest deleted first)")
+
+    def method_config(self) -> MethodConfig:
+        return MethodConfig.model_validate(self.model_dump(include=set(MethodConfig.model_fields)))
+
+
+class DistillRunConfig(DistillOptions):
+    """Stage B: distil the teacher of a trajectory store into a few-step LoRA student."""
+
+    trajectories: str = Field(description="trajectory store (made by `rapm trajectories`)")
+    out: str = Field(description="run dir to create, or to resume/extend if it was made with the same config")
+    seed: int = Field(0, ge=0, description="seed of the data order and of all training noise (weights init: --init-seed)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
+
+    def hashed(self) -> dict:
+        """What names the run: the method and the seed (not where, how long or how often it saves)."""
+        return {**self.method_config().hashed(), "seed": self.seed}

@@ -1,0 +1,60 @@
+"""PCM, phased consistency (Wang et al., arXiv 2405.18407), as its SD 1.5 script computes it.
+
+The teacher grid is cut into P = N phases with edges floor(linspace(0, K, N, endpoint=False)).
+For the drawn index i, its phase ends at s = the grid's previous timestep of the phase's edge e.
+The student jumps straight from x₊ (time t₊) to s with its own prediction; the target is the
+teacher's one step t₊ → t followed by the same LoRA UNet's jump t → s (no gradient; when i is
+itself an edge, t = s and the target is the teacher's step alone). Pointwise loss at the phase
+end, optionally plus an adversarial term on the teacher's features (fake: the student's jump,
+real: the target, both re-noised from s to t′ ∈ [s, s + T/N)).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from rapm_core.distill.adversarial import Discriminators
+from rapm_core.distill.config import MethodConfig
+from rapm_core.distill.consistency import ConsistencyMethod
+from rapm_core.distill.losses import pointwise_loss
+from rapm_core.distill.method import Example, GuidedTeacher, LossTerms
+from rapm_core.distill.student import Student
+from rapm_core.schedule import SlotGrid
+
+
+class Pcm(ConsistencyMethod):
+    name = "pcm"
+    title = "Phased Consistency Models (Wang et al., arXiv 2405.18407)"
+
+    def __init__(self, student: Student, grid: SlotGrid, config: MethodConfig, teacher: GuidedTeacher | None = None):
+        super().__init__(student, grid, config, teacher)
+        self.edges = [int(e) for e in np.floor(np.linspace(0, len(self.solver), grid.num_slots, endpoint=False))]
+        self.discriminators = (Discriminators(student, ["pcm"], config.adversarial, config.training.init_seed)
+                               if config.pcm.pcm_adversarial else None)
+        if self.discriminators is not None:
+            self.heads = self.discriminators.heads
+
+    def phase_end(self, index: int) -> int:
+        """s: where the phase holding grid index ``index`` ends."""
+        edge = max(e for e in self.edges if e <= index)
+        return self.solver.previous[edge]
+
+    def losses(self, example: Example, generator: torch.Generator) -> Iterator[LossTerms]:
+        student = self.student
+        draw = self.draw(example, generator)
+        cond = example.cond.to(student.device, student.dtype)
+        s = self.phase_end(draw.index)
+        fake = student.jump(draw.x_plus, draw.t_plus, s, cond)
+        with torch.no_grad():
+            target = draw.x_teacher if draw.t == s else student.jump(draw.x_teacher, draw.t, s, cond)
+        p = pointwise_loss(fake, target, self.config.pointwise.pointwise, self.config.pointwise.huber_c)
+        terms = LossTerms(generator={"pcm_pointwise": p}, stats={"pcm_pointwise": float(p.detach()),
+                                                                  "grid_index": float(draw.index)})
+        if self.discriminators is not None:
+            span = self.grid.num_train_timesteps // self.grid.num_slots
+            self.discriminators.add_terms(terms, fake, {"pcm": target}, s, (s, s + span), cond, {"pcm": 1.0},
+                                          generator)
+        yield terms

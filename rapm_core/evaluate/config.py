@@ -1,0 +1,51 @@
+"""Stage C's config: the options (what a pipeline sets per stage) and the wiring (run dir, stores,
+seed, device: what a pipeline derives from its own fields)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from rapm_core.config import StrictModel
+
+METHODS = ("teacher_ref", "teacher_ddim", "dpm_solver", "student")
+REFERENCE = "teacher_ref"
+Method = Literal["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
+
+
+class EvaluateOptions(StrictModel):
+    """What is sampled and measured."""
+
+    num_images: int = Field(64, ge=2, description="images per method; the eval prompts repeat with fresh noise if fewer")
+    methods: list[Method] = Field(list(METHODS), description=f"methods to run ({', '.join(METHODS)}); "
+                                                             f"{REFERENCE} is always run: it is the fidelity reference")
+    batch_size: int = Field(16, ge=1, description="images per sampling batch (speed only)")
+    evaluator: str = Field("auto", description="shapes evaluator dir for domain FID and prompt adherence; "
+                                               "auto: the embedded one when every prompt is a shapes caption; none: off")
+    render_seed: int = Field(0, description="seed of the real renders domain FID compares with")
+    fid_weights: str | None = Field(None, description="torch-fidelity Inception weights (.pth) for Inception FID")
+    fid_reference: str | None = Field(None, description="folder of real images for Inception FID "
+                                                        f"(default: the {REFERENCE} images)")
+    clip_model: str | None = Field(None, description="local CLIPModel directory for CLIP score")
+    grid_rows: int = Field(6, ge=1, description="prompts shown in grid.png")
+    trajectory_rows: int = Field(3, ge=1, description="stored trajectories shown in trajectory.png")
+    publish: str | None = Field(None, description="also copy the finished eval dir here, e.g. s3://bucket/reports/run1 "
+                                                  "(endpoint and keys from the environment)")
+
+    @field_validator("methods")
+    @classmethod
+    def _reference_first(cls, methods: list[str]) -> list[str]:
+        return [REFERENCE] + [m for m in METHODS if m in methods and m != REFERENCE]
+
+
+class EvaluateConfig(EvaluateOptions):
+    """Stage C: sample the eval prompts with every method from the same noise and measure them."""
+
+    run: str = Field(description="run dir made by `rapm distill` (its export/ is the student)")
+    trajectories: str | None = Field(None, description="trajectory store the run was distilled from "
+                                                       "(default: the one run.json names)")
+    prompts: str | None = Field(None, description="prompt store whose eval split is sampled "
+                                                  "(default: the one the trajectory store was made from)")
+    seed: int = Field(0, ge=0, description="noise seed: image i gets sha256(seed, i), the same for every method")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")

@@ -1,0 +1,220 @@
+"""Stage C's engine: run dir → RUN_DIR/eval/, the quality benchmark of one run.
+
+Every method samples the same eval prompts from the same per-image noise; the registered metrics
+(:mod:`rapm_core.evaluate.metrics`) compare them with the teacher's N·M-step reference, with real
+renders (a domain's metric) or with Inception/CLIP (real teachers, weights supplied by the user).
+The eval dir is written whole (temp dir, rename) and names the config and the run step it
+measured, so a re-run with the same config on the same finished run does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rapm_core.conditioning import Conditioning
+from rapm_core.errors import ConfigError
+from rapm_core.evaluate import report
+from rapm_core.evaluate.config import REFERENCE, EvaluateConfig
+from rapm_core.evaluate.metrics import registered_metrics
+from rapm_core.evaluate.samplers import MethodSamples, eval_seed, method_specs, run_method
+from rapm_core.evaluate.student import StudentExport, load_student_export
+from rapm_core.evaluate.trajectory_figure import trajectory_figure
+from rapm_core.progress import Progress
+from rapm_core.teacher import decode_latents, encode_prompts, encode_uncond, load_teacher, resolve_device, resolve_dtype
+from rapm_core.trajectories.chain import initial_noise
+from storage.errors import ConfigMismatchError, StoreError
+from storage.hashing import config_hash
+from storage.prompt_store import PromptStore
+from storage.run_dir import RunDir
+from storage.teacher_fingerprint import check_teacher_unchanged
+from storage.trajectory_store import TrajectoryStore
+from storage.urls import exists, join, publish_dir, read_text
+
+EVAL_DIR = "eval"
+# Speed and where the report goes, not results: excluded from the eval's identity.
+HASH_EXCLUDED = frozenset({"run", "batch_size", "device", "publish"})
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    eval_dir: str
+    rows: list[dict]
+    skipped: bool
+    seconds: float
+
+
+def eval_config_hash(config: EvaluateConfig) -> str:
+    return config_hash(config.model_dump(mode="json", exclude=set(HASH_EXCLUDED)))
+
+
+def read_run(config: EvaluateConfig) -> tuple[RunDir, dict, dict]:
+    run = RunDir(config.run)
+    if not run.run_json.is_file():
+        raise StoreError(f"{config.run}: not a run dir (no run.json); run `rapm distill` first")
+    record = json.loads(run.run_json.read_text(encoding="utf-8"))
+    done = run.done()
+    if done is None:
+        raise StoreError(f"{config.run}: distillation has not finished (no done.json); finish `rapm distill` first")
+    return run, record, done
+
+
+def open_store(config: EvaluateConfig, record: dict) -> TrajectoryStore:
+    """The store the run was distilled from: ``--trajectories``, else the one run.json names."""
+    path = config.trajectories or record.get("trajectory_store")
+    if path is None:
+        raise ConfigError(f"{config.run}/run.json does not name its trajectory store (an older run dir); "
+                          f"pass --trajectories")
+    store = TrajectoryStore(path)
+    if store.schema.config_hash != record["store_config_hash"]:
+        raise ConfigMismatchError(f"{path}: not the trajectory store {config.run} was distilled from (config hash "
+                                  f"{store.schema.config_hash[:12]} vs {record['store_config_hash'][:12]})")
+    return store
+
+
+def eval_identity(config: EvaluateConfig, record: dict, done: dict) -> dict:
+    """What a finished eval dir measured: this config on this run at this step."""
+    return {"eval_config_hash": eval_config_hash(config), "run_config_hash": record["config_hash"],
+            "run_step": done["step"]}
+
+
+def finished(config: EvaluateConfig) -> dict | None:
+    """The existing metrics.json if it measured exactly this config on this run's current student."""
+    run, record, done = read_run(config)
+    path = run.path / EVAL_DIR / "metrics.json"
+    if not path.is_file():
+        return None
+    existing = json.loads(path.read_text(encoding="utf-8"))
+    wanted = eval_identity(config, record, done)
+    return existing if all(existing.get(k) == v for k, v in wanted.items()) else None
+
+
+def eval_prompts(config: EvaluateConfig, store: TrajectoryStore) -> tuple[str, list[str]]:
+    source = config.prompts or (store.schema.prompt_store.path if store.schema.prompt_store else None)
+    if source is None:
+        raise ConfigError(f"{store.path} does not name its prompt store; pass --prompts")
+    texts = [r.text for r in PromptStore(source).records("eval")]
+    if not texts:
+        raise StoreError(f"{source}: the eval split is empty; re-ingest with --eval-fraction > 0 or pass --prompts")
+    return source, texts
+
+
+def evaluate_run(config: EvaluateConfig, progress: Callable[[Progress], None] | None = None,
+                 log: Callable[[str], None] = print) -> EvalResult:
+    """Sample, measure and write RUN_DIR/eval/ (metrics.json, grid.png, metrics.png, trajectory.png, report.md)."""
+    t_start = time.perf_counter()
+    existing = finished(config)
+    if existing is not None:
+        log(f"{config.run}/{EVAL_DIR}: already evaluated with this config at step {existing['run_step']}; nothing to do")
+        publish_report(config, Path(config.run) / EVAL_DIR, log)
+        return EvalResult(str(Path(config.run) / EVAL_DIR), existing["methods"], True, time.perf_counter() - t_start)
+    run, record, done = read_run(config)
+    store = open_store(config, record)
+    schema = store.schema
+    prompt_source, texts = eval_prompts(config, store)
+    prompts = [texts[i % len(texts)] for i in range(config.num_images)]
+    student = load_student_export(run.export_dir)
+    specs = method_specs(schema.num_slots, schema.steps_per_slot, schema.guidance, student)
+    specs = [specs[m] for m in config.methods]
+
+    device = resolve_device(config.device)
+    log(f"evaluating {config.run}: {len(specs)} methods × {config.num_images} images "
+        f"({len(texts)} eval prompts from {prompt_source}) on {device}")
+    check_teacher_unchanged(schema, store.path)
+    teacher = load_teacher(schema.teacher, schema.teacher_revision, resolve_dtype(schema.compute_dtype), device)
+    cond = reduce(Conditioning.cat, [encode_prompts(teacher, prompts[a:a + config.batch_size])
+                                     for a in range(0, len(prompts), config.batch_size)])
+    uncond = encode_uncond(teacher)
+    noise = initial_noise([eval_seed(config.seed, i) for i in range(config.num_images)],
+                          teacher.latent_shape, teacher.dtype, device)
+    step_seeds = [eval_seed(config.seed, i, "rapm-eval-steps") for i in range(config.num_images)]
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return decode_latents(teacher.pipe.vae, z)
+
+    total, done_images, t_sampling = len(specs) * config.num_images, 0, time.perf_counter()
+
+    def on_batch(n: int) -> None:
+        nonlocal done_images
+        done_images += n
+        if progress is not None:
+            progress(Progress(done_images, total, done_images / (time.perf_counter() - t_sampling), "images"))
+
+    samples: dict[str, MethodSamples] = {}
+    for spec in specs:
+        if spec.uses_student and not student.loaded:
+            # From here on the UNet is the student, loaded the stock way a user of the export
+            # loads it and fused as it would be deployed, so its speed is that of the bare UNet.
+            student.load_into(teacher.pipe)
+        scheduler_config = student.scheduler_config if spec.uses_student else teacher.scheduler_config
+        samples[spec.name] = run_method(spec, teacher.unet, scheduler_config, decode, noise, cond, uncond,
+                                        config.batch_size, on_batch, step_seeds)
+        log(f"{spec.label}: {samples[spec.name].images_per_second:.2f} images/s")
+
+    rows, notes = measure(config, samples, prompts, run, log)
+    with run.replacing(EVAL_DIR) as tmp:
+        trajectory_figure(store, teacher, student, decode, config.trajectory_rows, tmp / "trajectory.png")
+        grid_n = min(config.grid_rows, config.num_images)
+        report.image_grid({samples[s.name].spec.label: samples[s.name].images[:grid_n] for s in specs},
+                          prompts[:grid_n], tmp / "grid.png")
+        report.metrics_bar_chart(rows, tmp / "metrics.png")
+        facts = [("run", str(run.path)), ("teacher", schema.teacher),
+                 ("N slots × M steps, teacher guidance", f"{schema.num_slots} × {schema.steps_per_slot}, "
+                                                         f"{schema.guidance:g}"),
+                 ("distillation iterations", str(done["step"])), ("eval prompts", f"{len(texts)} from {prompt_source}"),
+                 ("images per method", str(config.num_images)), ("device", str(device))]
+        (tmp / "report.md").write_text(report.report_markdown(f"Evaluation: {run.path.name}", rows, facts, notes),
+                                       encoding="utf-8")
+        payload = {**eval_identity(config, record, done), "config": config.model_dump(mode="json"),
+                   "methods": rows, "notes": notes, "prompts": prompts, "teacher": schema.teacher,
+                   "device": str(device)}
+        (tmp / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    out = run.path / EVAL_DIR
+    log(f"wrote {out}/report.md")
+    publish_report(config, out, log)
+    return EvalResult(str(out), rows, False, time.perf_counter() - t_start)
+
+
+def measure(config: EvaluateConfig, samples: dict[str, MethodSamples], prompts: list[str], run: RunDir,
+            log: Callable[[str], None]) -> tuple[list[dict], list[str]]:
+    """One row per method: its facts and every registered metric that applies to this evaluation."""
+    notes = [f"images/s: sampling and VAE decoding, batch {config.batch_size}; NFE counts both CFG branches"]
+    suite = [m for cls in registered_metrics() if (m := cls.create(config, prompts, samples[REFERENCE])) is not None]
+    notes += [m.note for m in suite if m.note]
+    if not any(m.distribution for m in suite):
+        notes.append("no distribution metrics: pass --fid-weights and --clip-model (local weights) for a real teacher")
+    distill_seconds = float(sum(r.get("seconds", 0.0) for r in run.metrics.read()))
+    rows = []
+    for name, s in samples.items():
+        row = {"method": name, "label": s.spec.label, "steps": s.spec.num_steps, "guidance": s.spec.guidance,
+               "nfe": s.spec.nfe, "images_per_second": s.images_per_second, "seconds": s.seconds}
+        for metric in suite:
+            row.update(metric.measure(s))
+        if s.spec.uses_student:
+            row["distill_seconds"] = distill_seconds
+        rows.append(row)
+        log(" · ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                       if k not in ("label", "seconds")))
+    return rows, notes
+
+
+def publish_report(config: EvaluateConfig, eval_dir: Path, log: Callable[[str], None]) -> None:
+    """Copy the eval dir to ``config.publish``, metrics.json and report.md last (see storage.urls).
+
+    The eval dir itself stays in the run dir, which needs a local filesystem; an identical
+    metrics.json already at the target means this report was published before.
+    """
+    if config.publish is None:
+        return
+    target = join(config.publish, "metrics.json")
+    if exists(target) and read_text(target) == (eval_dir / "metrics.json").read_text(encoding="utf-8"):
+        log(f"{config.publish}: this report is already published")
+        return
+    publish_dir(eval_dir, config.publish, last=("metrics.json", "report.md"))
+    log(f"published {eval_dir} to {config.publish}")

@@ -1,0 +1,136 @@
+"""All four stages in one work dir, under one config composed of the stage configs.
+
+``PipelineConfig`` holds what the stages share (work dir, prompt file, teacher, seed, device) and
+one section per stage with that stage's own options (``IngestOptions``, ``TrajectoriesOptions``,
+``DistillOptions``, ``EvaluateOptions``), so every stage option is reachable from the pipeline's
+CLI, its Prefect parameter form and ``prefect.yaml``, under the same name as in the stage's own
+config. The stage configs are derived from it (paths under ``work``), never re-declared.
+
+``run_pipeline`` runs each stage whose output is not already complete for the same config (the
+stages' own checks, which also refuse a store made with another config); a complete stage is
+skipped without starting it, an interrupted one resumes where it stopped. So re-running the
+same command after a crash, or after it finished, is always safe.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import Field
+
+from rapm_core.config import StrictModel
+from rapm_core.distill.config import DistillOptions, DistillRunConfig
+from rapm_core.distill.run import already_done
+from rapm_core.evaluate.config import EvaluateConfig, EvaluateOptions
+from rapm_core.evaluate.run import EVAL_DIR, finished
+from rapm_core.trajectories.config import TrajectoriesConfig, TrajectoriesOptions
+from rapm_core.trajectories.generate import preflight, select_prompts
+from storage.errors import StoreError
+from storage.prompt_sources import IngestConfig, IngestOptions, plan_ingest
+from storage.trajectory_store import TrajectoryStore
+
+STAGES = ("ingest", "trajectories", "distill", "evaluate")
+# A nested section's options carry its stage's name on the command line (``--distill-lr``).
+_SECTION = {stage: {"cli_prefix": f"{stage}-"} for stage in STAGES}
+
+
+class PipelineConfig(StrictModel):
+    """All four stages under one config; every option not given keeps its stage's default."""
+
+    work: str = Field(description="work dir holding every stage's output (re-run to resume)")
+    teacher: str = Field(description="teacher pipeline: local diffusers dir or hub id")
+    prompts: str | None = Field(None, description="prompt file (.txt/.csv/.jsonl/COCO .json); "
+                                                  "default: the built-in shapes captions, written to WORK/prompts.txt")
+    revision: str | None = Field(None, description="teacher revision (hub branch, tag or commit)")
+    seed: int = Field(0, ge=0, description="seed of the split, the trajectories' noise, the data order and the eval noise")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device for every stage")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    ingest: IngestOptions = Field(default_factory=IngestOptions, json_schema_extra=_SECTION["ingest"],
+                                  description="prompt ingestion")
+    trajectories: TrajectoriesOptions = Field(default_factory=TrajectoriesOptions,
+                                              json_schema_extra=_SECTION["trajectories"],
+                                              description="teacher trajectories (train split)")
+    distill: DistillOptions = Field(default_factory=DistillOptions, json_schema_extra=_SECTION["distill"],
+                                    description="distillation")
+    evaluate: EvaluateOptions = Field(default_factory=EvaluateOptions, json_schema_extra=_SECTION["evaluate"],
+                                      description="evaluation (eval split)")
+
+    def paths(self) -> dict[str, Path]:
+        work = Path(self.work)
+        return {"source": Path(self.prompts) if self.prompts else work / "prompts.txt", "prompts": work / "prompts",
+                "trajectories": work / "trajectories.zarr", "run": work / "run", "eval": work / "run" / EVAL_DIR}
+
+    # -- the stage configs, derived -----------------------------------------------------------
+    def ingest_config(self) -> IngestConfig:
+        p = self.paths()
+        return IngestConfig(source=str(p["source"]), out=str(p["prompts"]), seed=self.seed, **dict(self.ingest))
+
+    def trajectories_config(self) -> TrajectoriesConfig:
+        p = self.paths()
+        return TrajectoriesConfig(prompts=str(p["prompts"]), teacher=self.teacher, out=str(p["trajectories"]),
+                                  revision=self.revision, seed=self.seed, device=self.device, split="train",
+                                  **dict(self.trajectories))
+
+    def distill_config(self) -> DistillRunConfig:
+        p = self.paths()
+        return DistillRunConfig(trajectories=str(p["trajectories"]), out=str(p["run"]), seed=self.seed,
+                                device=self.device, **dict(self.distill))
+
+    def evaluate_config(self) -> EvaluateConfig:
+        p = self.paths()
+        return EvaluateConfig(run=str(p["run"]), trajectories=str(p["trajectories"]), prompts=str(p["prompts"]),
+                              seed=self.seed, device=self.device, **dict(self.evaluate))
+
+    def stage_config(self, stage: str):
+        return getattr(self, f"{stage}_config")()
+
+
+# -- completeness checks (cheap: no model loads) --------------------------------------------------
+def trajectories_complete(config: TrajectoriesConfig) -> bool:
+    preflight(config)  # refuses a store made with another config
+    try:
+        store = TrajectoryStore(config.out)
+    except StoreError:
+        return False
+    return store.num == len(select_prompts(config)) and bool(store.complete_mask().all())
+
+
+COMPLETE: dict[str, Callable[[Any], bool]] = {
+    "ingest": lambda c: plan_ingest(c).already_complete,
+    "trajectories": trajectories_complete,
+    "distill": lambda c: already_done(c) is not None,
+    "evaluate": lambda c: finished(c) is not None,
+}
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    skipped: bool
+    seconds: float
+
+
+def all_complete(config: PipelineConfig) -> bool:
+    """Whether every stage is done (each check needs the previous stage's output, so stop at the first gap)."""
+    return all(COMPLETE[stage](config.stage_config(stage)) for stage in STAGES)
+
+
+def run_pipeline(config: PipelineConfig, stage_runners: dict[str, Callable[[Any], Any]],
+                 log: Callable[[str], None] = print) -> list[StageOutcome]:
+    """Run each stage that is not complete through ``stage_runners[stage](stage_config)``."""
+    outcomes = []
+    for stage in STAGES:
+        stage_config = config.stage_config(stage)
+        t0 = time.perf_counter()
+        if COMPLETE[stage](stage_config):
+            log(f"{stage}: already complete with this config; skipped")
+            outcomes.append(StageOutcome(stage, True, time.perf_counter() - t0))
+            continue
+        log(f"{stage}: running")
+        stage_runners[stage](stage_config)
+        outcomes.append(StageOutcome(stage, False, time.perf_counter() - t0))
+        log(f"{stage}: done in {outcomes[-1].seconds:.1f} s")
+    return outcomes

@@ -1,0 +1,60 @@
+"""The main job on the embedded default (``rapm demo``, ``make demo``, the ``embedded-demo``
+deployments): the pipeline on the committed shapes teacher and evaluator with the built-in
+prompts, sized to finish on a 2-core CPU in minutes. Its values live here and only here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from rapm_core.pipeline import PipelineConfig
+from rapm_shapes.assets import EMBEDDED_TEACHER
+from rapm_shapes.shapes import all_prompts
+from storage.atomic import write_text_atomic
+
+# Measured on a 2-core CPU (README, "Two commands"; RESULTS.md): the embedded teacher's 4-step
+# DDIM is clearly worse than its 4×8-step reference there, and this many iterations on all
+# train trajectories closes most of that gap in minutes. One torch thread: the embedded models'
+# ops are tiny, and on a busy 2-core machine OpenMP's waiting slowed distillation many times over.
+DEMO_VALUES: dict[str, Any] = {
+    "work": "runs/demo",
+    "threads": 1,
+    "trajectories": {"steps_per_slot": 8, "guidance": 4.0, "batch_size": 16},
+    "distill": {"iterations": 300, "checkpoint_every": 100},
+    "evaluate": {"num_images": 200, "batch_size": 50},
+}
+
+
+def _merged(base: dict, given: dict) -> dict:
+    out = dict(base)
+    for key, value in given.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+class DemoConfig(PipelineConfig):
+    """The pipeline on the embedded shapes teacher, sized for a CPU: ``rapm demo``."""
+
+    teacher: str = Field(str(EMBEDDED_TEACHER), description="teacher pipeline: local diffusers dir or hub id")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _demo_values(cls, data: Any) -> Any:
+        # Options given on the command line (or in a deployment's parameters) refine the demo's
+        # values, section by section, instead of replacing them with the stages' defaults.
+        return _merged(DEMO_VALUES, data) if isinstance(data, dict) else data
+
+
+def demo_config() -> DemoConfig:
+    """The demo exactly (also each stage flow's default parameters, so a deployment needs none)."""
+    return DemoConfig()
+
+
+def write_builtin_prompts(path: Path) -> None:
+    """Every shapes caption, one a line; rewritten only if different, so the ingest stays complete."""
+    text = "\n".join(all_prompts()) + "\n"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text_atomic(path, text)
