@@ -132,6 +132,7 @@ def shared_stages(work: Path, ns: list[int], args: argparse.Namespace) -> dict[i
         prepare(config)
         ingest_prompts(config.ingest_config())
         generate_trajectories(config.trajectories_config(), log=lambda m: None)
+        (work / f"n{n}-config.json").write_text(config.model_dump_json(indent=1))
         configs[n] = config
     return configs
 

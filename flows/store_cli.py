@@ -1,4 +1,4 @@
-"""``rapm store inspect|show``: look into a trajectory store without writing code
+"""``rapm store inspect|verify|show``: look into a trajectory store without writing code
 (:mod:`storage.trajectory_inspect`, :mod:`rapm_core.trajectories.preview`)."""
 
 from __future__ import annotations
@@ -8,17 +8,22 @@ from pathlib import Path
 
 from rapm_core.teacher import resolve_device
 from rapm_core.trajectories.preview import trajectory_strip
-from storage.trajectory_inspect import inspect_store
+from storage.trajectory_inspect import inspect_store, repair_store, verify_store
 from storage.trajectory_store import TrajectoryStore
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("store", help="inspect a trajectory store, or render one trajectory")
+    parser = subparsers.add_parser("store", help="inspect or verify a trajectory store, or render one trajectory")
     sub = parser.add_subparsers(dest="store_command", required=True)
     p = sub.add_parser("inspect", help="schema, teacher, N, M, guidance, shapes, progress, size, sample prompts")
     p.add_argument("path", metavar="PATH", help="trajectory store")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=_inspect)
+    p = sub.add_parser("verify", help="read every chunk of every complete trajectory; list the damaged ones")
+    p.add_argument("path", metavar="PATH", help="trajectory store")
+    p.add_argument("--repair", action="store_true",
+                   help="mark damaged trajectories incomplete, so `rapm trajectories` regenerates exactly them")
+    p.set_defaults(func=_verify)
     p = sub.add_parser("show", help="decode one trajectory's slot boundaries and x̂0s into a PNG strip")
     p.add_argument("path", metavar="PATH", help="trajectory store")
     p.add_argument("--index", type=int, required=True, help="trajectory index")
@@ -40,6 +45,19 @@ def _inspect(args) -> int:
             value = " | ".join(value)
         print(f"{key:>24}: {value}")
     return 0
+
+
+def _verify(args) -> int:
+    """Exit 0 when nothing is damaged (or all of it was marked for regeneration), else 1."""
+    report = verify_store(args.path)
+    for line in report.lines():
+        print(line)
+    if report.damaged and args.repair:
+        repair_store(args.path, report.damaged)
+        print(f"marked {len(report.damaged)} trajectories incomplete; re-run `rapm trajectories` with the store's "
+              f"options to regenerate them")
+        return 0
+    return 1 if report.damaged else 0
 
 
 def _show(args) -> int:

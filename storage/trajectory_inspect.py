@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from storage.trajectory_store import TrajectoryStore
+from storage.trajectory_store import DamagedTrajectoryError, TrajectoryStore
 
 
 def inspect_store(path: str) -> dict[str, Any]:
@@ -47,3 +48,39 @@ def inspect_store(path: str) -> dict[str, Any]:
         "chunk_checksums": s.chunk_checksums,
         "sample_prompts": sample,
     }
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    path: str
+    checked: int  # complete trajectories read back
+    damaged: list[int]  # their indices whose chunks fail to decode or to match their checksum
+    reasons: dict[int, str]
+    checksums: bool  # whether the store carries chunk checksums at all
+
+    def lines(self) -> list[str]:
+        out = [f"{self.path}: {self.checked} complete trajectories read, {len(self.damaged)} damaged"]
+        if not self.checksums:
+            out.append("this store carries no chunk checksums (made before they were written): only chunks that "
+                       "no longer decode are found, silently changed values are not")
+        out += [f"  trajectory {i}: {self.reasons[i]}" for i in self.damaged]
+        return out
+
+
+def verify_store(path: str) -> VerifyReport:
+    """Read every chunk of every complete trajectory, as distillation would."""
+    store = TrajectoryStore(path)
+    reasons: dict[int, str] = {}
+    done = store.complete_indices()
+    for i in done:
+        try:
+            store.read(int(i))
+        except DamagedTrajectoryError as err:
+            reasons[int(i)] = err.reason
+    return VerifyReport(store.path, len(done), sorted(reasons), reasons, store.schema.chunk_checksums)
+
+
+def repair_store(path: str, damaged: list[int]) -> None:
+    """Mark ``damaged`` incomplete: the next ``rapm trajectories`` with the store's options
+    regenerates exactly their batches, bit-identical to the first time."""
+    TrajectoryStore(path, writable=True).mark_incomplete(damaged)

@@ -31,6 +31,15 @@ CONDITIONING = ("prompt_embeds", "pooled_prompt_embeds", "time_ids")
 PER_TRAJECTORY = ("positions", *CONDITIONING)
 
 
+class DamagedTrajectoryError(StoreError):
+    """A stored trajectory's chunk fails to decode or to match its checksum."""
+
+    def __init__(self, path: str, index: int, reason: str):
+        super().__init__(f"{path}: trajectory {index} is damaged ({reason}); run `rapm store verify {path} --repair`, "
+                         f"then `rapm trajectories` with the store's options regenerates it")
+        self.path, self.index, self.reason = path, index, reason
+
+
 @dataclass(frozen=True)
 class TrajectoryRecord:
     """One stored trajectory: positions (K+1, C, H, W) in the store dtype, its conditioning arrays
@@ -157,8 +166,13 @@ class TrajectoryStore:
             raise IndexError(f"trajectory {i} out of range [0, {self.num})")
         g = self._group
         prompts, ids, seeds = self._text_arrays()
-        conditioning = {name: g[name][i] if name in g else None for name in CONDITIONING}
-        return TrajectoryRecord(int(i), g["positions"][i], conditioning, str(prompts[i]), str(ids[i]), int(seeds[i]))
+        try:
+            positions = g["positions"][i]
+            conditioning = {name: g[name][i] if name in g else None for name in CONDITIONING}
+        except Exception as err:  # checksum mismatch (ValueError), or a codec failing on a damaged frame
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DamagedTrajectoryError(self.path, int(i), first) from err
+        return TrajectoryRecord(int(i), positions, conditioning, str(prompts[i]), str(ids[i]), int(seeds[i]))
 
     def uncond(self) -> dict[str, np.ndarray | None]:
         """The single unconditional row (1, …) the teacher's CFG used, keyed like a record's conditioning."""

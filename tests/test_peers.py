@@ -161,3 +161,20 @@ def test_the_stock_pipeline_with_a_peers_export_reproduces_its_sampler(method, t
     if method == "lcm":  # its sampler draws noise between steps: the generator matters
         other = trainer.sample(latents, cond, generator=[torch.Generator().manual_seed(12)])
         assert (other - ours).abs().max() > 1e-3
+
+
+def test_an_lcm_run_is_evaluated_with_its_own_scheduler(tmp_path, tiny_sd15_dir):
+    from rapm_core.evaluate.config import EvaluateConfig
+    from rapm_core.evaluate.run import evaluate_run
+    from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
+
+    store = make_store(tmp_path, tiny_sd15_dir, num=2)
+    config = run_config(store, tmp_path / "run", iterations=2, method={"method": "lcm"})
+    run_distillation(config, log=lambda _: None)
+    eval_prompts = tmp_path / "eval-prompts"
+    write_prompt_store(eval_prompts, [PromptRecord(prompt_id(t), t, "eval") for t in ("a red circle", "a blue cat")])
+    result = evaluate_run(EvaluateConfig(run=config.out, prompts=str(eval_prompts), num_images=2, batch_size=2,
+                                         device="cpu", evaluator="none", methods=["student"], trajectory_rows=1),
+                          log=lambda _: None)
+    student = next(r for r in result.rows if r["method"] == "student")
+    assert student["label"] == "LCM student 2 steps" and student["nfe"] == 2 and student["latent_mse"] > 0

@@ -221,3 +221,17 @@ def test_cli_runs_the_flow_in_a_subprocess(tmp_path, tiny_sdxl_dir):
     assert "traj/s" in proc.stderr + proc.stdout  # the flow's progress log line
     store = TrajectoryStore(str(out))
     assert store.complete_indices().tolist() == [0, 1] and store.schema.store_dtype == "float16"
+
+
+def test_out_into_a_directory_of_other_files_is_refused_and_left_alone(tmp_path, tiny_sd15_dir, capsys):
+    prompts = tmp_path / "prompts"
+    write_prompt_store(prompts, [PromptRecord(prompt_id("a red circle"), "a red circle")])
+    mine = tmp_path / "my-photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"not a store")
+    args = ["trajectories", "--prompts", str(prompts), "--teacher", str(tiny_sd15_dir), "--out", str(mine),
+            "--device", "cpu"]
+    assert rapm_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not empty and is not a trajectory store" in err and "delete" not in err
+    assert sorted(p.name for p in mine.iterdir()) == ["holiday.jpg"]
