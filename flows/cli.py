@@ -3,12 +3,15 @@
 
 Each subcommand lives beside its flow in a module exposing ``register(subparsers)``; the
 function it sets as ``func`` returns the process exit code. User errors (bad input, mismatched
-stores, invalid options) print one line and exit 2, without a traceback.
+stores, invalid options) print one line and exit 2, without a traceback. A command that writes a
+run dir or a store holds its lock for the whole command, so a second command on the same output
+is refused at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -16,6 +19,9 @@ import sys
 from pydantic import ValidationError
 
 from flows.errors import USER_ERRORS
+from storage.locks import DirLock
+from storage.run_dir import RunDir
+from storage.urls import is_url
 
 COMMAND_MODULES = [
     "flows.ingest",
@@ -50,6 +56,16 @@ def _one_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def _command_lock(args: argparse.Namespace) -> DirLock | None:
+    """The one-writer lock of what ``args.command`` writes, if it writes a run dir or a local store."""
+    if args.command == "distill":
+        return RunDir(args.out).lock()
+    if args.command == "trajectories" and not is_url(args.out):
+        # Beside the store: Zarr warns about foreign files inside a group.
+        return DirLock.beside(args.out, what="trajectory store")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     # A cold ephemeral Prefect server on 2 cores needs more than the 20 s default, and its
     # telemetry call fails offline with a noisy error line.
@@ -60,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _command_lock(args) or contextlib.nullcontext():
+            return int(args.func(args) or 0)
     except (ValidationError, *USER_ERRORS) as err:
         print(f"rapm {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from hardening_support import ROOT
+from distill_run_support import make_store
+from hardening_support import ROOT, alive, rapm_env, run_rapm, server_children, start_rapm, wait_until
 from storage.errors import StoreError
 from storage.locks import LOCK_NAME, DirLock, LockedError
 from storage.run_dir import RunDir
@@ -72,3 +73,34 @@ def test_a_trajectory_store_lock_lives_beside_the_store(tmp_path):
     assert not store.exists()  # nothing inside the Zarr group (Zarr warns about foreign files)
     with DirLock.beside(store, "trajectory store") as lock:
         assert lock.taken_over.pid == holder.pid
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_sd15_dir):
+    return make_store(tmp_path_factory.mktemp("lock-store"), tiny_sd15_dir)
+
+
+@pytest.mark.slow
+def test_a_second_rapm_distill_on_the_same_out_is_refused_naming_the_first(tmp_path, store):
+    env = rapm_env(tmp_path / "prefect")
+    out = tmp_path / "run"
+    args = ["distill", "--trajectories", str(store), "--out", str(out), "--iterations", "100000",
+            "--checkpoint-every", "1000", "--disc-channels", "8", "--device", "cpu"]
+    first = start_rapm(args, env, tmp_path / "first")
+    servers: list[int] = []
+    try:
+        wait_until(lambda: getattr(RunDir(out).lock().holder(), "pid", None) == first.pid, 120, first,
+                   "the first command's lock")
+        code, _, err = run_rapm(args, env, tmp_path / "second", timeout=90)
+        assert code == 2, err
+        assert err.strip().splitlines() == [err.strip()], err
+        assert err.startswith(f"rapm distill: error: {out}: run dir is in use by another rapm process (pid {first.pid}")
+        assert "Traceback" not in err
+        assert first.poll() is None  # the first one carries on
+    finally:
+        servers = server_children(first.pid)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        for pid in servers:  # only if the server outlived its command (it must not; see the interrupt tests)
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
