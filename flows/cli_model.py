@@ -12,6 +12,7 @@ Only options the user gave are passed to the model, so its defaults stay the sin
 from __future__ import annotations
 
 import argparse
+import re
 import typing
 from typing import Any, Literal
 
@@ -53,7 +54,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
             parser.add_argument(dest, metavar=name.upper(), help=help_text)
             continue
         flag = "--" + name.replace("_", "-")
-        default_note = "" if field.is_required() else f" (default: {field.default!r})"
+        # A description that explains its default ("default: the one run.json names") already
+        # says more than the field's value (usually None) would.
+        explained = re.search(r"\bdefault\b", help_text, re.IGNORECASE) is not None
+        default_note = "" if field.is_required() or explained else f" (default: {field.default!r})"
         if field.annotation is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text + default_note)
