@@ -3,9 +3,9 @@
 
 Each subcommand lives beside its flow in a module exposing ``register(subparsers)``; the
 function it sets as ``func`` returns the process exit code. User errors (bad input, mismatched
-stores, invalid options) print one line and exit 2, without a traceback. A command that writes a
-run dir or a store holds its lock for the whole command, so a second command on the same output
-is refused at once.
+stores, invalid options, unwritable paths) print one line and exit 2, without a traceback, also
+when a flow raises them. A command that writes a run dir or a store holds its lock for the
+whole command, so a second command on the same output is refused at once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import sys
 
 from pydantic import ValidationError
 
-from flows.errors import USER_ERRORS
+from flows.console import quiet_prefect_console
+from flows.errors import is_user_error, path_error_message
 from storage.locks import DirLock
 from storage.run_dir import RunDir
 from storage.urls import is_url
@@ -47,7 +48,9 @@ def _option_name(loc: tuple) -> str:
     return (names[-1] if names else ".".join(map(str, loc))).replace("_", "-")
 
 
-def _one_line(err: Exception) -> str:
+def _one_line(err: BaseException) -> str:
+    if (path_message := path_error_message(err)) is not None:
+        return path_message
     if isinstance(err, ValidationError):
         # Nested configs are flattened into top-level options, so name the option by its last
         # field name (``method.rank`` is ``--rank``).
@@ -75,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     # falls back to are never used here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    console = quiet_prefect_console()
     try:
         with _command_lock(args) or contextlib.nullcontext():
             return int(args.func(args) or 0)
-    except (ValidationError, *USER_ERRORS) as err:
+    except BaseException as err:
+        if not is_user_error(err):
+            raise
+        console.finished = True
         print(f"rapm {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
