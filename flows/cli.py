@@ -4,8 +4,10 @@
 Each subcommand lives beside its flow in a module exposing ``register(subparsers)``; the
 function it sets as ``func`` returns the process exit code. User errors (bad input, mismatched
 stores, invalid options, unwritable paths) print one line and exit 2, without a traceback, also
-when a flow raises them. A command that writes a run dir or a store holds its lock for the
-whole command, so a second command on the same output is refused at once.
+when a flow raises them. Ctrl-C prints one line saying what was kept and exits 130. The
+temporary Prefect server, when one is needed, lives and dies with this process
+(:mod:`flows.prefect_server`). A command that writes a run dir or a store holds its lock for
+the whole command, so a second command on the same output is refused at once.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
 
 from pydantic import ValidationError
 
-from flows.console import quiet_prefect_console
+from flows import prefect_server
+from flows.console import QuietConsole, quiet_prefect_console
 from flows.errors import is_user_error, path_error_message
+from flows.interrupts import EXIT_INTERRUPTED, where_stopped
 from storage.locks import DirLock
 from storage.run_dir import RunDir
 from storage.urls import is_url
@@ -69,6 +74,34 @@ def _command_lock(args: argparse.Namespace) -> DirLock | None:
     return None
 
 
+@contextlib.contextmanager
+def _sigint_marks(console: QuietConsole):
+    """Ctrl-C raises KeyboardInterrupt as usual, after telling the console filter to go quiet."""
+    def interrupted(signum, frame):
+        console.interrupted = True
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, interrupted)
+    except ValueError:  # not the main thread (an embedding caller): keep its handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stopped(args: argparse.Namespace, console: QuietConsole) -> int:
+    # A second Ctrl-C while Prefect shuts down ends the process at once, without a traceback;
+    # what was kept is on disk already and the lock and server go with the process.
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    console.interrupted = True
+    print(f"rapm {args.command}: {where_stopped(args)}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     # A cold ephemeral Prefect server on 2 cores needs more than the 20 s default, and its
     # telemetry call fails offline with a noisy error line.
@@ -79,10 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     console = quiet_prefect_console()
+    prefect_server.install()
     try:
-        with _command_lock(args) or contextlib.nullcontext():
-            return int(args.func(args) or 0)
+        with _sigint_marks(console):
+            with _command_lock(args) or contextlib.nullcontext():
+                return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return _stopped(args, console)
     except BaseException as err:
+        if console.interrupted:  # whatever the interrupted flow engine raised on its way out
+            return _stopped(args, console)
         if not is_user_error(err):
             raise
         console.finished = True
