@@ -4,6 +4,7 @@ not an installed console script), and a look at their process trees through /pro
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ def run_rapm(args: list[str], env: dict, logs: Path, timeout: float = 300, **pop
         code = proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # its whole group, whatever it started there
             proc.wait()
     return code, (logs / "stdout").read_text(), (logs / "stderr").read_text()
 

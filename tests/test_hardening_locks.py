@@ -89,8 +89,9 @@ def test_a_second_rapm_distill_on_the_same_out_is_refused_naming_the_first(tmp_p
     first = start_rapm(args, env, tmp_path / "first")
     servers: list[int] = []
     try:
-        wait_until(lambda: getattr(RunDir(out).lock().holder(), "pid", None) == first.pid, 120, first,
-                   "the first command's lock")
+        # The first one holds the run dir (without a lock: its flow has claimed it) before the second starts.
+        wait_until(lambda: getattr(RunDir(out).lock().holder(), "pid", None) == first.pid
+                   or (out / "run.json").is_file(), 180, first, "the first command to hold the run dir")
         code, _, err = run_rapm(args, env, tmp_path / "second", timeout=90)
         assert code == 2, err
         assert err.strip().splitlines() == [err.strip()], err

@@ -25,7 +25,8 @@ def _error(path) -> str:
 
 
 @pytest.mark.parametrize("name, text", [("bad.jsonl", '{"prompt": "a red circle}\n'),
-                                        ("bad.json", '{"annotations": [{"caption": "a\tb"}]}')])
+                                        ("bad.json", '{"annotations": [{"caption": "a\tb"}]}')],
+                         ids=["jsonl", "coco"])
 def test_json_errors_name_the_column_once(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
@@ -35,7 +36,8 @@ def test_json_errors_name_the_column_once(tmp_path, name, text):
 
 @pytest.mark.parametrize("bom, codec, name", [(codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"),
                                              (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16"),
-                                             (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32")])
+                                             (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32")],
+                         ids=["utf-16-le", "utf-16-be", "utf-32-le"])
 @pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl", ".json"])
 def test_a_utf16_source_is_named_as_such(tmp_path, bom, codec, name, suffix):
     # As Windows tools save "Unicode" text: a byte-order mark, then the text.
