@@ -121,7 +121,8 @@ def _register(module) -> None:
 def install() -> bool:
     """Make this command's ephemeral Prefect server (if it needs one) a :class:`CommandServer`.
 
-    Does nothing when ``PREFECT_API_URL`` names a server. Returns whether it was installed.
+    Does nothing and returns False when ``PREFECT_API_URL`` names a server (the user's own,
+    which a command must neither start nor stop).
     """
     from prefect.settings import get_current_settings
 

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from distill_run_support import make_store
+from flows import prefect_server
 from hardening_support import alive, rapm_env, run_rapm, server_children, start_rapm, wait_until
 from storage.checkpoints import CheckpointStore
 
@@ -103,3 +104,10 @@ def test_kill_9_takes_the_temporary_prefect_server_with_it(tmp_path, store, pref
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         _kill_leftovers(servers)
+
+
+def test_a_users_prefect_server_is_left_alone():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert prefect_server.install() is False
