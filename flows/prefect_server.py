@@ -83,8 +83,9 @@ def _make_server_class(base: type) -> type:
             self._close_lifeline()  # a retry after "port in use" (exit 3) gets a fresh pipe
             read_end, self._lifeline = os.pipe()
             # The same command and environment as SubprocessASGIServer._run_uvicorn_command.
-            uvicorn_args = ["--app-dir", str(prefect.__module_path__.parent), "--factory", f"{SERVER_MODULE}:create_app",
-                            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+            uvicorn_args = ["--app-dir", str(prefect.__module_path__.parent),
+                            "--factory", f"{SERVER_MODULE}:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                            "--log-level", "error", "--lifespan", "on"]
             env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
             env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)

@@ -32,8 +32,8 @@ def read_only_dir(tmp_path):
     ro = tmp_path / "read-only"
     ro.mkdir()
     ro.chmod(0o555)
-    probe = subprocess.run([sys.executable, "-c", f"open({str(ro / 'probe')!r}, 'w')"], preexec_fn=_without_dac_override,
-                           capture_output=True)
+    probe = subprocess.run([sys.executable, "-c", f"open({str(ro / 'probe')!r}, 'w')"],
+                           preexec_fn=_without_dac_override, capture_output=True)
     if probe.returncode == 0:
         ro.chmod(0o755)
         pytest.skip("cannot make a directory unwritable for a child process here")
@@ -116,7 +116,8 @@ def test_a_teacher_name_that_is_no_directory_and_not_reachable_fails_at_once(tmp
     timed = ("import time; from rapm_core.teacher import detect_kind; t0 = time.monotonic()\n"
              "try:\n    detect_kind('some-teacher')\nexcept Exception as err:\n"
              "    print(f'{time.monotonic() - t0:.2f}'); print(err)")
-    probe = subprocess.run([sys.executable, "-c", timed], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    probe = subprocess.run([sys.executable, "-c", timed], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
     seconds, message = probe.stdout.strip().splitlines()
     assert float(seconds) < 5, f"{seconds} s to refuse a teacher that cannot be reached"
     reason = "is unreachable" if case == "unreachable" else "HF_HUB_OFFLINE is set"

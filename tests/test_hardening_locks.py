@@ -34,7 +34,8 @@ def test_a_second_process_is_refused_at_once_and_a_killed_holders_lock_is_taken_
     holder = _holder("run", run.path)
     try:
         t0 = time.monotonic()
-        with pytest.raises(LockedError, match=rf"run dir is in use by another rapm process \(pid {holder.pid}\b") as err:
+        refused = rf"run dir is in use by another rapm process \(pid {holder.pid}\b"
+        with pytest.raises(LockedError, match=refused) as err:
             run.lock().acquire()
         assert time.monotonic() - t0 < 1.0  # refused, not waited for
         assert isinstance(err.value, StoreError) and len(str(err.value).splitlines()) == 1
