@@ -3,19 +3,31 @@
 
 Each subcommand lives beside its flow in a module exposing ``register(subparsers)``; the
 function it sets as ``func`` returns the process exit code. User errors (bad input, mismatched
-stores, invalid options) print one line and exit 2, without a traceback.
+stores, invalid options, unwritable paths) print one line and exit 2, without a traceback, also
+when a flow raises them. Ctrl-C prints one line saying what was kept and exits 130. The
+temporary Prefect server, when one is needed, lives and dies with this process
+(:mod:`flows.prefect_server`). The stage engines lock what they write (a run dir, a store); the
+stage commands take the same lock before any Prefect start-up, so a second command on the same
+output is refused at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
 
 from pydantic import ValidationError
 
-from flows.errors import USER_ERRORS
+from flows import prefect_server
+from flows.console import QuietConsole, quiet_prefect_console
+from flows.errors import is_user_error, path_error_message
+from flows.interrupts import EXIT_INTERRUPTED, where_stopped
+from rapm_core.trajectories.generate import store_lock
+from storage.run_dir import RunDir
 
 COMMAND_MODULES = [
     "flows.ingest",
@@ -45,7 +57,9 @@ def _option_name(loc: tuple, flags: dict[str, str]) -> str:
     return "--" + (names[-1] if names else ".".join(map(str, loc))).replace("_", "-")
 
 
-def _one_line(err: Exception, flags: dict[str, str]) -> str:
+def _one_line(err: BaseException, flags: dict[str, str]) -> str:
+    if (path_message := path_error_message(err)) is not None:
+        return path_message
     if isinstance(err, ValidationError):
         parts = [f"{_option_name(e['loc'], flags)}: {e['msg']}" for e in err.errors()]
         return "invalid options: " + "; ".join(parts)
@@ -61,6 +75,43 @@ def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
     return {a.dest: a.option_strings[-1] for a in chosen._actions if a.option_strings}
 
 
+def _command_lock(args: argparse.Namespace):
+    """The one-writer lock of what ``args.command`` writes (the engine takes it again, reentrantly)."""
+    if args.command == "distill":
+        return RunDir(args.out).lock()
+    if args.command == "trajectories":
+        return store_lock(args.out)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _sigint_marks(console: QuietConsole):
+    """Ctrl-C raises KeyboardInterrupt as usual, after telling the console filter to go quiet."""
+    def interrupted(signum, frame):
+        console.interrupted = True
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, interrupted)
+    except ValueError:  # not the main thread (an embedding caller): keep its handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stopped(args: argparse.Namespace, console: QuietConsole) -> int:
+    # A second Ctrl-C while Prefect shuts down ends the process at once, without a traceback;
+    # what was kept is on disk already and the lock and server go with the process.
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    console.interrupted = True
+    print(f"rapm {args.command}: {where_stopped(args)}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     # A cold ephemeral Prefect server on 2 cores needs more than the 20 s default, and its
     # telemetry call fails offline with a noisy error line.
@@ -71,9 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
+    console = quiet_prefect_console()
+    prefect_server.install()
     try:
-        return int(args.func(args) or 0)
-    except (ValidationError, *USER_ERRORS) as err:
+        with _sigint_marks(console), _command_lock(args):
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return _stopped(args, console)
+    except BaseException as err:
+        if console.interrupted:  # whatever the interrupted flow engine raised on its way out
+            return _stopped(args, console)
+        if not is_user_error(err):
+            raise
+        console.finished = True
         print(f"rapm {args.command}: error: {_one_line(err, _flags(parser, args.command))}", file=sys.stderr)
         return 2
 

@@ -18,7 +18,7 @@ from rapm_core.progress import Progress
 from rapm_core.teacher import Teacher, load_teacher, resolve_device, resolve_dtype, teacher_ref
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import (
-    GenerationReport, generate_trajectories, preflight, select_prompts, wanted_identity,
+    GenerationReport, generate_trajectories, preflight, select_prompts, store_lock, wanted_identity,
 )
 from rapm_shapes.demo import demo_config
 from storage.errors import StoreError
@@ -38,7 +38,7 @@ def trajectory_shard(config: TrajectoriesConfig, start: int, stop: int) -> Gener
         return worker_cached(key, lambda: load_teacher(config.teacher, config.revision, resolve_dtype(config.dtype),
                                                        resolve_device(config.device)))
 
-    return generate_trajectories(config, start, stop, teacher=teacher, log=get_run_logger().info)
+    return generate_trajectories(config, start, stop, teacher=teacher, log=get_run_logger().info, lock=False)
 
 
 def generate_sharded(config: TrajectoriesConfig, progress: Callable[[Progress], None],
@@ -49,6 +49,12 @@ def generate_sharded(config: TrajectoriesConfig, progress: Callable[[Progress], 
     every batch-aligned index range is a task writing its own chunks. Per-trajectory seeds and
     aligned batches make the store bit-identical to the in-process one.
     """
+    with store_lock(config.out):
+        return _fan_out(config, progress, log)
+
+
+def _fan_out(config: TrajectoriesConfig, progress: Callable[[Progress], None],
+             log: Callable[[str], None]) -> list[GenerationReport]:
     num = len(records := select_prompts(config))
     check_compatible(config.out, wanted_identity(config, records))
     try:

@@ -8,11 +8,16 @@ a stock pipeline feeds its UNet. Later stages load only the UNet or the VAE (``l
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
+import urllib.request
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
+from urllib.parse import urlparse
 
 import torch
 from diffusers import (
@@ -56,15 +61,82 @@ def teacher_ref(source: str | Path) -> str:
     return str(p.resolve()) if p.is_dir() else str(source)
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable(endpoint: str) -> bool:
+    """Whether one TCP connection to the hub (or the HTTPS proxy in the way) fails.
+
+    Without it every hub request of a load retries with back-off, ~25 s and a warning line each
+    time, to end in the error it would have given at once.
+    """
+    proxy = urllib.request.getproxies().get(urlparse(endpoint).scheme)
+    target = urlparse(proxy if proxy and "://" in proxy else endpoint)
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return True
+    return False
+
+
+def _hub_offline_reason() -> str | None:
+    """Why a hub id can only come from the local hub cache (offline, or no hub to reach), or None."""
+    from huggingface_hub import constants, is_offline_mode
+
+    if is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    if _hub_unreachable(constants.ENDPOINT):
+        return f"the hub ({constants.ENDPOINT}) is unreachable"
+    return None
+
+
+def _hub_options(source: str) -> dict:
+    """Loader options for ``source``: a hub id with no hub to reach is read from the cache only."""
+    if Path(source).is_dir() or _hub_offline_reason() is None:
+        return {}
+    return {"local_files_only": True}
+
+
+@contextmanager
+def _hub_quiet() -> Iterator[None]:
+    # diffusers 0.42 still passes huggingface_hub 2.x a deprecated argument on every hub lookup;
+    # the warning is about diffusers, not about anything the user can change.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+        yield
+
+
+def _path_problem(source: str) -> str | None:
+    """What is wrong with a source that can only be a path (a hub id is ``name`` or ``org/name``)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists():
+        return "a file, not a diffusers directory"
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        return "no such directory; pass a local diffusers directory"
+    return None
+
+
 def _cannot_load(source: str, err: Exception) -> ConfigError:
+    if (problem := _path_problem(source)) is not None:
+        return ConfigError(f"cannot load teacher {source!r}: {problem}")
+    if not Path(source).is_dir() and (reason := _hub_offline_reason()) is not None:
+        return ConfigError(f"cannot load teacher {source!r}: not a local directory, and not found in the Hugging Face "
+                           f"cache while {reason} (offline? pass a local diffusers directory)")
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return ConfigError(f"cannot load teacher {source!r}: {first} (offline? pass a local diffusers directory)")
 
 
 def detect_kind(source: str, revision: str | None = None) -> tuple[Kind, type[DiffusionPipeline]]:
     """Read only ``model_index.json`` to learn the pipeline class, before any weights load."""
+    if (problem := _path_problem(source)) is not None:  # no hub lookup for what cannot be a hub id
+        raise ConfigError(f"cannot load teacher {source!r}: {problem}")
     try:
-        config = DiffusionPipeline.load_config(source, revision=revision)
+        with _hub_quiet():
+            config = DiffusionPipeline.load_config(source, revision=revision, **_hub_options(source))
     except Exception as err:  # hub/offline/path errors come in many types; all mean "cannot load"
         raise _cannot_load(source, err) from err
     name = config.get("_class_name")
@@ -116,7 +188,8 @@ def load_teacher(
     kind, cls = detect_kind(source, revision)
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
     try:
-        pipe = cls.from_pretrained(source, revision=revision, dtype=dtype, **extra)
+        with _hub_quiet():
+            pipe = cls.from_pretrained(source, revision=revision, dtype=dtype, **extra, **_hub_options(source))
     except Exception as err:
         raise _cannot_load(source, err) from err
     pipe.to(device)
@@ -127,8 +200,9 @@ def load_teacher(
 def load_unet(source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu") -> UNet2DConditionModel:
     try:
-        unet = UNet2DConditionModel.from_pretrained(teacher_ref(source), subfolder="unet", revision=revision,
-                                                    dtype=dtype)
+        with _hub_quiet():
+            unet = UNet2DConditionModel.from_pretrained(teacher_ref(source), subfolder="unet", revision=revision,
+                                                        dtype=dtype, **_hub_options(teacher_ref(source)))
     except Exception as err:
         raise _cannot_load(str(source), err) from err
     return unet.to(device).eval().requires_grad_(False)
@@ -137,7 +211,9 @@ def load_unet(source: str | Path, revision: str | None = None, dtype: torch.dtyp
 def load_vae(source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> AutoencoderKL:
     try:
-        vae = AutoencoderKL.from_pretrained(teacher_ref(source), subfolder="vae", revision=revision, dtype=dtype)
+        with _hub_quiet():
+            vae = AutoencoderKL.from_pretrained(teacher_ref(source), subfolder="vae", revision=revision, dtype=dtype,
+                                                **_hub_options(teacher_ref(source)))
     except Exception as err:
         raise _cannot_load(str(source), err) from err
     return vae.to(device).eval().requires_grad_(False)

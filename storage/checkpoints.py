@@ -200,10 +200,17 @@ class CheckpointStore:
         return None
 
     def load(self, path: Path | None = None) -> Checkpoint | None:
-        """Load ``path`` (verified first), or the newest valid checkpoint; None if there is none."""
+        """Load ``path`` (verified first), or the newest valid checkpoint; None if there is none.
+
+        When checkpoints exist but none verifies, a warning says that the run starts over (the
+        caller logs the warnings of this call; each rejected checkpoint has one of its own).
+        """
         if path is None:
             path = self.latest_valid()
             if path is None:
+                if rejected := len(self.steps()):
+                    warnings.warn(f"no valid checkpoint in {self.dir} ({rejected} rejected), "
+                                  "starting from iteration 0", CorruptCheckpointWarning, stacklevel=2)
                 return None
         elif (problem := self.verify(path)) is not None:
             raise StoreError(f"checkpoint {path}: {problem}")

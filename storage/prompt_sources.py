@@ -9,6 +9,7 @@ bytes finds the finished store and does nothing, so the stage can be re-run safe
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -26,6 +27,23 @@ SourceFormat = Literal["auto", "txt", "csv", "jsonl", "coco"]
 FORMAT_BY_SUFFIX = {".txt": "txt", ".csv": "csv", ".jsonl": "jsonl", ".json": "coco"}
 DEFAULT_FIELDS = ("prompt", "caption", "text")
 UTF8_BOM = b"\xef\xbb\xbf"
+# Longest first: the UTF-32-LE mark starts with the UTF-16-LE one.
+OTHER_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _refuse_utf16_or_32(path: Path, head: bytes) -> None:
+    """A UTF-16/32 file (as Windows tools save "Unicode" text) is named as such, not as bad UTF-8."""
+    for bom, name in OTHER_BOMS:
+        if head.startswith(bom):
+            raise SourceError(path, f"the file is {name} (it starts with a {name} byte-order mark); "
+                                    f"re-save it as UTF-8", 1)
+
+
+def _json_problem(err: json.JSONDecodeError) -> str:
+    # Some of json's messages end in "at" ("Unterminated string starting at"), meant to be
+    # followed by a position.
+    return f"invalid JSON: {err.msg.removesuffix(' at')} at column {err.colno}"
 
 
 class IngestOptions(BaseModel):
@@ -107,8 +125,9 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Lines with their endings kept (csv needs them); a BOM is dropped, bad UTF-8 named by line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(UTF8_BOM):
-                raw = raw[len(UTF8_BOM):]
+            if lineno == 1:
+                _refuse_utf16_or_32(path, raw)
+                raw = raw.removeprefix(UTF8_BOM)
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -167,7 +186,7 @@ def _jsonl_object(path: Path, line: str, lineno: int) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        raise SourceError(path, f"invalid JSON: {err.msg} at column {err.colno}", lineno) from None
+        raise SourceError(path, _json_problem(err), lineno) from None
     if not isinstance(obj, dict):
         raise SourceError(path, f"expected a JSON object, got {type(obj).__name__}", lineno)
     return obj
@@ -195,7 +214,9 @@ def _read_jsonl(path: Path, column: str | None) -> Iterator[str]:
 
 
 def _read_coco(path: Path, column: str | None) -> Iterator[str]:
-    data = path.read_bytes().removeprefix(UTF8_BOM)
+    data = path.read_bytes()
+    _refuse_utf16_or_32(path, data)
+    data = data.removeprefix(UTF8_BOM)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -205,7 +226,7 @@ def _read_coco(path: Path, column: str | None) -> Iterator[str]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
-        raise SourceError(path, f"invalid JSON: {err.msg} at column {err.colno}", err.lineno) from None
+        raise SourceError(path, _json_problem(err), err.lineno) from None
     annotations = doc.get("annotations") if isinstance(doc, dict) else None
     if not isinstance(annotations, list):
         keys = ", ".join(map(repr, doc)) if isinstance(doc, dict) else f"a {type(doc).__name__}"

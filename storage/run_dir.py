@@ -8,6 +8,7 @@
     RUN_DIR/checkpoints/    see :mod:`storage.checkpoints`
     RUN_DIR/export/         the final artifact, swapped in whole
     RUN_DIR/done.json       written last: the run reached this step and exported it
+    RUN_DIR/.rapm-lock      held by the one process running this dir (see :mod:`storage.locks`)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Iterator
 from storage.atomic import fsync_dir, fsync_tree, remove_stale_temps, write_json_atomic
 from storage.checkpoints import CheckpointStore
 from storage.errors import ConfigMismatchError, StoreError
+from storage.locks import LOCK_NAME, DirLock
 from storage.urls import require_local
 
 # 2: the method config tree (training/pointwise/adversarial/rapm sections) replaced the flat one.
@@ -109,6 +111,12 @@ class RunDir:
         self.metrics = MetricsLog(self.path / "metrics.jsonl")
         self.checkpoints = CheckpointStore(self.path, keep=keep_checkpoints)
 
+    def lock(self) -> DirLock:
+        """The run dir's one-writer lock: ``with run.lock():`` around a whole run (claim, training,
+        export). A second process on the same dir gets :class:`storage.locks.LockedError` at once;
+        nested holds in one process (CLI and run loop) are fine."""
+        return DirLock(self.path, what="run dir")
+
     def check(self, record: dict[str, Any], identity: tuple[str, ...] = ("store_config_hash",)) -> dict | None:
         """The stored ``run.json`` if this dir is ``record``'s run, None if the dir is free.
 
@@ -132,7 +140,8 @@ class RunDir:
                         f"{self.path}: run dir was made with a different {key.replace('_', ' ')} "
                         f"({stored.get(key)} vs {record.get(key)}); use another --out")
             return stored
-        if self.path.exists() and any(self.path.iterdir()):
+        # The lock file alone does not make a dir taken: a run that locks it first creates it so.
+        if self.path.exists() and any(p.name != LOCK_NAME for p in self.path.iterdir()):
             raise StoreError(f"{self.path}: exists, is not empty and has no run.json; choose another --out")
         return None
 

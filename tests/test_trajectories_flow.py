@@ -218,7 +218,7 @@ def test_cli_runs_the_flow_in_a_subprocess(tmp_path, tiny_sdxl_dir):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2/2 trajectories complete (sdxl, N=2, M=2, w=7.5" in proc.stdout
-    assert "traj/s" in proc.stderr + proc.stdout  # the flow's progress log line
+    assert "trajectories/s, ETA" in proc.stderr + proc.stdout  # the flow's progress log line
     store = TrajectoryStore(str(out))
     assert store.complete_indices().tolist() == [0, 1] and store.schema.store_dtype == "float16"
 

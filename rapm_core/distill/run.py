@@ -110,9 +110,17 @@ def run_distillation(
     log: Callable[[str], None] = print,
     on_checkpoint: Callable[[RunDir], None] | None = None,
 ) -> DistillResult:
-    """Train (or resume, or extend) the run at ``config.out`` to ``config.iterations``, then export."""
-    store = TrajectoryStore(config.trajectories)
+    """Train (or resume, or extend) the run at ``config.out`` to ``config.iterations``, then export.
+
+    The run dir is locked for the whole call: a second process on it is refused at once."""
     run = RunDir(config.out, keep_checkpoints=config.keep_checkpoints)
+    with run.lock():
+        return _train(config, run, progress, log, on_checkpoint)
+
+
+def _train(config: DistillRunConfig, run: RunDir, progress: Callable[[Progress], None] | None,
+           log: Callable[[str], None], on_checkpoint: Callable[[RunDir], None] | None) -> DistillResult:
+    store = TrajectoryStore(config.trajectories)
     record = run.claim(run_record(config, store))
     h = record["config_hash"]
     done = run.done()

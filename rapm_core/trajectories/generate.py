@@ -12,6 +12,7 @@ devices).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any, Callable
@@ -27,10 +28,12 @@ from rapm_core.trajectories.chain import initial_noise, teacher_trajectories, tr
 from rapm_core.trajectories.config import TrajectoriesConfig
 from storage.errors import StoreError
 from storage.hashing import config_hash
+from storage.locks import DirLock
 from storage.prompt_store import PromptRecord, PromptStore
 from storage.teacher_fingerprint import check_teacher_unchanged, teacher_fingerprint
 from storage.trajectory_schema import PromptSource, StoreSchema
 from storage.trajectory_store import TrajectoryStore, check_compatible
+from storage.urls import is_url
 
 CREATED_BY = f"rapm {version('rapm')}"
 
@@ -98,13 +101,28 @@ def generate_trajectories(
     progress: Callable[[Progress], None] | None = None,
     teacher: Teacher | Callable[[], Teacher] | None = None,
     log: Callable[[str], None] = print,
+    lock: bool = True,
 ) -> GenerationReport:
     """Create or resume the store at ``config.out`` and fill trajectories [start, stop).
 
     Only batches with an incomplete trajectory are generated; when none is missing the teacher
     is not even loaded. Pass ``teacher`` to reuse one already loaded (e.g. across shards), or a
-    function returning it, called only if something is missing.
+    function returning it, called only if something is missing. A local store is locked for the
+    call (one writer per store); a shard passes ``lock=False``, its coordinator holding the lock
+    for all of its shards, which write disjoint chunks.
     """
+    with store_lock(config.out) if lock else nullcontext():
+        return _generate(config, start, stop, progress, teacher, log)
+
+
+def store_lock(path: str):
+    """The one-writer lock of a local trajectory store (a sibling file: Zarr warns about foreign
+    files inside a group); none for fsspec URLs, which have no flock."""
+    return nullcontext() if is_url(path) else DirLock.beside(path, what="trajectory store")
+
+
+def _generate(config: TrajectoriesConfig, start: int, stop: int | None, progress: Callable[[Progress], None] | None,
+              teacher: Teacher | Callable[[], Teacher] | None, log: Callable[[str], None]) -> GenerationReport:
     t0 = time.perf_counter()
     records = select_prompts(config)
     stop = len(records) if stop is None else stop

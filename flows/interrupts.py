@@ -1,0 +1,57 @@
+"""The one line a ``rapm`` command prints when Ctrl-C stops it: where it stopped, and that the
+same command resumes.
+
+Every stage keeps its finished work on disk as it goes (checkpoints, complete trajectories,
+stores written whole), so an interrupt loses at most the work since the last of those. What
+was kept is read back from the stores through storage's API, per command name, so the stage
+modules need no hook of their own; a command without a reader here gets a generic line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from typing import Callable
+
+from storage.checkpoints import CheckpointStore
+from storage.trajectory_store import TrajectoryStore
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+
+def _distill(args: argparse.Namespace) -> str:
+    ckpts = CheckpointStore(args.out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a corrupt newer checkpoint is the resumed run's to report
+        newest = ckpts.latest_valid()
+    if newest is None:
+        return f"interrupted before the first checkpoint of {args.out}; run the same command to start again"
+    step = int(newest.name.split("-")[1])
+    return (f"interrupted; kept checkpoint {newest.name} (iteration {step}) in {ckpts.dir}; "
+            "run the same command to resume from it")
+
+
+def _trajectories(args: argparse.Namespace) -> str:
+    try:
+        mask = TrajectoryStore(args.out).complete_mask()
+    except Exception:  # noqa: BLE001 - no store yet (interrupted before it was created)
+        return f"interrupted before {args.out} was created; run the same command to start again"
+    return (f"interrupted; kept {int(mask.sum())}/{len(mask)} complete trajectories in {args.out}; "
+            "run the same command to generate the rest")
+
+
+WHERE_STOPPED: dict[str, Callable[[argparse.Namespace], str]] = {
+    "distill": _distill,
+    "trajectories": _trajectories,
+}
+
+
+def where_stopped(args: argparse.Namespace) -> str:
+    """What the interrupted command kept; never raises (it runs while the command is stopping)."""
+    describe = WHERE_STOPPED.get(getattr(args, "command", None))
+    if describe is not None:
+        try:
+            return describe(args)
+        except Exception:  # noqa: BLE001 - a half-written store must not turn Ctrl-C into a traceback
+            pass
+    return "interrupted; finished work is kept; run the same command to resume"
