@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "flows.pipeline",
     "flows.distill",
     "flows.recipe",
+    "flows.plan",
 ]
 
 
