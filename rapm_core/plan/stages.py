@@ -178,6 +178,21 @@ def _prime_optimizers(*optimizers: torch.optim.Optimizer | None) -> None:
                                 "exp_avg_sq": torch.zeros_like(p)}
 
 
+def _rapm_iteration(trainer: Distiller, example: Example, generator: torch.Generator, accumulating: bool) -> None:
+    """``Distiller.train_step`` as its peak slot runs it. With all N ≥ 2 slots per iteration,
+    slots after the first add their gradients to those already held (the old and the incoming
+    gradient are alive together), so the one slot planned here starts from gradients in place;
+    otherwise it is the plain step."""
+    if not accumulating:
+        trainer.train_step(example, generator)
+        return
+    trainables = [*trainer.lora_params, *trainer.heads.parameters()]
+    for p in trainables:
+        p.grad = torch.zeros_like(p)
+    trainer.accumulate_gradients(example, generator)
+    trainer._step(example.index)
+
+
 # -- stages ----------------------------------------------------------------------------------------
 def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
     """Stage A at batch B: the whole pipeline on the device (``load_teacher`` moves text encoders,
@@ -244,7 +259,8 @@ def distill(arch: Architecture, config: PlanConfig) -> StageEstimate:
     generator = torch.Generator().manual_seed(0)
     with rec.phase("iteration"):
         if method.method == "rapm":
-            trainer.train_step(Example(positions, cond, 0), generator)
+            _rapm_iteration(trainer, Example(positions, cond, 0), generator,
+                            accumulating=config.slots > 1 and method.slots_per_iteration == "all")
         else:
             device_cond = cond.to(META, dtype)
             trainer.train_step(positions[steps:].to(META), device_cond, device_cond, generator)
