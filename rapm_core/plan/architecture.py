@@ -66,23 +66,23 @@ class Architecture:
         side = px // self.vae_scale_factor
         return int(self.unet.get("in_channels", 4)), side, side
 
-    # -- modules on meta ----------------------------------------------------------------------
-    def build_unet(self, dtype: torch.dtype) -> UNet2DConditionModel:
-        with torch.device("meta"):
+    # -- modules (on meta unless asked: a real device gets random weights) ------------------------
+    def build_unet(self, dtype: torch.dtype, device: str | torch.device = "meta") -> UNet2DConditionModel:
+        with torch.device(device):
             unet = UNet2DConditionModel.from_config(self.unet)
         # nn.Module.to, not diffusers' override, which warns about fp32-kept modules this UNet has none of.
         return torch.nn.Module.to(unet, dtype).eval().requires_grad_(False)
 
-    def build_vae(self, dtype: torch.dtype) -> AutoencoderKL:
-        with torch.device("meta"):
+    def build_vae(self, dtype: torch.dtype, device: str | torch.device = "meta") -> AutoencoderKL:
+        with torch.device(device):
             vae = AutoencoderKL.from_config(self.vae)
         return torch.nn.Module.to(vae, dtype).eval().requires_grad_(False)
 
-    def build_text_encoders(self, dtype: torch.dtype) -> list[torch.nn.Module]:
+    def build_text_encoders(self, dtype: torch.dtype, device: str | torch.device = "meta") -> list[torch.nn.Module]:
         encoders = []
         for cls_name, cfg in self.text_encoders:
             config = CLIPTextConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")})
-            with torch.device("meta"):
+            with torch.device(device):
                 encoders.append(getattr(transformers, cls_name)(config).to(dtype).eval().requires_grad_(False))
         return encoders
 

@@ -87,7 +87,7 @@ def _dtype(config: PlanConfig) -> torch.dtype:
     return DTYPES[config.precision]
 
 
-def _embed_dtype(config: PlanConfig) -> torch.dtype:
+def embed_dtype(config: PlanConfig) -> torch.dtype:
     # What the trajectory store keeps the embeddings in (flows.trajectories: float16 iff fp16).
     return torch.float16 if config.precision == "fp16" else torch.float32
 
@@ -99,11 +99,12 @@ def _grid(arch: Architecture, slots: int, steps_per_slot: int) -> SlotGrid:
         raise ConfigError(str(err)) from err
 
 
-def _encode(arch: Architecture, encoders: list[torch.nn.Module], batch: int, dtype: torch.dtype) -> Conditioning:
+def encode(arch: Architecture, encoders: list[torch.nn.Module], batch: int, dtype: torch.dtype,
+           device: torch.device = META) -> Conditioning:
     """The text encoders' forward as ``rapm_core.teacher.encode_prompts`` runs it (via the stock
     ``encode_prompt``): SD 1.5 takes the last hidden state; SDXL the penultimate hidden state of
     both encoders, concatenated, and the second one's projected pooled output."""
-    ids = torch.zeros(batch, arch.text_length, dtype=torch.long, device=META)
+    ids = torch.zeros(batch, arch.text_length, dtype=torch.long, device=device)
     if arch.kind == "sd15":
         return Conditioning(encoders[0](ids)[0])
     hidden, pooled = [], None
@@ -111,7 +112,7 @@ def _encode(arch: Architecture, encoders: list[torch.nn.Module], batch: int, dty
         out = encoder(ids, output_hidden_states=True)
         pooled = out[0]
         hidden.append(out.hidden_states[-2])
-    time_ids = torch.zeros(batch, 6, dtype=dtype, device=META)
+    time_ids = torch.zeros(batch, 6, dtype=dtype, device=device)
     return Conditioning(torch.cat(hidden, dim=-1), pooled, time_ids)
 
 
@@ -138,7 +139,7 @@ def lora_parameter_count(unet: torch.nn.Module, rank: int) -> int:
     return total
 
 
-def _stored_conditioning(arch: Architecture, dtype: torch.dtype) -> Conditioning:
+def stored_conditioning(arch: Architecture, dtype: torch.dtype) -> Conditioning:
     """One trajectory's conditioning as the store gives it to distillation (host memory)."""
     pooled = None if arch.pooled_dim is None else torch.zeros(1, arch.pooled_dim, dtype=dtype)
     time_ids = None if arch.pooled_dim is None else torch.zeros(1, 6, dtype=dtype)
@@ -209,8 +210,8 @@ def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
     guided = config.guidance > 1.0
     with torch.no_grad():
         with rec.phase("encode prompts"):
-            uncond = _encode(arch, encoders, 1, dtype) if guided else None
-            cond = _encode(arch, encoders, batch, dtype)
+            uncond = encode(arch, encoders, 1, dtype) if guided else None
+            cond = encode(arch, encoders, batch, dtype)
         with rec.phase("sample N·M steps"):
             noise = torch.empty(batch, c, h, w, dtype=dtype, device=META)
             z = teacher_trajectories(_LastCallOnly(unet, grid.total_steps), arch.scheduler_config(), grid, noise,
@@ -236,7 +237,7 @@ def distill(arch: Architecture, config: PlanConfig) -> StageEstimate:
     unet = arch.build_unet(dtype)
     scheduler = arch.scheduler_config()
     positions = torch.zeros(steps + 1, c, h, w)
-    cond = _stored_conditioning(arch, _embed_dtype(config))
+    cond = stored_conditioning(arch, embed_dtype(config))
     if method.method == "rapm":
         trainer = Distiller(unet, scheduler, SlotGrid.from_scheduler(scheduler, 1, steps), method.distill_config(),
                             device=META)
@@ -292,11 +293,11 @@ def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
         with rec.phase("encode prompts"):
             # evaluate_run encodes batch by batch and concatenates; one batch is encoded for
             # real (the encoder's working set), the others are made in its shapes.
-            first = _encode(arch, encoders, batch, dtype)
+            first = encode(arch, encoders, batch, dtype)
             parts = [first] + [_shaped_like(first, min(batch, images - a)) for a in range(batch, images, batch)]
             cond = reduce(Conditioning.cat, parts)
             del first, parts
-            uncond = _encode(arch, encoders, 1, dtype) if guided else None
+            uncond = encode(arch, encoders, 1, dtype) if guided else None
             noise = torch.empty(images, c, h, w, dtype=dtype, device=META)
         with rec.phase("sample one step"):
             z = ddim_sample(unet, scheduler, noise[:batch], cond[:batch], 1, config.guidance, uncond)

@@ -18,7 +18,7 @@ import threading
 from typing import Callable, Iterator
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill import Distiller, Example
@@ -26,12 +26,13 @@ from rapm_core.plan.architecture import Architecture
 from rapm_core.plan.config import PlanConfig
 from rapm_core.plan.meta_memory import MemoryCounter, module_tensors, optimizer_tensors
 from rapm_core.plan.presets import preset_configs
-from rapm_core.plan.stages import STAGES
+from rapm_core.plan.stages import STAGES, encode
 from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import DTYPES
 from rapm_core.trajectory import teacher_trajectories
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+CPU = torch.device("cpu")
 
 
 def mid_size(width: int = 64, text_dim: int = 256) -> Architecture:
@@ -80,7 +81,7 @@ class PeakRSS:
 
 def _real_unet(arch: Architecture, dtype: torch.dtype, seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    return torch.nn.Module.to(UNet2DConditionModel.from_config(arch.unet), dtype).eval().requires_grad_(False)
+    return arch.build_unet(dtype, "cpu")
 
 
 def _random_cond(arch: Architecture, dtype: torch.dtype, batch: int, g: torch.Generator) -> Conditioning:
@@ -138,12 +139,7 @@ def measure_trajectories(arch: Architecture, config: PlanConfig, seed: int = 0) 
     encoder; every one of the N·M guided steps; the float copy before writing."""
     dtype = DTYPES[config.precision]
     unet = _real_unet(arch, dtype, seed)
-    vae = torch.nn.Module.to(AutoencoderKL.from_config(arch.vae), dtype).eval()
-    cls_name, text_cfg = arch.text_encoders[0]
-    import transformers  # only here: the text encoder class named in the architecture
-
-    text_cfg = {k: v for k, v in text_cfg.items() if not k.startswith("_")}
-    encoder = getattr(transformers, cls_name)(transformers.CLIPTextConfig.from_dict(text_cfg)).to(dtype).eval()
+    vae, encoders = arch.build_vae(dtype, "cpu"), arch.build_text_encoders(dtype, "cpu")
     grid = SlotGrid.from_scheduler(arch.scheduler_config(), config.slots, config.steps_per_slot)
     c, h, w = arch.latent_shape(config.resolution)
     batch = config.trajectory_batch
@@ -152,14 +148,13 @@ def measure_trajectories(arch: Architecture, config: PlanConfig, seed: int = 0) 
 
     @torch.no_grad()
     def run() -> None:
-        ids = torch.zeros(batch, arch.text_length, dtype=torch.long)
-        cond = Conditioning(encoder(ids)[0])
-        uncond = Conditioning(encoder(ids[:1])[0])
+        cond = encode(arch, encoders, batch, dtype, CPU)
+        uncond = encode(arch, encoders, 1, dtype, CPU)
         z = teacher_trajectories(unet, arch.scheduler_config(), grid, noise, cond, uncond, config.guidance)
         host = z.detach().float()  # flows.trajectories' copy before .cpu() (a no-op in fp32)
         del host, z
 
-    return _measure(lambda: iter([*module_tensors(unet, vae, encoder), noise]), run)
+    return _measure(lambda: iter([*module_tensors(unet, vae, *encoders), noise]), run)
 
 
 MEASURES = {"distill": measure_distill, "trajectories": measure_trajectories}
