@@ -46,15 +46,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from rapm_core.conditioning import Conditioning  # noqa: E402
-from rapm_core.distill import Distiller, Example  # noqa: E402
 from rapm_core.plan import PlanConfig  # noqa: E402
 from rapm_core.plan.architecture import Architecture, from_preset  # noqa: E402
+from rapm_core.plan.engine import Distiller, Example, teacher_trajectories  # noqa: E402
 from rapm_core.plan.meta_memory import MemoryCounter, module_tensors, optimizer_tensors  # noqa: E402
 from rapm_core.plan.stages import STAGES, encode, stored_conditioning  # noqa: E402
 from rapm_core.plan.validation import mid_size  # noqa: E402
 from rapm_core.schedule import SlotGrid  # noqa: E402
 from rapm_core.teacher import DTYPES  # noqa: E402
-from rapm_core.trajectory import teacher_trajectories  # noqa: E402
 
 GiB = 2 ** 30
 TRAJECTORY_BATCH = 4
@@ -242,7 +241,7 @@ def store_round_trip(machine: Machine) -> dict:
     from bench_common import prompt_store
     from flows.trajectories import TrajectoriesConfig, generate_trajectories
     from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
-    from rapm_core.trajectory import initial_noise
+    from rapm_core.trajectory import initial_noise  # moves with the refactor, as flows.trajectories
     from storage.trajectory_store import TrajectoryStore
 
     import diffusers

@@ -1,8 +1,8 @@
 """What ``rapm plan`` is asked: a teacher architecture, the stages' settings, the method's options.
 
 The method options mirror ``rapm_core.distill.DistillConfig`` name for name (so ``rapm plan``
-takes the same flags as ``rapm distill``) and take their defaults from it; this module is the
-only place that imports it. ``precision`` replaces DistillConfig's ``mixed_precision`` for every
+takes the same flags as ``rapm distill``) and take their defaults from it (through
+``rapm_core.plan.engine``, the planner's one import seam for the method's code). ``precision`` replaces DistillConfig's ``mixed_precision`` for every
 stage at once: frozen weights are stored in it and activations computed in it, while LoRA
 parameters, discriminator heads and their AdamW states stay fp32 (meta tensors have no
 autocast, so the planner makes tensors in the target dtype instead).
@@ -15,7 +15,7 @@ from typing import Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from rapm_core.distill import DistillConfig
+from rapm_core.plan.engine import DistillConfig
 from rapm_core.plan.presets import PRESETS
 
 Precision = Literal["fp32", "bf16", "fp16"]

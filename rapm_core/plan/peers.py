@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from rapm_core.conditioning import Conditioning
-from rapm_core.discriminator import FeatureTaps, HeadSet
-from rapm_core.losses import discriminator_hinge_loss, generator_adversarial_loss, pseudo_huber
+from rapm_core.plan.engine import (
+    FeatureTaps, HeadSet, attach_lora, discriminator_hinge_loss, generator_adversarial_loss, lora_config, pseudo_huber,
+    teacher_mode,
+)
 from rapm_core.sampler import guided_prediction
 from rapm_core.schedule import ddim_step, predict_x0_eps, renoise
-from rapm_core.student import attach_lora, lora_config, teacher_mode
 
 GRID_STEPS = 50  # LCM/PCM's teacher grid: 50 DDIM steps of 20 timesteps
 GUIDANCE = 5.0  # any w > 1 costs the same: the doubled batch

@@ -21,17 +21,15 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from rapm_core.conditioning import Conditioning
-from rapm_core.distill import Distiller, Example
 from rapm_core.errors import ConfigError
 from rapm_core.plan.architecture import Architecture
 from rapm_core.plan.config import PlanConfig
+from rapm_core.plan.engine import TARGET_MODULES, Distiller, Example, teacher_trajectories
 from rapm_core.plan.meta_memory import MemoryCounter, efficient_attention, module_tensors, optimizer_tensors
 from rapm_core.plan.peers import PeerTrainer
 from rapm_core.sampler import ddim_sample
 from rapm_core.schedule import SlotGrid, inference_scheduler
-from rapm_core.student import TARGET_MODULES
 from rapm_core.teacher import DTYPES, decode_latents
-from rapm_core.trajectory import teacher_trajectories
 
 META = torch.device("meta")
 

@@ -21,15 +21,14 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from rapm_core.conditioning import Conditioning
-from rapm_core.distill import Distiller, Example
 from rapm_core.plan.architecture import Architecture
 from rapm_core.plan.config import PlanConfig
+from rapm_core.plan.engine import Distiller, Example, teacher_trajectories
 from rapm_core.plan.meta_memory import MemoryCounter, module_tensors, optimizer_tensors
 from rapm_core.plan.presets import preset_configs
 from rapm_core.plan.stages import STAGES, encode
 from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import DTYPES
-from rapm_core.trajectory import teacher_trajectories
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 CPU = torch.device("cpu")
