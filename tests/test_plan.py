@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from flows.cli import main
+from rapm_core.conditioning import Conditioning
 from rapm_core.plan import PlanConfig
 from rapm_core.plan.advice import GiB
 from rapm_core.plan.architecture import from_preset, from_teacher, parameter_count
@@ -208,6 +209,35 @@ def test_planner_is_within_15_percent_of_a_real_cpu_run(stage, method):
     config = PlanConfig(preset="sd15", resolution=256, slots=2, steps_per_slot=2, batch_size=2, method=method)
     result = compare(stage, arch, config)
     assert 0.85 <= result["ratio_live"] <= 1.15, result
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", [{}, {"loss_relative": "adversarial", "loss_absolute": "adversarial",
+                                         "gradient_checkpointing": True}])
+def test_planner_is_within_15_percent_of_max_memory_allocated(method):
+    from rapm_core.plan.engine import Distiller, Example
+    from rapm_core.schedule import SlotGrid
+
+    arch = from_preset("sd15")
+    config = PlanConfig(preset="sd15", precision="bf16", resolution=256, slots=2, steps_per_slot=2, method=method)
+    predicted = distill(arch, config).peak_bytes
+    scheduler = arch.scheduler_config()
+    grid = SlotGrid.from_scheduler(scheduler, 2, 2)
+    trainer = Distiller(arch.build_unet(torch.bfloat16, "cuda"), scheduler, grid, config.method.distill_config(),
+                        device="cuda")
+    c, h, w = arch.latent_shape(256)
+    example = Example(torch.randn(grid.total_steps + 1, c, h, w),
+                      Conditioning(torch.randn(1, arch.text_length, arch.embed_dim)), 0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        trainer.train_step(example, gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train_step(example, gen)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+    assert 0.85 <= predicted / measured <= 1.15, (predicted, measured)
 
 
 def test_store_bytes_follow_the_layout():

@@ -45,7 +45,7 @@ class PlanMethod(BaseModel):
     rank: int = Field(_default("rank"), ge=1, description=_DISTILL["rank"].description)
     loss_relative: LossMode = Field(_default("loss_relative"), description=_DISTILL["loss_relative"].description)
     loss_absolute: LossMode = Field(
-        _default("loss_absolute"),
+        _default("loss_absolute"), validate_default=True,
         description=_DISTILL["loss_absolute"].description + "; pcm/lcm: their one loss at the phase end")
     slots_per_iteration: Literal["all", "random"] = Field(
         _default("slots_per_iteration"), description=_DISTILL["slots_per_iteration"].description)
@@ -53,18 +53,18 @@ class PlanMethod(BaseModel):
     gradient_checkpointing: bool = Field(
         _default("gradient_checkpointing"), description=_DISTILL["gradient_checkpointing"].description)
 
-    @pydantic.model_validator(mode="after")
-    def _check(self) -> "PlanMethod":
-        if self.method == "rapm":
-            try:
-                self.distill_config()  # DistillConfig's own checks (e.g. both losses off)
-            except pydantic.ValidationError as err:
-                raise ValueError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
-        elif self.loss_absolute == "off":
-            raise ValueError(f"{self.method} has one loss, --loss-absolute; it cannot be 'off'")
-        elif self.method == "lcm" and self.loss_absolute != "pointwise":
+    # Cross-field checks sit on the later field, so an error names the option to change.
+    @pydantic.field_validator("loss_absolute")
+    @classmethod
+    def _check_losses(cls, loss_absolute: str, info: pydantic.ValidationInfo) -> str:
+        method, loss_relative = info.data.get("method"), info.data.get("loss_relative")
+        if method == "rapm" and loss_relative == loss_absolute == "off":
+            raise ValueError("loss_relative and loss_absolute are both 'off': nothing to train")
+        if method in ("pcm", "lcm") and loss_absolute == "off":
+            raise ValueError(f"{method} has one loss, --loss-absolute; it cannot be 'off'")
+        if method == "lcm" and loss_absolute != "pointwise":
             raise ValueError("lcm's loss is pointwise only (PEERS.md); use --method pcm for an adversarial peer")
-        return self
+        return loss_absolute
 
     def distill_config(self) -> DistillConfig:
         """The real method config the planner runs (mixed precision is emulated by dtype, see module doc)."""
@@ -100,7 +100,7 @@ class PlanConfig(BaseModel):
                                  "math: full attention matrices (an upper bound)")
     gpu_memory: float | None = Field(None, gt=0, description="accelerator memory in GiB (as nvidia-smi's MiB / 1024): "
                                                              "say what fits and what to change")
-    reserve: float = Field(1.0, ge=0, description="GiB kept free of tensors for the CUDA context and the "
+    reserve: float = Field(1.0, ge=0, validate_default=True, description="GiB kept free of tensors for the CUDA context and the "
                                                   "allocator's fragmentation")
     seconds_per_call: float | None = Field(
         None, gt=0, description="measured seconds of one teacher UNet forward at batch 1 at this resolution and "
@@ -119,12 +119,18 @@ class PlanConfig(BaseModel):
             raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
         return name
 
+    @pydantic.field_validator("reserve")
+    @classmethod
+    def _room_left(cls, reserve: float, info: pydantic.ValidationInfo) -> float:
+        gpu = info.data.get("gpu_memory")
+        if gpu is not None and gpu <= reserve:
+            raise ValueError(f"--gpu-memory {gpu:g} GiB leaves nothing after --reserve {reserve:g} GiB")
+        return reserve
+
     @pydantic.model_validator(mode="after")
     def _one_source(self) -> "PlanConfig":
         if (self.teacher is None) == (self.preset is None):
             raise ValueError("give exactly one of --teacher DIR_OR_ID and --preset NAME")
-        if self.gpu_memory is not None and self.gpu_memory <= self.reserve:
-            raise ValueError(f"--gpu-memory {self.gpu_memory:g} GiB leaves nothing after --reserve {self.reserve:g} GiB")
         return self
 
     @property

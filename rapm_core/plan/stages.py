@@ -6,8 +6,9 @@ transformers classes, on meta, in the target dtype) and runs the stage's own cod
 under a ``MemoryCounter``. Work that repeats with the same shapes is run once: a trajectory's
 N·M teacher calls are one real call after N·M−1 stand-ins that return an output of the right
 shape (the positions still pile up as in the real loop), a RAPM iteration is one slot (every
-slot has the same shapes, and each slot's graph is freed by its own backward), and the
-evaluate stage samples one step of one batch.
+slot has the same shapes, and each slot's graph is freed by its own backward; with all slots
+it starts from the gradients earlier slots leave), and the evaluate stage samples one step of
+one batch.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class StageEstimate:
     phases: dict[str, int]  # peak live bytes during each phase of the work
     flops: dict[str, float]  # per phase, as counted (see the stage for what one phase covers)
     notes: list[str] = field(default_factory=list)
+    trainable_parameters: int = 0  # distill: LoRA and discriminator heads
 
     @property
     def peak_phase(self) -> str:
@@ -64,6 +66,12 @@ class _Recorder:
 
     def add_resident(self, name: str, tensors: Iterable[torch.Tensor]) -> None:
         self.resident[name] = self.resident.get(name, 0) + self.counter.track(tensors)
+
+    def add_resident_bytes(self, name: str, nbytes: int) -> None:
+        """Memory that is there for the whole stage but not built (counted, never freed)."""
+        self.resident[name] = self.resident.get(name, 0) + nbytes
+        self.counter.live += nbytes
+        self.counter.peak = max(self.counter.peak, self.counter.live)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -264,9 +272,12 @@ def distill(arch: Architecture, config: PlanConfig) -> StageEstimate:
             device_cond = cond.to(META, dtype)
             trainer.train_step(positions[steps:].to(META), device_cond, device_cond, generator)
     notes = [] if method.method == "rapm" else [f"{method.method}: PEERS.md's iteration (rapm_core.plan.peers)"]
+    if config.precision != "fp32":
+        notes.append(f"planned with {config.precision} UNet weights; `rapm distill --mixed-precision` today keeps them "
+                     f"fp32 (+{rec.resident['unet'] / 2**30:.2f} GiB) and autocasts")
     est = rec.estimate("distill", ("unet",), notes)
-    est.flops["trainable_parameters"] = float(sum(p.numel() for p in lora)
-                                              + (0 if heads is None else sum(p.numel() for p in heads.parameters())))
+    est.trainable_parameters = sum(p.numel() for p in lora) + (0 if heads is None else
+                                                               sum(p.numel() for p in heads.parameters()))
     return est
 
 
@@ -282,7 +293,7 @@ def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
     rec.add_resident("unet", module_tensors(unet))
     # The student's adapter as load_lora_weights leaves it (in the UNet's dtype): counted, not
     # attached, since the fused student samples like the bare UNet and peft's attach costs seconds.
-    rec.resident["lora"] = lora_parameter_count(unet, config.method.rank) * unet.dtype.itemsize
+    rec.add_resident_bytes("lora", lora_parameter_count(unet, config.method.rank) * unet.dtype.itemsize)
     rec.add_resident("text_encoders", module_tensors(*encoders))
     rec.add_resident("vae", module_tensors(vae))
     guided = config.guidance > 1.0
