@@ -45,6 +45,7 @@ def plan(config: PlanConfig) -> dict:
         est = estimates[name] = run(arch, config)
         entry = est.as_dict()
         entry["activations_bytes"] = est.peak_bytes - sum(est.resident.values())
+        entry["weights_share"] = est.weights_bytes / est.peak_bytes
         if limit is not None:
             entry["fits"] = est.peak_bytes <= limit
             entry["advice"] = None if entry["fits"] else advise(name, arch, config, est, limit)
