@@ -2,11 +2,12 @@
 
 Part 1 (validation): a mid-size UNet (SD 1.5's block layout at width 64, 256 px; see
 ``rapm_core.plan.validation.mid_size``) and SD 1.5's own config at 128 px run the project's
-real ``Distiller.train_step`` and ``teacher_trajectories`` on CPU with random weights. Measured: the live-tensor peak (the
-planner's own counting mode on CPU storages, i.e. what a caching allocator's "allocated" sees)
-and the RSS growth; predicted: the planner on meta tensors. Part 2: the planner's peaks for
-SD 1.5 (512²) and SDXL (1024²): fp32 vs bf16, pointwise vs adversarial, with and without
-gradient checkpointing, and the math-attention upper bound for two of them.
+real ``Distiller.train_step`` and ``teacher_trajectories`` on CPU with random weights.
+Measured: the live-tensor peak (the planner's own counting mode on CPU storages, i.e. what a
+caching allocator's "allocated" sees) and the RSS growth; predicted: the planner on meta
+tensors. Part 2: the planner's peaks for SD 1.5 (512²) and SDXL (1024²): fp32 vs bf16,
+pointwise vs adversarial, with and without gradient checkpointing, and the math-attention
+upper bound for two of them.
 
 Run: ``.venv/bin/python benchmarks/plan_validation.py [--skip-presets]`` (prints markdown).
 """
@@ -38,7 +39,8 @@ def validation_rows(width: int) -> list[str]:
     cases = [(mid, 256, "distill", "fp32", {}), (mid, 256, "distill", "fp32", {"gradient_checkpointing": True}),
              (mid, 256, "distill", "fp32", ADV), (mid, 256, "distill", "fp32", {**ADV, "gradient_checkpointing": True}),
              (mid, 256, "distill", "bf16", {}), (mid, 256, "trajectories", "fp32", {}),
-             (real, 128, "distill", "fp32", {}), (real, 128, "distill", "fp32", {**ADV, "gradient_checkpointing": True}),
+             (real, 128, "distill", "fp32", {}),
+             (real, 128, "distill", "fp32", {**ADV, "gradient_checkpointing": True}),
              (real, 128, "trajectories", "fp32", {})]
     rows = ["| UNet | stage | precision | method | predicted MiB | measured live MiB | predicted / measured | "
             "predicted working MiB | RSS growth MiB | working / RSS |", "|---|---|---|---|---|---|---|---|---|---|"]

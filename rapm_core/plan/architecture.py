@@ -116,7 +116,8 @@ def from_teacher(source: str, revision: str | None = None) -> Architecture:
     index = _read(ref, "model_index.json", lambda: dict(DiffusionPipeline.load_config(ref, revision=revision)))
     unet = _read(ref, "unet/config.json",
                  lambda: dict(UNet2DConditionModel.load_config(ref, subfolder="unet", revision=revision)))
-    vae = _read(ref, "vae/config.json", lambda: dict(AutoencoderKL.load_config(ref, subfolder="vae", revision=revision)))
+    vae = _read(ref, "vae/config.json",
+                lambda: dict(AutoencoderKL.load_config(ref, subfolder="vae", revision=revision)))
     scheduler = _read(ref, "scheduler/scheduler_config.json",
                       lambda: dict(DDIMScheduler.load_config(ref, subfolder="scheduler", revision=revision)))
     encoders = []

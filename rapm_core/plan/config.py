@@ -2,10 +2,11 @@
 
 The method options mirror ``rapm_core.distill.DistillConfig`` name for name (so ``rapm plan``
 takes the same flags as ``rapm distill``) and take their defaults from it (through
-``rapm_core.plan.engine``, the planner's one import seam for the method's code). ``precision`` replaces DistillConfig's ``mixed_precision`` for every
-stage at once: frozen weights are stored in it and activations computed in it, while LoRA
-parameters, discriminator heads and their AdamW states stay fp32 (meta tensors have no
-autocast, so the planner makes tensors in the target dtype instead).
+``rapm_core.plan.engine``, the planner's one import seam for the method's code).
+``precision`` replaces DistillConfig's ``mixed_precision`` for every stage at once: frozen
+weights are stored in it and activations computed in it, while LoRA parameters,
+discriminator heads and their AdamW states stay fp32 (meta tensors have no autocast, so the
+planner makes tensors in the target dtype instead).
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ class PlanConfig(BaseModel):
                                  "math: full attention matrices (an upper bound)")
     gpu_memory: float | None = Field(None, gt=0, description="accelerator memory in GiB (as nvidia-smi's MiB / 1024): "
                                                              "say what fits and what to change")
-    reserve: float = Field(1.0, ge=0, validate_default=True, description="GiB kept free of tensors for the CUDA context and the "
-                                                  "allocator's fragmentation")
+    reserve: float = Field(1.0, ge=0, validate_default=True,
+                           description="GiB kept free of tensors for the CUDA context and the allocator's "
+                                       "fragmentation")
     seconds_per_call: float | None = Field(
         None, gt=0, description="measured seconds of one teacher UNet forward at batch 1 at this resolution and "
                                 "precision (benchmarks/gpu_check.py prints it); default: an assumed A6000 rate")

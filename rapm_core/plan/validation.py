@@ -122,7 +122,8 @@ def measure_distill(arch: Architecture, config: PlanConfig, seed: int = 0) -> di
             group["foreach"] = True  # as on CUDA, and as the planner steps
     g = torch.Generator().manual_seed(seed)
     c, h, w = arch.latent_shape(config.resolution)
-    example = Example(torch.randn(grid.total_steps + 1, c, h, w, generator=g), _random_cond(arch, torch.float32, 1, g), 0)
+    positions = torch.randn(grid.total_steps + 1, c, h, w, generator=g)
+    example = Example(positions, _random_cond(arch, torch.float32, 1, g), 0)
     trainer.train_step(example, torch.Generator().manual_seed(seed))
 
     def baseline() -> Iterator[torch.Tensor]:
@@ -170,5 +171,6 @@ def compare(stage: str, arch: Architecture, config: PlanConfig) -> dict:
         "predicted_working_bytes": predicted_working,
         **{f"measured_{k}": v for k, v in measured.items()},
         "ratio_live": predicted.peak_bytes / measured["peak_bytes"],
-        "ratio_working_vs_rss": predicted_working / measured["rss_growth_bytes"] if measured["rss_growth_bytes"] else None,
+        "ratio_working_vs_rss": (predicted_working / measured["rss_growth_bytes"]
+                                 if measured["rss_growth_bytes"] else None),
     }
