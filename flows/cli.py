@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "flows.pipeline",
     "flows.distill",
     "flows.recipe",
+    "flows.plan",
 ]
 
 

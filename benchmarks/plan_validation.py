@@ -1,0 +1,104 @@
+"""``rapm plan`` checked against real runs on this CPU, and its table for both presets.
+
+Part 1 (validation): a mid-size UNet (SD 1.5's block layout at width 64, 256 px; see
+``rapm_core.plan.validation.mid_size``) and SD 1.5's own config at 128 px run the project's
+real ``Distiller.train_step`` and ``teacher_trajectories`` on CPU with random weights.
+Measured: the live-tensor peak (the planner's own counting mode on CPU storages, i.e. what a
+caching allocator's "allocated" sees) and the RSS growth; predicted: the planner on meta
+tensors. Part 2: the planner's peaks for SD 1.5 (512²) and SDXL (1024²): fp32 vs bf16,
+pointwise vs adversarial, with and without gradient checkpointing, and the math-attention
+upper bound for two of them.
+
+Run: ``.venv/bin/python benchmarks/plan_validation.py [--skip-presets]`` (prints markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench_common import machine  # noqa: E402
+from rapm_core.plan import PlanConfig  # noqa: E402
+from rapm_core.plan.architecture import from_preset  # noqa: E402
+from rapm_core.plan.stages import STAGES  # noqa: E402
+from rapm_core.plan.validation import compare, mid_size  # noqa: E402
+
+GiB, MiB = 2 ** 30, 2 ** 20
+ADV = {"loss_relative": "adversarial", "loss_absolute": "adversarial"}
+
+
+def validation_rows(width: int) -> list[str]:
+    mid, real = mid_size(width=width), from_preset("sd15")
+    cases = [(mid, 256, "distill", "fp32", {}), (mid, 256, "distill", "fp32", {"gradient_checkpointing": True}),
+             (mid, 256, "distill", "fp32", ADV), (mid, 256, "distill", "fp32", {**ADV, "gradient_checkpointing": True}),
+             (mid, 256, "distill", "bf16", {}), (mid, 256, "trajectories", "fp32", {}),
+             (real, 128, "distill", "fp32", {}),
+             (real, 128, "distill", "fp32", {**ADV, "gradient_checkpointing": True}),
+             (real, 128, "trajectories", "fp32", {})]
+    rows = ["| UNet | stage | precision | method | predicted MiB | measured live MiB | predicted / measured | "
+            "predicted working MiB | RSS growth MiB | working / RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for arch, resolution, stage, precision, method in cases:
+        config = PlanConfig(preset="sd15", resolution=resolution, slots=2, steps_per_slot=2, batch_size=2,
+                            precision=precision, method=method)
+        r = compare(stage, arch, config)
+        label = ", ".join(f"{k.replace('loss_', '')}={v}" for k, v in method.items()) or "default (pointwise)"
+        rss = r["ratio_working_vs_rss"]
+        unet = f"{'SD 1.5 config' if arch is real else f'SD 1.5 layout, width {width}'}, {resolution} px"
+        rows.append(f"| {unet} | {stage} | {precision} | {label} | {r['predicted_peak_bytes'] / MiB:.1f} | "
+                    f"{r['measured_peak_bytes'] / MiB:.1f} | {r['ratio_live']:.3f} | "
+                    f"{r['predicted_working_bytes'] / MiB:.1f} | {r['measured_rss_growth_bytes'] / MiB:.1f} | "
+                    f"{'—' if rss is None else f'{rss:.2f}'} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def preset_rows() -> list[str]:
+    rows = ["| preset | precision | losses | checkpointing | trajectories GiB | distill GiB (weights) | "
+            "evaluate GiB |", "|---|---|---|---|---|---|---|"]
+    for preset in ("sd15", "sdxl"):
+        arch = from_preset(preset)
+        for precision in ("fp32", "bf16"):
+            base = PlanConfig(preset=preset, precision=precision)
+            traj = STAGES["trajectories"](arch, base).peak_bytes / GiB
+            ev = STAGES["evaluate"](arch, base).peak_bytes / GiB
+            for losses, method in (("pointwise", {}), ("adversarial", ADV)):
+                for ckpt in (False, True):
+                    d = STAGES["distill"](arch, PlanConfig(preset=preset, precision=precision,
+                                                           method={**method, "gradient_checkpointing": ckpt}))
+                    rows.append(f"| {preset} | {precision} | {losses} | {'yes' if ckpt else 'no'} | {traj:.2f} | "
+                                f"{d.peak_bytes / GiB:.2f} ({d.weights_bytes / GiB:.2f}) | {ev:.2f} |")
+                    print(rows[-1], file=sys.stderr, flush=True)
+    rows += ["", "| preset, bf16, pointwise, no checkpointing | distill GiB, efficient attention | "
+                 "distill GiB, math attention |", "|---|---|---|"]
+    for preset in ("sd15", "sdxl"):
+        arch = from_preset(preset)
+        eff, math = (STAGES["distill"](arch, PlanConfig(preset=preset, precision="bf16", attention=a)).peak_bytes
+                     for a in ("efficient", "math"))
+        rows.append(f"| {preset} | {eff / GiB:.2f} | {math / GiB:.2f} |")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=64, help="mid-size UNet's first width (SD 1.5: 320)")
+    parser.add_argument("--skip-presets", action="store_true", help="only the CPU validation")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    lines = [f"Machine: {machine()}.", "", *validation_rows(args.width)]
+    if not args.skip_presets:
+        lines += ["", *preset_rows()]
+    lines += ["", f"({time.perf_counter() - t0:.0f} s)"]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""``rapm plan``'s engine: predict every stage's peak accelerator memory from configs alone.
+
+No weights and no GPU: the stages run on meta tensors under a counting dispatch mode
+(``meta_memory``), on modules built from a teacher's config files or a published preset.
+"""
+
+from rapm_core.plan.config import PlanConfig, PlanMethod
+from rapm_core.plan.planner import plan
+
+__all__ = ["PlanConfig", "PlanMethod", "plan"]

@@ -1,0 +1,327 @@
+"""Peak accelerator memory of each pipeline stage, measured by running the stage on meta tensors.
+
+Each function builds the modules the stage really puts on the device (real diffusers and
+transformers classes, on meta, in the target dtype) and runs the stage's own code on them —
+``teacher_trajectories``, ``Distiller.train_step``, ``ddim_sample`` and ``decode_latents`` —
+under a ``MemoryCounter``. Work that repeats with the same shapes is run once: a trajectory's
+N·M teacher calls are one real call after N·M−1 stand-ins that return an output of the right
+shape (the positions still pile up as in the real loop), a RAPM iteration is one slot (every
+slot has the same shapes, and each slot's graph is freed by its own backward; with all slots
+it starts from the gradients earlier slots leave), and the evaluate stage samples one step of
+one batch.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import reduce
+from typing import Iterable, Iterator
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from rapm_core.conditioning import Conditioning
+from rapm_core.errors import ConfigError
+from rapm_core.plan.architecture import Architecture
+from rapm_core.plan.config import PlanConfig
+from rapm_core.plan.engine import TARGET_MODULES, Distiller, Example, teacher_trajectories
+from rapm_core.plan.meta_memory import MemoryCounter, efficient_attention, module_tensors, optimizer_tensors
+from rapm_core.plan.peers import PeerTrainer
+from rapm_core.sampler import ddim_sample
+from rapm_core.schedule import SlotGrid, inference_scheduler
+from rapm_core.teacher import DTYPES, decode_latents
+
+META = torch.device("meta")
+
+
+@dataclass
+class StageEstimate:
+    name: str
+    peak_bytes: int
+    weights_bytes: int  # frozen modules resident on the device for the whole stage
+    resident: dict[str, int]  # everything on the device before the stage's work starts, by part
+    phases: dict[str, int]  # peak live bytes during each phase of the work
+    flops: dict[str, float]  # per phase, as counted (see the stage for what one phase covers)
+    notes: list[str] = field(default_factory=list)
+    trainable_parameters: int = 0  # distill: LoRA and discriminator heads
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "peak_phase": self.peak_phase}
+
+
+class _Recorder:
+    """One MemoryCounter across a stage: resident parts first, then phases of work."""
+
+    def __init__(self, attention: str):
+        self.counter = MemoryCounter("meta")
+        self.efficient = attention == "efficient"
+        self.resident: dict[str, int] = {}
+        self.phases: dict[str, int] = {}
+        self.flops: dict[str, float] = {}
+
+    def add_resident(self, name: str, tensors: Iterable[torch.Tensor]) -> None:
+        self.resident[name] = self.resident.get(name, 0) + self.counter.track(tensors)
+
+    def add_resident_bytes(self, name: str, nbytes: int) -> None:
+        """Memory that is there for the whole stage but not built (counted, never freed)."""
+        self.resident[name] = self.resident.get(name, 0) + nbytes
+        self.counter.live += nbytes
+        self.counter.peak = max(self.counter.peak, self.counter.live)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        c = self.counter
+        c.reset_peak()
+        flops0 = c.flops
+        with efficient_attention(self.efficient), c:
+            yield
+        self.phases[name] = c.peak
+        self.flops[name] = float(c.flops - flops0)
+
+    def estimate(self, name: str, weights: Iterable[str], notes: list[str]) -> StageEstimate:
+        return StageEstimate(name, max(self.phases.values()), sum(self.resident[w] for w in weights),
+                             dict(self.resident), dict(self.phases), dict(self.flops), notes)
+
+
+# -- shared pieces ---------------------------------------------------------------------------------
+def _dtype(config: PlanConfig) -> torch.dtype:
+    return DTYPES[config.precision]
+
+
+def embed_dtype(config: PlanConfig) -> torch.dtype:
+    # What the trajectory store keeps the embeddings in (flows.trajectories: float16 iff fp16).
+    return torch.float16 if config.precision == "fp16" else torch.float32
+
+
+def _grid(arch: Architecture, slots: int, steps_per_slot: int) -> SlotGrid:
+    try:
+        return SlotGrid.from_scheduler(arch.scheduler_config(), slots, steps_per_slot)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def encode(arch: Architecture, encoders: list[torch.nn.Module], batch: int, dtype: torch.dtype,
+           device: torch.device = META) -> Conditioning:
+    """The text encoders' forward as ``rapm_core.teacher.encode_prompts`` runs it (via the stock
+    ``encode_prompt``): SD 1.5 takes the last hidden state; SDXL the penultimate hidden state of
+    both encoders, concatenated, and the second one's projected pooled output."""
+    ids = torch.zeros(batch, arch.text_length, dtype=torch.long, device=device)
+    if arch.kind == "sd15":
+        return Conditioning(encoders[0](ids)[0])
+    hidden, pooled = [], None
+    for encoder in encoders:
+        out = encoder(ids, output_hidden_states=True)
+        pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    time_ids = torch.zeros(batch, 6, dtype=dtype, device=device)
+    return Conditioning(torch.cat(hidden, dim=-1), pooled, time_ids)
+
+
+def _shaped_like(cond: Conditioning, batch: int) -> Conditioning:
+    def empty(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.new_empty((batch, *t.shape[1:]))
+
+    return Conditioning(empty(cond.prompt_embeds), empty(cond.pooled_prompt_embeds), empty(cond.time_ids))
+
+
+def lora_parameter_count(unet: torch.nn.Module, rank: int) -> int:
+    """Parameters of a rank-``rank`` adapter on ``TARGET_MODULES``, matched as peft matches them
+    (a module whose name is, or ends with ".", a target key): r·(in + out) per Linear, r·in·k²
+    + out·r per Conv2d."""
+    total = 0
+    for name, module in unet.named_modules():
+        if not any(name == key or name.endswith("." + key) for key in TARGET_MODULES):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            total += rank * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += rank * module.in_channels * k + module.out_channels * rank
+    return total
+
+
+def stored_conditioning(arch: Architecture, dtype: torch.dtype) -> Conditioning:
+    """One trajectory's conditioning as the store gives it to distillation (host memory)."""
+    pooled = None if arch.pooled_dim is None else torch.zeros(1, arch.pooled_dim, dtype=dtype)
+    time_ids = None if arch.pooled_dim is None else torch.zeros(1, 6, dtype=dtype)
+    return Conditioning(torch.zeros(1, arch.text_length, arch.embed_dim, dtype=dtype), pooled, time_ids)
+
+
+class _LastCallOnly:
+    """Stands in for the UNet in a sampling loop: every call but the last returns an output of
+    the right shape without computing it. A loop's memory is its positions plus one call's
+    working set, which is the same for every call, so the last call (all positions held) is the
+    peak; the stand-ins keep every other op of the loop real."""
+
+    def __init__(self, unet: torch.nn.Module, calls: int):
+        self.unet, self.calls, self.made = unet, calls, 0
+        self.out_channels = int(unet.config.out_channels)
+
+    def __call__(self, sample: torch.Tensor, t, **kwargs) -> UNet2DConditionOutput:
+        self.made += 1
+        if self.made < self.calls:
+            return UNet2DConditionOutput(sample=torch.empty(sample.shape[0], self.out_channels, *sample.shape[2:],
+                                                            dtype=sample.dtype, device=sample.device))
+        return self.unet(sample, t, **kwargs)
+
+
+def _prime_optimizers(*optimizers: torch.optim.Optimizer | None) -> None:
+    """Make the optimizers step as they do on CUDA (foreach: one kernel over all parameters, whose
+    temporaries span every parameter at once) and give them the AdamW states a run carries from
+    its second iteration on, as ``Adam._init_group`` creates them (a real zero-gradient step
+    would cost seconds of meta ops and create the same tensors)."""
+    for opt in optimizers:
+        if opt is None:
+            continue
+        for group in opt.param_groups:
+            group["foreach"] = True
+            for p in group["params"]:
+                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _rapm_iteration(trainer: Distiller, example: Example, generator: torch.Generator, accumulating: bool) -> None:
+    """``Distiller.train_step`` as its peak slot runs it. With all N ≥ 2 slots per iteration,
+    slots after the first add their gradients to those already held (the old and the incoming
+    gradient are alive together), so the one slot planned here starts from gradients in place;
+    otherwise it is the plain step."""
+    if not accumulating:
+        trainer.train_step(example, generator)
+        return
+    trainables = [*trainer.lora_params, *trainer.heads.parameters()]
+    for p in trainables:
+        p.grad = torch.zeros_like(p)
+    trainer.accumulate_gradients(example, generator)
+    trainer._step(example.index)
+
+
+# -- stages ----------------------------------------------------------------------------------------
+def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
+    """Stage A at batch B: the whole pipeline on the device (``load_teacher`` moves text encoders,
+    UNet and VAE), prompts encoded, then N·M guided DDIM steps keeping every position, and the
+    device-side float copy ``flows.trajectories`` makes before writing."""
+    dtype = _dtype(config)
+    c, h, w = arch.latent_shape(config.resolution)
+    batch, grid = config.trajectory_batch, _grid(arch, config.slots, config.steps_per_slot)
+    unet, vae, encoders = arch.build_unet(dtype), arch.build_vae(dtype), arch.build_text_encoders(dtype)
+    rec = _Recorder(config.attention)
+    rec.add_resident("unet", module_tensors(unet))
+    rec.add_resident("text_encoders", module_tensors(*encoders))
+    rec.add_resident("vae", module_tensors(vae))
+    guided = config.guidance > 1.0
+    with torch.no_grad():
+        with rec.phase("encode prompts"):
+            uncond = encode(arch, encoders, 1, dtype) if guided else None
+            cond = encode(arch, encoders, batch, dtype)
+        with rec.phase("sample N·M steps"):
+            noise = torch.empty(batch, c, h, w, dtype=dtype, device=META)
+            z = teacher_trajectories(_LastCallOnly(unet, grid.total_steps), arch.scheduler_config(), grid, noise,
+                                     cond, uncond, config.guidance)
+            host_copy = z.detach().float()
+            del host_copy, z
+    notes = ["the VAE is on the device because load_teacher moves the whole pipeline; Stage A never decodes"]
+    est = rec.estimate("trajectories", ("unet", "text_encoders", "vae"), notes)
+    unet_batch = batch * (2 if guided else 1)
+    est.flops["unet_forward_batch1"] = est.flops["sample N·M steps"] / unet_batch
+    est.flops["per_trajectory"] = est.flops["sample N·M steps"] * grid.total_steps / batch
+    return est
+
+
+def distill(arch: Architecture, config: PlanConfig) -> StageEstimate:
+    """Stage B's steady-state iteration: frozen UNet, LoRA (fp32) and its AdamW states, heads and
+    theirs when adversarial, the trajectory on the device, and one slot's work (RAPM's real
+    ``Distiller.train_step`` on a one-slot grid of the same N·M positions) or one peer step."""
+    dtype, method = _dtype(config), config.method
+    c, h, w = arch.latent_shape(config.resolution)
+    steps = config.slots * config.steps_per_slot
+    _grid(arch, config.slots, config.steps_per_slot)  # the real grid must exist
+    unet = arch.build_unet(dtype)
+    scheduler = arch.scheduler_config()
+    positions = torch.zeros(steps + 1, c, h, w)
+    cond = stored_conditioning(arch, embed_dtype(config))
+    if method.method == "rapm":
+        trainer = Distiller(unet, scheduler, SlotGrid.from_scheduler(scheduler, 1, steps), method.distill_config(),
+                            device=META)
+        lora, heads, optimizers = trainer.lora_params, trainer.heads, (trainer.g_optimizer, trainer.d_optimizer)
+        alphas = trainer.alphas_cumprod
+    else:
+        alphas = inference_scheduler(scheduler).alphas_cumprod.to(META, torch.float32)
+        trainer = PeerTrainer.build(unet, method.method, method.rank, method.adversarial, method.disc_channels,
+                                    method.gradient_checkpointing, alphas, config.slots)
+        lora, heads, optimizers = trainer.lora_params, trainer.heads, (trainer.g_optimizer, trainer.d_optimizer)
+    _prime_optimizers(*optimizers)
+    lora_ids = {id(p) for p in lora}
+    rec = _Recorder(config.attention)
+    rec.add_resident("unet", (t for t in module_tensors(unet) if id(t) not in lora_ids))
+    rec.add_resident("lora", lora)
+    if heads is not None:
+        rec.add_resident("heads", module_tensors(heads))
+    rec.add_resident("optimizer_state", optimizer_tensors(*optimizers))
+    rec.add_resident("schedule", [alphas])
+    generator = torch.Generator().manual_seed(0)
+    with rec.phase("iteration"):
+        if method.method == "rapm":
+            _rapm_iteration(trainer, Example(positions, cond, 0), generator,
+                            accumulating=config.slots > 1 and method.slots_per_iteration == "all")
+        else:
+            device_cond = cond.to(META, dtype)
+            trainer.train_step(positions[steps:].to(META), device_cond, device_cond, generator)
+    notes = [] if method.method == "rapm" else [f"{method.method}: PEERS.md's iteration (rapm_core.plan.peers)"]
+    if config.precision != "fp32":
+        notes.append(f"planned with {config.precision} UNet weights; `rapm distill --mixed-precision` today keeps them "
+                     f"fp32 (+{rec.resident['unet'] / 2**30:.2f} GiB) and autocasts")
+    est = rec.estimate("distill", ("unet",), notes)
+    est.trainable_parameters = sum(p.numel() for p in lora) + (0 if heads is None else
+                                                               sum(p.numel() for p in heads.parameters()))
+    return est
+
+
+def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
+    """Stage C: the whole pipeline plus the student's LoRA on the device, every eval prompt's
+    conditioning and noise, one sampling step of one batch (the fused student samples like the
+    bare UNet), its decode, and the trajectory figure's decode of R·(N+1) latents at once."""
+    dtype = _dtype(config)
+    c, h, w = arch.latent_shape(config.resolution)
+    batch, images = config.eval_batch, config.eval_images
+    unet, vae, encoders = arch.build_unet(dtype), arch.build_vae(dtype), arch.build_text_encoders(dtype)
+    rec = _Recorder(config.attention)
+    rec.add_resident("unet", module_tensors(unet))
+    # The student's adapter as load_lora_weights leaves it (in the UNet's dtype): counted, not
+    # attached, since the fused student samples like the bare UNet and peft's attach costs seconds.
+    rec.add_resident_bytes("lora", lora_parameter_count(unet, config.method.rank) * unet.dtype.itemsize)
+    rec.add_resident("text_encoders", module_tensors(*encoders))
+    rec.add_resident("vae", module_tensors(vae))
+    guided = config.guidance > 1.0
+    scheduler = arch.scheduler_config()
+    with torch.no_grad():
+        with rec.phase("encode prompts"):
+            # evaluate_run encodes batch by batch and concatenates; one batch is encoded for
+            # real (the encoder's working set), the others are made in its shapes.
+            first = encode(arch, encoders, batch, dtype)
+            parts = [first] + [_shaped_like(first, min(batch, images - a)) for a in range(batch, images, batch)]
+            cond = reduce(Conditioning.cat, parts)
+            del first, parts
+            uncond = encode(arch, encoders, 1, dtype) if guided else None
+            noise = torch.empty(images, c, h, w, dtype=dtype, device=META)
+        with rec.phase("sample one step"):
+            z = ddim_sample(unet, scheduler, noise[:batch], cond[:batch], 1, config.guidance, uncond)
+        with rec.phase("decode"):
+            decode_latents(vae, z)
+            del z
+        with rec.phase("trajectory figure decode"):
+            decode_latents(vae, torch.empty(config.trajectory_rows * (config.slots + 1), c, h, w, dtype=dtype,
+                                           device=META))
+    notes = ["Inception, CLIP and the shapes evaluator (when used) are not counted"]
+    if arch.kind == "sdxl" and config.precision == "fp16":
+        notes.append("SDXL's VAE overflows in fp16 (its config sets force_upcast); decode_latents does not upcast")
+    est = rec.estimate("evaluate", ("unet", "lora", "text_encoders", "vae"), notes)
+    est.flops["per_image_step"] = est.flops["sample one step"] / batch
+    return est
+
+
+STAGES = {"trajectories": trajectories, "distill": distill, "evaluate": evaluate}
