@@ -16,16 +16,17 @@ class ProgressArtifact:
     def __init__(self, description: str, log: Callable[[str], None] | None = None):
         self.description, self.log = description, log
         self.id = create_progress_artifact(0.0, description=description)
-        self._shown = -1
+        self._shown, self._last = -1, ""
 
     def __call__(self, p: Progress) -> None:
         percent = int(p.percent)
         if percent == self._shown:
             return
-        self._shown = percent
-        update_progress_artifact(self.id, float(percent), description=f"{self.description}: {p.line()}")
+        self._shown, self._last = percent, p.line()
+        update_progress_artifact(self.id, float(percent), description=f"{self.description}: {self._last}")
         if self.log is not None:
             self.log(p.line())
 
     def finish(self) -> None:
-        update_progress_artifact(self.id, 100.0, description=f"{self.description}: done")
+        last = f" ({self._last})" if self._last else ""
+        update_progress_artifact(self.id, 100.0, description=f"{self.description}: done{last}")

@@ -110,6 +110,10 @@ def _check_monitoring(stack: Stack, run_id: UUID, teacher: str) -> None:
                 progress = [a for a in artifacts if a.type == "progress"]
                 assert len(progress) == 1 and float(progress[0].data) == 100.0, (stage, progress)
                 assert kinds.index("progress") < kinds.index("table"), (stage, kinds)
+                assert "/s, ETA" in progress[0].description, (stage, progress[0].description)  # rate and ETA
+            if stage == "distill":  # the loss curves, an image refreshed at every checkpoint (12 its, every 3)
+                curves = [a for a in artifacts if (a.key or "").endswith("-loss-curves")]
+                assert len(curves) == 4 and all("data:image/png;base64," in a.data for a in curves), curves
         pipeline_artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     assert [a.key for a in pipeline_artifacts] == ["rapm-pipeline"]
 
