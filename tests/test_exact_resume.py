@@ -1,5 +1,6 @@
 """A run killed with SIGKILL at arbitrary moments and restarted ends bit-identical to one never
-stopped: weights, optimizer-driven trajectory and metrics alike (CPU, same seed).
+stopped: weights, optimizer-driven trajectory and metrics alike (CPU, same seed); and a trajectory
+store killed while it is being filled ends bit-identical to one generated in one go.
 
 The killed runs are separate processes running the plain training function (a Prefect server
 start per process would dominate the test); kill points are found by watching the run dir from
@@ -28,12 +29,18 @@ CHILD = (
     "from rapm_core.distill.config import DistillRunConfig; from rapm_core.distill.run import run_distillation; "
     "run_distillation(DistillRunConfig.model_validate_json(sys.argv[1]))"
 )
+TRAJECTORY_CHILD = (
+    "import sys, torch; torch.set_num_threads(1); "
+    "from rapm_core.trajectories.config import TrajectoriesConfig; "
+    "from rapm_core.trajectories.generate import generate_trajectories; "
+    "generate_trajectories(TrajectoriesConfig.model_validate_json(sys.argv[1]))"
+)
 
 
-def _start(config, log: Path) -> subprocess.Popen:
+def _start(config, log: Path, child: str = CHILD) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", CHILD, config.model_dump_json()], cwd=TESTS.parent, env=env,
+    return subprocess.Popen([sys.executable, "-c", child, config.model_dump_json()], cwd=TESTS.parent, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -128,3 +135,50 @@ def test_sigkilled_and_resumed_run_equals_uninterrupted(tmp_path, tiny_sd15_dir,
     assert _metrics(run) == _metrics(tmp_path / "reference")
     assert len(_metrics(run)) == config.iterations
     assert not list(ckpts.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_sigkilled_trajectory_store_resumes_bit_identically(tmp_path, tiny_sd15_dir, seed):
+    """Killed at a random point of the filling (mid-batch, mid-write, between batches), twice."""
+    import numpy as np
+    import zarr
+
+    from rapm_core.trajectories.config import TrajectoriesConfig
+    from rapm_core.trajectories.generate import generate_trajectories
+    from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
+    from storage.trajectory_store import TrajectoryStore
+
+    texts = [f"a {size} {c} {s}" for size in ("small", "large") for c in ("red", "green", "blue")
+             for s in ("circle", "square", "triangle", "star")]
+    write_prompt_store(tmp_path / "prompts", [PromptRecord(prompt_id(t), t) for t in texts])
+    whole = TrajectoriesConfig(prompts=str(tmp_path / "prompts"), teacher=str(tiny_sd15_dir),
+                               out=str(tmp_path / "whole.zarr"), slots=2, steps_per_slot=10, guidance=3.0,
+                               device="cpu", batch_size=2)
+    generate_trajectories(whole, log=lambda _: None)
+    killed = whole.model_copy(update={"out": str(tmp_path / "killed.zarr")})
+    rng = random.Random(seed)
+
+    def complete() -> int:
+        try:
+            return len(TrajectoryStore(killed.out).complete_indices())
+        except Exception:  # not created yet, or being created
+            return 0
+
+    kills = []
+    for n, target in enumerate(sorted(rng.sample(range(1, len(texts) - 1), 2))):
+        delay = rng.uniform(0.0, 0.3)
+        seen = []
+
+        def ready(target=target, delay=delay, seen=seen) -> bool:
+            if not seen and complete() >= target:
+                seen.append(time.monotonic())
+            return bool(seen) and time.monotonic() - seen[0] >= delay
+        proc = _start(killed, tmp_path / f"child-{n}.log", TRAJECTORY_CHILD)
+        if _kill_when(proc, ready):
+            kills.append((target, round(delay, 2), complete()))
+    assert any(done < len(texts) for *_, done in kills), f"no kill left work undone: {kills}"
+    generate_trajectories(killed, log=lambda _: None)
+    a, b = zarr.open_group(whole.out, mode="r"), zarr.open_group(killed.out, mode="r")
+    for name in ("positions", "prompt_embeds", "seed", "complete", "prompt"):
+        np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=f"{name} after kills at {kills}")
