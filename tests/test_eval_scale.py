@@ -21,6 +21,7 @@ from PIL import Image
 
 from eval_support import PROMPTS, TinyFeatures, build_tiny_clip, build_tiny_run, export_tiny_features
 from flows.cli import main as rapm_main
+from s3_server import s3_bucket  # noqa: F401  (fixture)
 from rapm_core.errors import ConfigError
 from rapm_core.evaluate import features, measures
 from rapm_core.evaluate.config import EvaluateConfig
@@ -242,3 +243,19 @@ def test_readme_commands_shard_over_two_workers_like_in_process(assets, tmp_path
                                                 "execution": {}})
     evaluate_run(in_process, log=lambda _: None)
     _assert_same_store(sharded, tmp_path / "in-process.zarr")
+
+
+def test_feature_store_and_reference_cache_on_s3(assets, tmp_path, s3_bucket):  # noqa: F811
+    import fsspec
+
+    url = f"{s3_bucket}/eval-features.zarr"
+    kw = dict(num_images=4, methods=["teacher_ref", "teacher_ddim"], clip_model=None,
+              fid_reference=str(assets["real"]))
+    remote = evaluate_run(_config(assets, _copy_run(assets, tmp_path / "run-s3"), url, **kw), log=lambda _: None)
+    local = evaluate_run(_config(assets, _copy_run(assets, tmp_path / "run-local"), tmp_path / "local.zarr", **kw),
+                         log=lambda _: None)
+    assert _metric_rows(remote) == _metric_rows(local)
+    ours, ref = _stored(url), _stored(tmp_path / "local.zarr")
+    assert all(np.array_equal(ours[m][k], ref[m][k]) for m in ref for k in ref[m])
+    fs, _ = fsspec.core.url_to_fs(url)
+    assert len(fs.glob("rapm-test/eval-features.zarr.fid-ref-*.npz")) == 1  # the folder's statistics, cached
