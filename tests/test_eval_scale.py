@@ -6,6 +6,7 @@ CLIP (a random CLIPModel directory); the README's commands run as typed on tiny 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from PIL import Image
 
 from eval_support import PROMPTS, TinyFeatures, build_tiny_clip, build_tiny_run, export_tiny_features
 from flows.cli import main as rapm_main
+from flows.interrupts import where_stopped
 from s3_server import s3_bucket  # noqa: F401  (fixture)
 from rapm_core.errors import ConfigError
 from rapm_core.evaluate import features, measures
@@ -160,6 +162,8 @@ def test_resume_after_interruption_is_bit_identical(assets, tmp_path):
         evaluate_run(config, progress=stop_after_five_batches, log=lambda _: None)
     store = EvalStore(str(stopped))
     assert [int(store.complete_mask(m).sum()) for m in ("teacher_ref", "teacher_ddim")] == [3, 2]
+    assert "kept 5/12 complete batches of 4 methods" in where_stopped(
+        argparse.Namespace(command="evaluate", feature_store=str(stopped)))  # what Ctrl-C prints
     made = []
     resumed = evaluate_run(config, progress=made.append, log=lambda _: None)
     assert made[-1].done == made[-1].total == 4 * 6 - 10  # only what was missing
