@@ -4,7 +4,7 @@ With ``--feature-store`` every method's images are made one batch at a time, eac
 per-image features (every registered :class:`~rapm_core.evaluate.metrics.FeatureMetric`: Inception
 pool features, CLIP score terms) are written as one chunk of :class:`storage.eval_store.EvalStore`
 and then flagged complete, and the images themselves are dropped (30K images per method would be
-~70 GB at 512²), except the report grid's first few. A re-run skips complete batches; shards
+24 GB of uint8 at 512²), except the report grid's first few. A re-run skips complete batches; shards
 (:func:`evaluate_range` on Dask workers, ``flows.evaluate``) own batch-aligned index ranges. Image
 ``i``'s noise and prompt depend only on ``i`` and its batch is the one an uninterrupted run makes,
 so an interrupted, resumed or sharded run stores bit-identical features (on one kind of device).
