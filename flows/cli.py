@@ -26,6 +26,7 @@ from flows import prefect_server
 from flows.console import QuietConsole, quiet_prefect_console
 from flows.errors import is_user_error, path_error_message
 from flows.interrupts import EXIT_INTERRUPTED, where_stopped
+from rapm_core.evaluate.scale import store_lock as feature_store_lock
 from rapm_core.trajectories.generate import store_lock
 from storage.run_dir import RunDir
 
@@ -38,6 +39,7 @@ COMMAND_MODULES = [
     "flows.distill",
     "flows.recipe",
     "flows.plan",
+    "flows.fid_stats",
 ]
 
 
@@ -82,6 +84,8 @@ def _command_lock(args: argparse.Namespace):
         return RunDir(args.out).lock()
     if args.command == "trajectories":
         return store_lock(args.out)
+    if args.command == "evaluate" and args.feature_store:
+        return feature_store_lock(args.feature_store)
     return contextlib.nullcontext()
 
 

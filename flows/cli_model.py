@@ -49,9 +49,11 @@ _UNSET = object()
 
 def _help(field, default: Any = _UNSET) -> str:
     text = field.description or ""
+    if field.is_required() and default is _UNSET:  # before the line below turns it into PydanticUndefined
+        return text
     default = field.default if default is _UNSET else default
     # A description that already explains its default says it better than the repr would.
-    if (field.is_required() and default is _UNSET) or "default" in text or default is None:
+    if "default" in text or default is None:
         return text
     return f"{text} (default: {default!r})"
 

@@ -1,19 +1,27 @@
-"""Stage C as a Prefect flow (``rapm evaluate``): the engine is :mod:`rapm_core.evaluate.run`; this
-adds the progress artifact, the metrics table and the report as artifacts, and the CLI."""
+"""Stage C as a Prefect flow (``rapm evaluate``): the engine is :mod:`rapm_core.evaluate.run` (and,
+with ``--feature-store``, :mod:`rapm_core.evaluate.scale`); this adds the Dask fan-out, the
+progress artifact, the metrics table and the report as artifacts, and the CLI."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Callable
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.cli_model import add_model_arguments, model_from_args
 from flows.common import ProgressArtifact
-from rapm_core.evaluate import report
+from flows.scale import ShardRunner
+from rapm_core.evaluate import report, scale
 from rapm_core.evaluate.config import EvaluateConfig
-from rapm_core.evaluate.run import EVAL_DIR, eval_config_hash, evaluate_run, finished, publish_report
+from rapm_core.evaluate.run import (
+    EVAL_DIR, EvalResult, already_evaluated, eval_config_hash, evaluate_run, finished, prepare, publish_report,
+)
+from rapm_core.execution import default_shard_size, shard_ranges
+from rapm_core.progress import Progress
 from rapm_core.teacher import resolve_device
 from rapm_shapes.demo import demo_config
 
@@ -22,12 +30,69 @@ def run_name(config: EvaluateConfig) -> str:
     return f"evaluate-{Path(config.run).name}-{eval_config_hash(config)[:8]}"
 
 
+@task(name="evaluate-store", retries=1)
+def evaluate_store(config: EvaluateConfig) -> int:
+    """Open or create the feature store (on a worker, whose cached teacher the shards then reuse);
+    returns the images still to sample."""
+    p = prepare(config)
+    return scale.pending_images(config, p, scale.open_store(config, p))
+
+
+@task(name="evaluate-shard", retries=1)
+def evaluate_shard(config: EvaluateConfig, method: str, start: int, stop: int) -> int:
+    """Images [start, stop) of one method on whichever process runs this; its sampler stays loaded there."""
+    return scale.evaluate_range(config, prepare(config), method, start, stop)
+
+
+@task(name="evaluate-figure", retries=1)
+def evaluate_figure(config: EvaluateConfig) -> bytes:
+    return scale.figure_png(config, prepare(config))
+
+
+def evaluate_sharded(config: EvaluateConfig, progress: Callable[[Progress], None],
+                     log: Callable[[str], None]) -> EvalResult:
+    """The feature-store evaluation fanned out over ``config.execution``'s Dask cluster (inside a flow).
+
+    Every method's batch-aligned index ranges are tasks writing their own chunks; the teacher
+    methods' shards run before the student's, so a worker swaps its cached model once. The
+    coordinator holds the store's lock and measures from the store at the end."""
+    t_start = time.perf_counter()
+    if (existing := already_evaluated(config, log, t_start)) is not None:
+        return existing
+    p = prepare(config)
+    with scale.store_lock(config.feature_store):
+        scale.preflight(config, p)  # before a cluster starts
+        with ShardRunner(config.execution) as runner:
+            total = runner.run(evaluate_store, [{"config": config}])[0]
+            size = config.execution.shard_size or default_shard_size(config.num_images, runner.workers,
+                                                                     config.batch_size)
+            ranges = shard_ranges(0, config.num_images, size, config.batch_size)
+            log(f"{total} images to sample in {len(ranges)} shards per method on {runner.workers} workers")
+            t0, done = time.perf_counter(), 0
+
+            def shard_done(made: int) -> None:
+                nonlocal done
+                done += made
+                if total:
+                    progress(Progress(done, total, done / max(time.perf_counter() - t0, 1e-9), "images"))
+
+            for group in ([s for s in p.specs if not s.uses_student], [s for s in p.specs if s.uses_student]):
+                shards = [{"config": config, "method": s.name, "start": a, "stop": b} for s in group for a, b in ranges]
+                if shards:
+                    runner.run(evaluate_shard, shards, on_result=shard_done)
+            figure = runner.run(evaluate_figure, [{"config": config}])[0]
+        return scale.finish(config, p, figure, log, t_start)
+
+
 @flow(name="evaluate", flow_run_name=lambda: run_name(EvaluateConfig.model_validate(flow_run.parameters["config"])))
 def evaluate_flow(config: EvaluateConfig = demo_config().evaluate_config()) -> dict:
     """Stage C: sample every method, measure, write the eval dir and publish it as artifacts."""
     logger = get_run_logger()
     progress = ProgressArtifact(f"evaluate {config.run}: images sampled")
-    result = evaluate_run(config, progress=progress, log=logger.info)
+    if config.execution.backend == "in-process":
+        result = evaluate_run(config, progress=progress, log=logger.info)
+    else:
+        result = evaluate_sharded(config, progress, logger.info)
     progress.finish()
     key = f"rapm-eval-{eval_config_hash(config)[:12]}"
     create_table_artifact(report.table_artifact_rows(result.rows), key=key, description=f"metrics of {config.run}")
@@ -58,6 +123,8 @@ def _cli(args) -> int:
         print_summary(Path(config.run) / EVAL_DIR, existing["methods"])
         return 0
     resolve_device(config.device)
+    if config.feature_store is not None:  # the cheap checks before Prefect starts: files, store identity
+        scale.preflight(config, prepare(config))
     result = evaluate_flow(config)
     print_summary(result["eval_dir"], result["rows"])
     return 0

@@ -14,6 +14,7 @@ import warnings
 from typing import Callable
 
 from storage.checkpoints import CheckpointStore
+from storage.eval_store import EvalStore
 from storage.trajectory_store import TrajectoryStore
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
@@ -40,9 +41,19 @@ def _trajectories(args: argparse.Namespace) -> str:
             "run the same command to generate the rest")
 
 
+def _evaluate(args: argparse.Namespace) -> str:
+    if not getattr(args, "feature_store", None):  # in memory: nothing kept but a finished eval dir
+        return "interrupted; no evaluation is kept without --feature-store; run the same command to start again"
+    store = EvalStore(args.feature_store)
+    masks = [store.complete_mask(m) for m in store.methods()]
+    return (f"interrupted; kept {sum(int(m.sum()) for m in masks)}/{sum(len(m) for m in masks)} complete batches "
+            f"of {len(masks)} methods in {args.feature_store}; run the same command to sample the rest")
+
+
 WHERE_STOPPED: dict[str, Callable[[argparse.Namespace], str]] = {
     "distill": _distill,
     "trajectories": _trajectories,
+    "evaluate": _evaluate,
 }
 
 

@@ -28,3 +28,10 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while block := f.read(chunk_size):
             digest.update(block)
     return digest.hexdigest()
+
+
+def tree_sha256(root: str | Path) -> str:
+    """sha256 over the sha256 of every file under ``root``, keyed by relative path (a copied
+    directory hashes the same; any changed, added or removed file changes it)."""
+    root = Path(root).expanduser()
+    return config_hash({p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()})

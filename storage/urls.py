@@ -84,3 +84,20 @@ def publish_dir(local_dir: str | Path, location: str, last: tuple[str, ...] = ()
         fs.put_file(str(local_dir / r), target)
         uploaded.append(join(location, r))
     return uploaded
+
+
+def read_bytes(location: str) -> bytes:
+    with fsspec.open(str(location), "rb") as f:
+        return f.read()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """A whole file at a path (atomically: temp + rename) or at a URL (one object upload, which
+    object stores make visible whole)."""
+    if not is_url(location):
+        from storage.atomic import write_bytes_atomic
+
+        write_bytes_atomic(require_local(location, "this file"), data)
+        return
+    with fsspec.open(str(location), "wb") as f:
+        f.write(data)

@@ -8,24 +8,18 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from distill_support import method_config, perturb_unet_weights
+from distill_support import perturb_unet_weights
+from eval_support import PROMPTS, build_tiny_run
 from flows.cli import main as rapm_main
-from rapm_core.distill.config import DistillRunConfig
-from rapm_core.distill.run import run_distillation
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.run import evaluate_run, finished
 from rapm_core.evaluate.samplers import dpm_solver_sample, dpm_solver_scheduler, method_specs
 from rapm_core.evaluate.student import StudentExport
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 from rapm_core.trajectories.chain import initial_noise
-from rapm_core.trajectories.config import TrajectoriesConfig
-from rapm_core.trajectories.generate import generate_trajectories
 from rapm_shapes.evaluator import ShapesClassifier, save_evaluator
-from rapm_shapes.shapes import all_prompts
-from storage.prompt_sources import IngestConfig, ingest_prompts
 from storage.errors import ConfigMismatchError, StoreError
 
-PROMPTS = all_prompts()[::7][:12]  # shapes captions, so a shapes evaluator can judge them
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
@@ -51,23 +45,6 @@ def test_method_specs_cost():
     assert {k: s.nfe for k, s in specs.items()} == {"teacher_ref": 80, "teacher_ddim": 8, "dpm_solver": 8,
                                                     "student": 4}
     assert specs["student"].guidance == 1.0
-
-
-def build_tiny_run(root: Path, teacher_dir: Path, iterations: int = 3) -> tuple[Path, Path, Path]:
-    """prompt store → trajectory store (N=2, M=2) → a few distillation iterations, by the stages' own functions."""
-    source = root / "prompts.txt"
-    source.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
-    prompts = root / "prompts"
-    ingest_prompts(IngestConfig(source=str(source), out=str(prompts), eval_fraction=0.4, seed=1))
-    store = root / "trajectories.zarr"
-    generate_trajectories(TrajectoriesConfig(prompts=str(prompts), teacher=str(teacher_dir), out=str(store), slots=2,
-                                             steps_per_slot=2, guidance=3.0, device="cpu", batch_size=8),
-                          log=lambda _: None)
-    run = root / "run"
-    method = method_config(disc_channels=8, lr=1e-2, lr_disc=1e-2, loss_relative="both", loss_absolute="both")
-    run_distillation(DistillRunConfig(trajectories=str(store), out=str(run), iterations=iterations,
-                                      checkpoint_every=iterations, device="cpu", **dict(method)), log=lambda _: None)
-    return prompts, store, run
 
 
 @pytest.fixture(scope="module")

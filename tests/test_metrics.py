@@ -14,7 +14,7 @@ from rapm_core.evaluate.measures import (
     psnr,
     to_uint8,
 )
-from rapm_core.tiny_teacher import char_tokenizer
+from eval_support import TinyFeatures, build_tiny_clip
 
 
 def test_mse_and_psnr_known_values():
@@ -42,18 +42,6 @@ def test_to_uint8_layout_and_range():
     assert to_uint8(x).flatten().tolist() == [0, 128, 255]
 
 
-class TinyFeatures(nn.Module):
-    """A fixed random conv feature network over uint8 images, standing in for Inception."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
-
-    def forward(self, x):
-        return self.net(x.float() / 127.5 - 1)
-
-
 def _images(seed, n=24, shift=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 200, (n, 3, 16, 16), generator=g) + shift).clamp(0, 255).to(torch.uint8)
@@ -78,26 +66,7 @@ def test_fid_without_weights_says_what_to_pass(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    d = tmp_path_factory.mktemp("tiny-clip")
-    tok = char_tokenizer(max_length=77)
-    torch.manual_seed(0)
-    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                  image_size=32, patch_size=8)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    # A random CLIP's cosines hover around 0, where the metric clips; a shared offset in both towers'
-    # final norms makes them positive and input-dependent, so the score is a real number to check.
-    with torch.no_grad():
-        model.vision_model.post_layernorm.bias.fill_(2.0)
-        model.text_model.final_layer_norm.bias.fill_(2.0)
-        model.text_projection.weight.copy_(model.visual_projection.weight)
-    model.save_pretrained(d)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=processor, tokenizer=tok).save_pretrained(d)
-    return d
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def test_clip_score_matches_direct_cosine(tiny_clip_dir):

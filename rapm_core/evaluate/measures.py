@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rapm_core.errors import ConfigError
+from storage.hashing import tree_sha256
 
 
 def latent_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,14 +50,28 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 3, 1, 2).contiguous()
 
 
-def _inception(weights: str | Path) -> nn.Module:
-    if importlib.util.find_spec("torch_fidelity") is None:
-        raise ConfigError("Inception FID needs the torch-fidelity package (pip install torch-fidelity) "
-                          "besides the weights file")
+def weights_file(weights: str | Path) -> Path:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"Inception weights {str(path)!r} not found; pass torch-fidelity's "
-                          f"pt_inception-2015-12-05 .pth file (this machine cannot download it)")
+                          f"pt_inception-2015-12-05 .pth file or an exported .pt2 feature network "
+                          f"(this machine cannot download it)")
+    return path
+
+
+def feature_network(weights: str | Path) -> nn.Module:
+    """The FID feature network in a local file: torch-fidelity's Inception weights (``.pth``,
+    the network torchmetrics' FID runs), or any network exported with ``torch.export.save``
+    (``.pt2``) that maps uint8 images (B, 3, H, W) to features (B, D)."""
+    path = weights_file(weights)
+    if path.suffix == ".pt2":
+        try:
+            return torch.export.load(str(path)).module()
+        except Exception as err:  # a damaged or foreign file: say which, in one line
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"{path}: not a torch.export feature network ({first})") from err
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ConfigError("Inception FID with a .pth needs the torch-fidelity package (pip install torch-fidelity)")
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
@@ -73,7 +88,7 @@ def frechet_inception_distance(real: torch.Tensor, fake: torch.Tensor, feature: 
     if feature is None:
         raise ConfigError("Inception FID needs local weights: pass the path of torch-fidelity's "
                           "pt_inception-2015-12-05 .pth file (or a feature network)")
-    net = feature if isinstance(feature, nn.Module) else _inception(feature)
+    net = feature if isinstance(feature, nn.Module) else feature_network(feature)
     metric = FrechetInceptionDistance(feature=net, input_img_size=tuple(real.shape[1:]))
     for images, is_real in ((real, True), (fake, False)):
         for i in range(0, images.shape[0], batch_size):
@@ -171,3 +186,33 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module, 
     metric.update(fake, real=False)
     mean, _std = metric.compute()
     return float(mean)
+
+
+def clip_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the CLIP directory's files: stored CLIP terms name the model that made them."""
+    _clip_loader(model_dir)  # the directory check, with its message
+    return tree_sha256(model_dir)
+
+
+def load_clip(model_dir: str | Path) -> tuple[nn.Module, object]:
+    """The local CLIP model (wrapped as torchmetrics 1.9 expects) and its processor."""
+    return _clip_loader(model_dir)()
+
+
+@torch.no_grad()
+def clip_scores_per_image(images: torch.Tensor, prompts: list[str], clip: tuple[nn.Module, object]) -> torch.Tensor:
+    """Each image's term of torchmetrics' CLIPScore (100 · cosine to its prompt), (B,) float32.
+
+    torchmetrics' own update function computes them, so a store of these terms gives exactly its
+    score: the mean, clipped at 0 (:func:`clip_score_from_terms`)."""
+    from torchmetrics.functional.multimodal.clip_score import _clip_score_update
+
+    model, processor = clip
+    device = next(model.parameters()).device
+    score, _ = _clip_score_update(images.to(device), list(prompts), model, processor)
+    return score.float().cpu()
+
+
+def clip_score_from_terms(terms: torch.Tensor) -> float:
+    """CLIPScore.compute on per-image terms: their mean, clipped at 0."""
+    return max(float(terms.double().mean()), 0.0)

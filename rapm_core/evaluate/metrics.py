@@ -6,7 +6,8 @@ method's samples, and ``columns`` say how the report shows its numbers. The eval
 the report, the table artifact and the CLI print all read the registered metrics, so a new
 metric is one class and one line under ``[project.entry-points."rapm.metrics"]`` in
 pyproject.toml. General metrics live here; a domain's own (the shapes domain's FID and prompt
-adherence) live in its package, so this one does not depend on any domain.
+adherence) live in its package, so this one does not depend on any domain. A metric that can
+be accumulated image by image also implements :class:`FeatureMetric`, its feature-store side.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 
-from rapm_core.errors import ConfigError
-from rapm_core.evaluate import measures
+from rapm_core.evaluate import features, measures
 from rapm_core.evaluate.config import REFERENCE, EvaluateConfig
 from rapm_core.evaluate.samplers import MethodSamples
+from storage.eval_store import EvalStore
+from storage.hashing import file_sha256
 
 ENTRY_POINT_GROUP = "rapm.metrics"
 
@@ -100,42 +100,111 @@ class Fidelity(Metric):
 
 
 def load_reference_images(folder: str, size: tuple[int, int]) -> torch.Tensor:
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    if len(files) < 2:
-        raise ConfigError(f"{folder}: need at least 2 real images (png/jpg/webp) for Inception FID")
-    arrays = [np.asarray(Image.open(f).convert("RGB").resize(size[::-1], Image.BICUBIC)) for f in files]
+    arrays = [features.real_image(f, size) for f in features.image_files(folder)]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-class InceptionFID(Metric):
-    """torchmetrics' FID with the user's local Inception weights (real SD teachers)."""
+class FeatureMetric(ABC):
+    """The feature-store side of a metric (``--feature-store``, the paper's 30K images per method).
+
+    ``extractor`` runs on whichever worker samples a batch and returns per-image arrays that are
+    written with the batch; ``from_store`` measures a method from what was stored. Metrics without
+    this side (fidelity to the reference, a domain's metrics) are measured only without a store.
+    """
+
+    @classmethod
+    @abstractmethod
+    def feature_config(cls, config: EvaluateConfig) -> dict | None:
+        """What its stored features depend on (a network's fingerprint), or None when it does not apply;
+        checked before any model loads, so a missing file fails first."""
+
+    @classmethod
+    @abstractmethod
+    def extractor(cls, config: EvaluateConfig,
+                  device: torch.device) -> Callable[[torch.Tensor, list[str]], dict[str, np.ndarray]]:
+        """uint8 images (B, 3, H, W) and their prompts → per-image arrays keyed by stored name."""
+
+    @classmethod
+    @abstractmethod
+    def from_store(cls, config: EvaluateConfig, store: EvalStore,
+                   log: Callable[[str], None]) -> Callable[[str], dict[str, float | None]]:
+        """A method name → its row entries, from the stored features (the reference loaded once)."""
+
+
+def feature_metrics() -> tuple[type, ...]:
+    return tuple(m for m in registered_metrics() if issubclass(m, FeatureMetric))
+
+
+def _stored_stats(store: EvalStore, method: str, feature: str) -> features.GaussianStats:
+    acc = features.StatsAccumulator()
+    for block in store.feature_chunks(method, feature):
+        acc.update(block)
+    return acc.stats()
+
+
+class InceptionFID(Metric, FeatureMetric):
+    """FID with the user's local Inception weights (real SD teachers), torchmetrics' statistics."""
 
     name, order = "inception_fid", 20
     columns = (Column("inception_fid", "Inception FID ↓", "{:.2f}"),)
+    FEATURE = "inception"
 
-    def __init__(self, real: torch.Tensor, weights: str, note: str):
-        self.real, self.weights, self.note = real, weights, note
+    def __init__(self, net: torch.nn.Module, reference: features.GaussianStats, note: str):
+        self.net, self.reference, self.note = net, reference, note
+
+    @staticmethod
+    def _source(config) -> str:
+        return f"real images in {config.fid_reference}" if config.fid_reference else REFERENCE
+
+    @classmethod
+    def _stats(cls, net: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> features.GaussianStats:
+        acc = features.StatsAccumulator()
+        for i in range(0, images.shape[0], batch_size):
+            acc.update(features.image_features(net, images[i:i + batch_size]))
+        return acc.stats()
 
     @classmethod
     def create(cls, config, prompts, reference):
         if config.fid_weights is None:
             return None
-        size = tuple(reference.images.shape[1:3])
-        if config.fid_reference:
-            return cls(load_reference_images(config.fid_reference, size), config.fid_weights,
-                       f"Inception FID vs real images in {config.fid_reference}")
-        return cls(measures.to_uint8(reference.images), config.fid_weights, f"Inception FID vs {REFERENCE}")
+        net, size = measures.feature_network(config.fid_weights), tuple(reference.images.shape[1:3])
+        ref = (features.reference_stats(config.fid_reference, lambda: net, file_sha256(config.fid_weights), size)
+               if config.fid_reference else cls._stats(net, measures.to_uint8(reference.images)))
+        return cls(net, ref, f"Inception FID vs {cls._source(config)}")
 
     def measure(self, samples):
-        return {"inception_fid": measures.frechet_inception_distance(self.real, measures.to_uint8(samples.images),
-                                                                     self.weights)}
+        stats = self._stats(self.net, measures.to_uint8(samples.images))
+        return {"inception_fid": features.frechet_distance(self.reference, stats)}
+
+    @classmethod
+    def feature_config(cls, config):
+        if config.fid_weights is None:
+            return None
+        return {"sha256": file_sha256(measures.weights_file(config.fid_weights))}
+
+    @classmethod
+    def extractor(cls, config, device):
+        net = measures.feature_network(config.fid_weights).to(device)
+        return lambda images, prompts: {cls.FEATURE: features.image_features(net, images)}
+
+    @classmethod
+    def from_store(cls, config, store, log):
+        if config.fid_reference:
+            reference = features.reference_stats(config.fid_reference,
+                                                 lambda: measures.feature_network(config.fid_weights), store.schema.metrics[cls.name]["sha256"],
+                                                 store.schema.image_size, cache=store.path, log=log)
+        else:
+            reference = _stored_stats(store, REFERENCE, cls.FEATURE)
+        return lambda method: {"inception_fid": features.frechet_distance(
+            reference, _stored_stats(store, method, cls.FEATURE))}
 
 
-class ClipScore(Metric):
+class ClipScore(Metric, FeatureMetric):
     """torchmetrics' CLIPScore of each image against its prompt, with a local CLIP model."""
 
     name, order = "clip_score", 30
     columns = (Column("clip_score", "CLIP score ↑", "{:.2f}"),)
+    FEATURE = "clip_score"
 
     def __init__(self, prompts: list[str], model: str):
         self.prompts, self.model = prompts, model
@@ -147,3 +216,18 @@ class ClipScore(Metric):
 
     def measure(self, samples):
         return {"clip_score": measures.clip_score(measures.to_uint8(samples.images), self.prompts, self.model)}
+
+    @classmethod
+    def feature_config(cls, config):
+        return None if config.clip_model is None else {"fingerprint": measures.clip_fingerprint(config.clip_model)}
+
+    @classmethod
+    def extractor(cls, config, device):
+        model, processor = measures.load_clip(config.clip_model)
+        clip = (model.to(device), processor)
+        return lambda images, prompts: {cls.FEATURE: measures.clip_scores_per_image(images, prompts, clip).numpy()}
+
+    @classmethod
+    def from_store(cls, config, store, log):
+        return lambda method: {"clip_score": measures.clip_score_from_terms(
+            torch.from_numpy(np.concatenate(list(store.feature_chunks(method, cls.FEATURE)))))}

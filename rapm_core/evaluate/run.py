@@ -23,7 +23,7 @@ from rapm_core.errors import ConfigError
 from rapm_core.evaluate import report
 from rapm_core.evaluate.config import REFERENCE, EvaluateConfig
 from rapm_core.evaluate.metrics import registered_metrics
-from rapm_core.evaluate.samplers import MethodSamples, eval_seed, method_specs, run_method
+from rapm_core.evaluate.samplers import MethodSamples, MethodSpec, eval_seed, method_specs, run_method
 from rapm_core.evaluate.student import StudentExport, load_student_export
 from rapm_core.evaluate.trajectory_figure import trajectory_figure
 from rapm_core.progress import Progress
@@ -39,7 +39,7 @@ from storage.urls import exists, join, publish_dir, read_text
 
 EVAL_DIR = "eval"
 # Speed and where the report goes, not results: excluded from the eval's identity.
-HASH_EXCLUDED = frozenset({"run", "batch_size", "device", "publish"})
+HASH_EXCLUDED = frozenset({"run", "batch_size", "device", "publish", "feature_store", "execution"})
 
 
 @dataclass(frozen=True)
@@ -105,15 +105,23 @@ def eval_prompts(config: EvaluateConfig, store: TrajectoryStore) -> tuple[str, l
     return source, texts
 
 
-def evaluate_run(config: EvaluateConfig, progress: Callable[[Progress], None] | None = None,
-                 log: Callable[[str], None] = print) -> EvalResult:
-    """Sample, measure and write RUN_DIR/eval/ (metrics.json, grid.png, metrics.png, trajectory.png, report.md)."""
-    t_start = time.perf_counter()
-    existing = finished(config)
-    if existing is not None:
-        log(f"{config.run}/{EVAL_DIR}: already evaluated with this config at step {existing['run_step']}; nothing to do")
-        publish_report(config, Path(config.run) / EVAL_DIR, log)
-        return EvalResult(str(Path(config.run) / EVAL_DIR), existing["methods"], True, time.perf_counter() - t_start)
+@dataclass
+class Prepared:
+    """What an evaluation reads before any model loads: the finished run, its trajectory store,
+    the prompt of every image and the methods' sampler specs."""
+
+    run: RunDir
+    record: dict
+    done: dict
+    store: TrajectoryStore
+    prompt_source: str
+    texts: list[str]
+    prompts: list[str]
+    student: StudentExport
+    specs: list[MethodSpec]
+
+
+def prepare(config: EvaluateConfig) -> Prepared:
     run, record, done = read_run(config)
     store = open_store(config, record)
     schema = store.schema
@@ -121,15 +129,40 @@ def evaluate_run(config: EvaluateConfig, progress: Callable[[Progress], None] | 
     prompts = [texts[i % len(texts)] for i in range(config.num_images)]
     student = load_student_export(run.export_dir)
     specs = method_specs(schema.num_slots, schema.steps_per_slot, schema.guidance, student)
-    specs = [specs[m] for m in config.methods]
+    return Prepared(run, record, done, store, prompt_source, texts, prompts, student,
+                    [specs[m] for m in config.methods])
 
+
+def already_evaluated(config: EvaluateConfig, log: Callable[[str], None], t_start: float) -> EvalResult | None:
+    """The finished eval dir of exactly this config (published again if asked), or None."""
+    existing = finished(config)
+    if existing is None:
+        return None
+    log(f"{config.run}/{EVAL_DIR}: already evaluated with this config at step {existing['run_step']}; nothing to do")
+    publish_report(config, Path(config.run) / EVAL_DIR, log)
+    return EvalResult(str(Path(config.run) / EVAL_DIR), existing["methods"], True, time.perf_counter() - t_start)
+
+
+def evaluate_run(config: EvaluateConfig, progress: Callable[[Progress], None] | None = None,
+                 log: Callable[[str], None] = print) -> EvalResult:
+    """Sample, measure and write RUN_DIR/eval/ (metrics.json, grid.png, metrics.png, trajectory.png, report.md);
+    with ``feature_store``, through the resumable store (:mod:`rapm_core.evaluate.scale`), in this process."""
+    t_start = time.perf_counter()
+    if (existing := already_evaluated(config, log, t_start)) is not None:
+        return existing
+    p = prepare(config)
+    if config.feature_store is not None:
+        from rapm_core.evaluate import scale  # builds on this module
+
+        return scale.evaluate_in_process(config, p, progress, log, t_start)
+    schema, specs, student = p.store.schema, p.specs, p.student
     device = resolve_device(config.device)
     log(f"evaluating {config.run}: {len(specs)} methods × {config.num_images} images "
-        f"({len(texts)} eval prompts from {prompt_source}) on {device}")
-    check_teacher_unchanged(schema, store.path)
+        f"({len(p.texts)} eval prompts from {p.prompt_source}) on {device}")
+    check_teacher_unchanged(schema, p.store.path)
     teacher = load_teacher(schema.teacher, schema.teacher_revision, resolve_dtype(schema.compute_dtype), device)
-    cond = reduce(Conditioning.cat, [encode_prompts(teacher, prompts[a:a + config.batch_size])
-                                     for a in range(0, len(prompts), config.batch_size)])
+    cond = reduce(Conditioning.cat, [encode_prompts(teacher, p.prompts[a:a + config.batch_size])
+                                     for a in range(0, len(p.prompts), config.batch_size)])
     uncond = encode_uncond(teacher)
     noise = initial_noise([eval_seed(config.seed, i) for i in range(config.num_images)],
                           teacher.latent_shape, teacher.dtype, device)
@@ -157,28 +190,59 @@ def evaluate_run(config: EvaluateConfig, progress: Callable[[Progress], None] | 
                                         config.batch_size, on_batch, step_seeds)
         log(f"{spec.label}: {samples[spec.name].images_per_second:.2f} images/s")
 
-    rows, notes = measure(config, samples, prompts, run, log)
-    with run.replacing(EVAL_DIR) as tmp:
-        trajectory_figure(store, teacher, student, decode, config.trajectory_rows, tmp / "trajectory.png")
-        grid_n = min(config.grid_rows, config.num_images)
-        report.image_grid({samples[s.name].spec.label: samples[s.name].images[:grid_n] for s in specs},
-                          prompts[:grid_n], tmp / "grid.png")
+    rows, notes = measure(config, samples, p.prompts, p.run, log)
+    grid_n = min(config.grid_rows, config.num_images)
+    grid = {samples[s.name].spec.label: samples[s.name].images[:grid_n] for s in specs}
+
+    def figure(out: Path) -> None:
+        trajectory_figure(p.store, teacher, student, decode, config.trajectory_rows, out)
+
+    return write_eval_dir(config, p, rows, notes, grid, figure, str(device), log, t_start)
+
+
+def write_eval_dir(config: EvaluateConfig, p: Prepared, rows: list[dict], notes: list[str],
+                   grid: dict[str, torch.Tensor], figure: Callable[[Path], None], device: str,
+                   log: Callable[[str], None], t_start: float) -> EvalResult:
+    """The eval dir, whole (temp dir, rename): the figures, report.md and metrics.json last."""
+    schema = p.store.schema
+    with p.run.replacing(EVAL_DIR) as tmp:
+        figure(tmp / "trajectory.png")
+        report.image_grid(grid, p.prompts[:min(config.grid_rows, config.num_images)], tmp / "grid.png")
         report.metrics_bar_chart(rows, tmp / "metrics.png")
-        facts = [("run", str(run.path)), ("teacher", schema.teacher),
+        facts = [("run", str(p.run.path)), ("teacher", schema.teacher),
                  ("N slots × M steps, teacher guidance", f"{schema.num_slots} × {schema.steps_per_slot}, "
                                                          f"{schema.guidance:g}"),
-                 ("distillation iterations", str(done["step"])), ("eval prompts", f"{len(texts)} from {prompt_source}"),
-                 ("images per method", str(config.num_images)), ("device", str(device))]
-        (tmp / "report.md").write_text(report.report_markdown(f"Evaluation: {run.path.name}", rows, facts, notes),
+                 ("distillation iterations", str(p.done["step"])),
+                 ("eval prompts", f"{len(p.texts)} from {p.prompt_source}"),
+                 ("images per method", str(config.num_images)), ("device", device)]
+        if config.feature_store:
+            facts.append(("feature store", config.feature_store))
+        (tmp / "report.md").write_text(report.report_markdown(f"Evaluation: {p.run.path.name}", rows, facts, notes),
                                        encoding="utf-8")
-        payload = {**eval_identity(config, record, done), "config": config.model_dump(mode="json"),
-                   "methods": rows, "notes": notes, "prompts": prompts, "teacher": schema.teacher,
-                   "device": str(device)}
+        payload = {**eval_identity(config, p.record, p.done), "config": config.model_dump(mode="json"),
+                   "methods": rows, "notes": notes, "prompts": p.prompts, "teacher": schema.teacher,
+                   "device": device}
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    out = run.path / EVAL_DIR
+    out = p.run.path / EVAL_DIR
     log(f"wrote {out}/report.md")
     publish_report(config, out, log)
     return EvalResult(str(out), rows, False, time.perf_counter() - t_start)
+
+
+def method_row(spec: MethodSpec, images: int, seconds: float) -> dict:
+    """A method's facts, before its metrics."""
+    return {"method": spec.name, "label": spec.label, "steps": spec.num_steps, "guidance": spec.guidance,
+            "nfe": spec.nfe, "images_per_second": images / seconds if seconds > 0 else float("inf"),
+            "seconds": seconds}
+
+
+def distill_seconds(run: RunDir) -> float:
+    return float(sum(r.get("seconds", 0.0) for r in run.metrics.read()))
+
+
+def log_row(row: dict, log: Callable[[str], None]) -> None:
+    log(" · ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                   if k not in ("label", "seconds")))
 
 
 def measure(config: EvaluateConfig, samples: dict[str, MethodSamples], prompts: list[str], run: RunDir,
@@ -189,18 +253,15 @@ def measure(config: EvaluateConfig, samples: dict[str, MethodSamples], prompts: 
     notes += [m.note for m in suite if m.note]
     if not any(m.distribution for m in suite):
         notes.append("no distribution metrics: pass --fid-weights and --clip-model (local weights) for a real teacher")
-    distill_seconds = float(sum(r.get("seconds", 0.0) for r in run.metrics.read()))
     rows = []
     for name, s in samples.items():
-        row = {"method": name, "label": s.spec.label, "steps": s.spec.num_steps, "guidance": s.spec.guidance,
-               "nfe": s.spec.nfe, "images_per_second": s.images_per_second, "seconds": s.seconds}
+        row = method_row(s.spec, s.latents.shape[0], s.seconds)
         for metric in suite:
             row.update(metric.measure(s))
         if s.spec.uses_student:
-            row["distill_seconds"] = distill_seconds
+            row["distill_seconds"] = distill_seconds(run)
         rows.append(row)
-        log(" · ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                       if k not in ("label", "seconds")))
+        log_row(row, log)
     return rows, notes
 
 
