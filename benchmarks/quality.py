@@ -65,6 +65,9 @@ GROUPS: dict[str, dict[str, tuple[str, int, dict[str, Any]]]] = {
         "lcm": ("LCM-LoRA, x0 from the store", 4, {"method": "lcm"}),
         "pcm-renders": ("PCM, x0 = real renders", 4, {"method": "pcm", "x0_source": "renders"}),
         "lcm-renders": ("LCM-LoRA, x0 = real renders", 4, {"method": "lcm", "x0_source": "renders"}),
+        # RAPM's lr is tuned for RAPM; the peers' curves rise again at it, so they get a lower one too.
+        "pcm-lr1e-4": ("PCM, x0 from the store, lr 1e-4", 4, {"method": "pcm", "lr": 1e-4}),
+        "lcm-lr1e-4": ("LCM-LoRA, x0 from the store, lr 1e-4", 4, {"method": "lcm", "lr": 1e-4}),
     },
     "steps": {
         "rapm-n2": ("RAPM, N = 2", 2, {}),
@@ -92,7 +95,7 @@ GROUPS: dict[str, dict[str, tuple[str, int, dict[str, Any]]]] = {
     },
 }
 VARIANTS = {name: spec for group in GROUPS.values() for name, spec in group.items()}
-CURVE = ("rapm", "pcm", "lcm")  # measured along the way too
+CURVE = ("rapm", "pcm", "lcm", "pcm-lr1e-4", "lcm-lr1e-4")  # measured along the way too
 
 
 @dataclass
@@ -307,7 +310,7 @@ def targets(by_name: dict[str, list[RunResult]], teachers: dict[int, list[dict[s
     lines = ["### Targets (measured in this run)", ""]
     fid = {name: [r.metrics["domain_fid"] for r in runs] for name, runs in by_name.items()}
     recall = {name: [r.metrics["domain_recall"] for r in runs] for name, runs in by_name.items()}
-    for peer in ("pcm", "lcm", "pcm-renders", "lcm-renders"):
+    for peer in ("pcm", "lcm", "pcm-renders", "lcm-renders", "pcm-lr1e-4", "lcm-lr1e-4"):
         if "rapm" in fid and peer in fid:
             lower = statistics.fmean(fid["rapm"]) < statistics.fmean(fid[peer])
             lines.append(f"- RAPM vs {peer} (N = 4, equal passes): FID {statistics.fmean(fid['rapm']):.2f} vs "
