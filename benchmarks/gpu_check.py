@@ -4,13 +4,14 @@ Sections, most important first; each is skipped (and says so) when the rest of `
 cannot hold it:
 
 1. distillation: s/iteration and peak memory (``torch.cuda.max_memory_allocated``) of the
-   real ``Distiller.train_step`` — pointwise and adversarial losses, with and without gradient
-   checkpointing — on an SD 1.5-sized UNet at 512² and an SDXL-sized one at 1024² (random
-   weights built from the published configs on the GPU, bf16 weights, fp32 LoRA), next to
+   real ``Trainer.train_step`` — RAPM with pointwise and adversarial losses, with and without
+   gradient checkpointing, and adversarial PCM — on an SD 1.5-sized UNet at 512² and an
+   SDXL-sized one at 1024² (random weights built from the published configs on the GPU, bf16
+   weights as ``rapm distill --weights-dtype bf16`` holds them, fp32 LoRA), next to
    ``rapm plan``'s prediction for the same setting;
 2. UNet call times at bf16 and fp16, batch 1 (what ``rapm plan --seconds-per-call`` takes) and
    the CFG batch of a 4-prompt trajectory batch, and trajectories/s;
-3. Stage A's peak (text encoders, UNet and VAE on the GPU, N·M guided steps) vs the planner;
+3. Stage A's peak (text encoders and UNet on the GPU, N·M guided steps) vs the planner;
 4. the fp16 store round trip: Stage A on the embedded teacher in fp16 on the GPU into a float16
    store, read back, equal to the same trajectories recomputed;
 5. the CUDA-marked tests (``pytest -m cuda``).
@@ -25,7 +26,6 @@ Run: ``.venv/bin/python benchmarks/gpu_check.py [--out runs/gpu_check] [--budget
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import multiprocessing
 import os
@@ -35,23 +35,24 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_common, when imported rather than run
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_common and gpu_check_machine, when imported rather than run
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from gpu_check_machine import Budget, Machine  # noqa: E402
 from rapm_core.conditioning import Conditioning  # noqa: E402
 from rapm_core.plan import PlanConfig  # noqa: E402
 from rapm_core.plan.architecture import Architecture, from_preset  # noqa: E402
-from rapm_core.plan.engine import Distiller, Example, teacher_trajectories  # noqa: E402
-from rapm_core.plan.meta_memory import MemoryCounter, module_tensors, optimizer_tensors  # noqa: E402
-from rapm_core.plan.stages import STAGES, encode, stored_conditioning  # noqa: E402
+from rapm_core.plan.engine import MethodConfig, Trainer, teacher_trajectories  # noqa: E402
+from rapm_core.plan.meta_memory import module_tensors, optimizer_tensors  # noqa: E402
+from rapm_core.plan.stages import STAGES, encode, stored_conditioning, training_inputs  # noqa: E402
+from rapm_core.plan.validation import foreach_steps  # noqa: E402
 from rapm_core.plan.validation import mid_size  # noqa: E402
 from rapm_core.schedule import SlotGrid  # noqa: E402
 from rapm_core.teacher import DTYPES  # noqa: E402
@@ -59,68 +60,25 @@ from rapm_core.teacher import DTYPES  # noqa: E402
 GiB = 2 ** 30
 TRAJECTORY_BATCH = 4
 LOSSES = {"pointwise": dict(loss_relative="pointwise", loss_absolute="pointwise"),
-          "adversarial": dict(loss_relative="adversarial", loss_absolute="adversarial")}
+          "adversarial": dict(loss_relative="adversarial", loss_absolute="adversarial"),
+          "pcm adversarial": dict(method="pcm", pcm_adversarial=True)}
 # Rough seconds per item on an A100/H100-class GPU (GPU work only; the planner's predictions
 # run beforehand in parallel), used only to skip what the budget cannot hold.
 COST_S = {"distill": {"sd15": 20, "sdxl": 45}, "calls": {"sd15": 15, "sdxl": 30}, "stage_a": {"sd15": 20, "sdxl": 45},
           "store": 40, "tests": 120}
 
 
-class Budget:
-    def __init__(self, seconds: float):
-        self.deadline = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def holds(self, seconds: float) -> bool:
-        return self.left() > seconds
-
-
-class Machine:
-    """Where the check runs: CUDA (max_memory_allocated) or, with --smoke, the CPU (live tensors)."""
-
-    def __init__(self, smoke: bool):
-        self.smoke = smoke
-        self.device = torch.device("cpu" if smoke else "cuda")
-
-    def sync(self) -> None:
-        if not self.smoke:
-            torch.cuda.synchronize()
-
-    def free(self) -> None:
-        gc.collect()
-        if not self.smoke:
-            torch.cuda.empty_cache()
-
-    @contextmanager
-    def peak(self, resident: Callable[[], Iterable[torch.Tensor]]) -> Iterator[dict]:
-        """Peak bytes of the block, everything already on the device included."""
-        box: dict = {}
-        if self.smoke:
-            counter = MemoryCounter("cpu")
-            counter.track(resident())
-            with counter:
-                yield box
-            box["peak_bytes"] = counter.peak
-        else:
-            self.sync()
-            torch.cuda.reset_peak_memory_stats()
-            yield box
-            self.sync()
-            box["peak_bytes"] = torch.cuda.max_memory_allocated()
-
-    @property
-    def probe(self) -> str:
-        return "live-tensor peak (CPU smoke run)" if self.smoke else "torch.cuda.max_memory_allocated"
-
-
 # -- the planner's predictions (CPU work, in parallel worker processes) ------------------------------
+def plan_config(fields: dict) -> PlanConfig:
+    """A PlanConfig from plain fields (picklable for the workers); ``method``: flat CLI names."""
+    return PlanConfig(**{**fields, "method": MethodConfig.from_options(**fields.get("method", {}))})
+
+
 def _predict(args: tuple[str, dict, str, dict]) -> int:
     stage, arch_spec, _label, config = args
     torch.set_num_threads(1)
     arch = _architecture(arch_spec)
-    return STAGES[stage](arch, PlanConfig(**config)).peak_bytes
+    return STAGES[stage](arch, plan_config(config)).peak_bytes
 
 
 def _architecture(spec: dict) -> Architecture:
@@ -155,32 +113,29 @@ def _resolution(arch: Architecture, smoke: bool) -> int:
 
 
 def distill_item(machine: Machine, arch: Architecture, config: PlanConfig, steps: int) -> dict:
-    dtype, device = DTYPES[config.precision], machine.device
+    method, device = config.distill_method(), machine.device
     torch.manual_seed(0)
-    unet = arch.build_unet(dtype, device)
+    unet = arch.build_unet(DTYPES[method.training.weights_dtype], device)
     scheduler = arch.scheduler_config()
     grid = SlotGrid.from_scheduler(scheduler, config.slots, config.steps_per_slot)
-    trainer = Distiller(unet, scheduler, grid, config.method.distill_config(), device=device)
+    example, teacher = training_inputs(arch, config, torch.randn)
+    trainer = Trainer(unet, scheduler, grid, method, device=device, teacher=teacher)
     if machine.smoke:
-        for opt in (trainer.g_optimizer, trainer.d_optimizer):
-            for group in (opt.param_groups if opt is not None else []):
-                group["foreach"] = True  # CUDA's default, which the planner assumes
-    c, h, w = arch.latent_shape(config.resolution)
-    example = Example(torch.randn(grid.total_steps + 1, c, h, w), _cond(arch, 1, torch.float32, torch.device("cpu")), 0)
+        foreach_steps(trainer)  # CUDA's default, which the planner assumes
     gen = torch.Generator().manual_seed(0)
-    for _ in range(2):  # the first creates the AdamW states; from the second on it is steady
-        trainer.train_step(example, gen)
+    for i in range(2):  # the first creates the AdamW states; from the second on it is steady
+        trainer.train_step(example, gen, i)
     machine.sync()
 
     def resident():
         yield from module_tensors(trainer.unet, trainer.heads)
         yield from optimizer_tensors(trainer.g_optimizer, trainer.d_optimizer)
-        yield trainer.alphas_cumprod
+        yield trainer.student.alphas_cumprod
 
     with machine.peak(resident) as box:
         t0 = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step(example, gen)
+        for i in range(steps):
+            trainer.train_step(example, gen, 1 + 2 * i)  # odd: LoRA steps under either schedule
         machine.sync()
         seconds = (time.perf_counter() - t0) / steps
     del trainer, unet
@@ -218,13 +173,12 @@ def unet_call_item(machine: Machine, arch: Architecture, precision: str, resolut
 def stage_a_item(machine: Machine, arch: Architecture, config: PlanConfig) -> dict:
     dtype, device = DTYPES[config.precision], machine.device
     torch.manual_seed(0)
-    unet, vae = arch.build_unet(dtype, device), arch.build_vae(dtype, device)
-    encoders = arch.build_text_encoders(dtype, device)
+    unet, encoders = arch.build_unet(dtype, device), arch.build_text_encoders(dtype, device)
     grid = SlotGrid.from_scheduler(arch.scheduler_config(), config.slots, config.steps_per_slot)
     c, h, w = arch.latent_shape(config.resolution)
     noise = torch.randn(config.trajectory_batch, c, h, w, device=device, dtype=dtype)
     machine.free()
-    with machine.peak(lambda: iter([*module_tensors(unet, vae, *encoders), noise])) as box, torch.no_grad():
+    with machine.peak(lambda: iter([*module_tensors(unet, *encoders), noise])) as box, torch.no_grad():
         t0 = time.perf_counter()
         cond = encode(arch, encoders, config.trajectory_batch, dtype, device)
         uncond = encode(arch, encoders, 1, dtype, device)
@@ -232,7 +186,7 @@ def stage_a_item(machine: Machine, arch: Architecture, config: PlanConfig) -> di
         host = z.detach().float().cpu()
         machine.sync()
         seconds = time.perf_counter() - t0
-    del unet, vae, encoders, z, host
+    del unet, encoders, z, host
     machine.free()
     return {"measured_peak_bytes": box["peak_bytes"], "seconds_per_batch": seconds,
             "trajectories_per_s": config.trajectory_batch / seconds}
@@ -241,9 +195,10 @@ def stage_a_item(machine: Machine, arch: Architecture, config: PlanConfig) -> di
 def store_round_trip(machine: Machine) -> dict:
     """Stage A's own function on the embedded teacher, then the store read back vs a recomputation."""
     from bench_common import prompt_store
-    from flows.trajectories import TrajectoriesConfig, generate_trajectories
     from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
-    from rapm_core.trajectory import initial_noise  # moves with the refactor, as flows.trajectories
+    from rapm_core.trajectories.chain import initial_noise
+    from rapm_core.trajectories.config import TrajectoriesConfig
+    from rapm_core.trajectories.generate import generate_trajectories
     from storage.trajectory_store import TrajectoryStore
 
     import diffusers
@@ -268,7 +223,7 @@ def store_round_trip(machine: Machine) -> dict:
         z = teacher_trajectories(teacher.unet, teacher.scheduler_config, grid, noise, encode_prompts(teacher, texts),
                                  encode_uncond(teacher), config.guidance)
         expected = z.float().cpu().numpy().astype("float16")
-        stored = np.stack([np.asarray(store.read(i)["positions"]) for i in range(4)])
+        stored = np.stack([np.asarray(store.read(i).positions) for i in range(4)])
     diff = float(np.abs(stored.astype(np.float32) - expected.astype(np.float32)).max())
     return {"precision": precision, "store_dtype": "float16", "trajectories": 8, "seconds": seconds,
             "max_abs_diff": diff, "equal": bool(np.array_equal(stored, expected))}
@@ -294,7 +249,7 @@ def plan_configs(smoke: bool) -> dict[str, tuple[dict, dict]]:
     items = {}
     for kind in kinds:
         for loss, losses in LOSSES.items():
-            for ckpt in (False, True):
+            for ckpt in ((False,) if loss.startswith("pcm") else (False, True)):
                 method = {**losses, "gradient_checkpointing": ckpt}
                 if smoke:
                     method["disc_channels"] = 32
@@ -345,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
         if label.startswith("distill"):
             arch = _architecture(spec)
             record(label, COST_S["distill"].get(spec["kind"], 5),
-                   lambda arch=arch, cfg=cfg: distill_item(machine, arch, PlanConfig(**cfg), 1 if args.smoke else 3))
+                   lambda arch=arch, cfg=cfg: distill_item(machine, arch, plan_config(cfg), 1 if args.smoke else 3))
     kinds = ["smoke"] if args.smoke else ["sd15", "sdxl"]
     for kind in kinds:
         arch = _architecture({"kind": kind})
@@ -358,7 +313,7 @@ def run(args: argparse.Namespace) -> dict:
         spec, cfg = items[label]
         arch = _architecture(spec)
         record(label, COST_S["stage_a"].get(kind, 5), lambda arch=arch, cfg=cfg: stage_a_item(machine, arch,
-                                                                                                PlanConfig(**cfg)))
+                                                                                                plan_config(cfg)))
     record("fp16 store round trip", COST_S["store"], lambda: store_round_trip(machine))
     if args.smoke:
         results["items"]["cuda tests"] = {"skipped": "smoke run on CPU"}

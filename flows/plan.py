@@ -24,10 +24,20 @@ def register(subparsers) -> None:
 
 
 def _method_label(method: dict) -> str:
-    losses = (f"ℓ_rel {method['loss_relative']}, ℓ_abs {method['loss_absolute']}" if method["method"] == "rapm"
-              else f"loss {method['loss_absolute']}")
-    ckpt = ", checkpointing" if method["gradient_checkpointing"] else ""
-    return f"{method['method']} ({losses}, rank {method['rank']}{ckpt})"
+    """e.g. ``rapm (ℓ_rel pointwise, ℓ_abs pointwise, rank 1, bf16 weights, checkpointing)``."""
+    if method["method"] == "rapm":
+        losses = f"ℓ_rel {method['rapm']['loss_relative']}, ℓ_abs {method['rapm']['loss_absolute']}"
+    elif method["method"] == "pcm":
+        losses = "pointwise + adversarial" if method["pcm"]["pcm_adversarial"] else "pointwise"
+    else:
+        losses = "pointwise"
+    training = method["training"]
+    parts = [losses, f"rank {training['rank']}", f"{training['weights_dtype']} weights"]
+    if training["mixed_precision"] != "no":
+        parts.append(f"autocast {training['mixed_precision']}")
+    if training["gradient_checkpointing"]:
+        parts.append("checkpointing")
+    return f"{method['method']} ({', '.join(parts)})"
 
 
 def _gib(nbytes: float) -> str:

@@ -13,16 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill_run_support import make_store
 from flows.cli import main
-from rapm_core.conditioning import Conditioning
+from rapm_core.distill.config import MethodConfig
 from rapm_core.plan import PlanConfig
 from rapm_core.plan.advice import GiB
 from rapm_core.plan.architecture import from_preset, from_teacher, parameter_count
-from rapm_core.plan.config import EVAL_BATCH, EVAL_IMAGES, TRAJECTORY_BATCH, TRAJECTORY_ROWS
+from rapm_core.plan.config import EVAL_BATCH, EVAL_IMAGES, TRAJECTORY_BATCH
 from rapm_core.plan.meta_memory import MemoryCounter
 from rapm_core.plan.planner import store_bytes
 from rapm_core.plan.stages import distill, trajectories
-from rapm_core.plan.validation import compare, mid_size
+from rapm_core.plan.validation import compare, compare_run, mid_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_TEACHER = ROOT / "assets" / "shapes-teacher"
@@ -73,16 +74,40 @@ def test_presets_build_the_published_parameter_counts():
 
 
 def test_plan_defaults_are_the_stages_defaults():
-    from flows.evaluate import EvaluateConfig
-    from flows.trajectories import TrajectoriesConfig
+    from rapm_core.distill.config import DistillRunConfig
+    from rapm_core.evaluate.config import EvaluateConfig
+    from rapm_core.trajectories.config import TrajectoriesConfig
 
     traj, ev = TrajectoriesConfig.model_fields, EvaluateConfig.model_fields
     assert traj["batch_size"].default == TRAJECTORY_BATCH and ev["batch_size"].default == EVAL_BATCH
-    assert ev["num_images"].default == EVAL_IMAGES and ev["trajectory_rows"].default == TRAJECTORY_ROWS
+    assert ev["num_images"].default == EVAL_IMAGES
     plan = PlanConfig.model_fields
     for name in ("slots", "steps_per_slot", "guidance"):
         assert plan[name].default == traj[name].default, name
     assert plan["precision"].default == traj["dtype"].default
+    # The method is rapm distill's own model: same sections, same defaults.
+    assert plan["method"].annotation is MethodConfig
+    assert PlanConfig(preset="sd15").distill_method() == DistillRunConfig(trajectories="S", out="R").method_config()
+
+
+def test_method_options_are_rapm_distills(capsys):
+    """`rapm plan` takes `rapm distill`'s method flags; --weights-dtype follows --precision unless given."""
+    base = ["plan", "--preset", "sd15", "--json"]
+    default = plan_json(base, capsys)
+    assert default["method"]["training"]["weights_dtype"] == "fp32"
+    bf16 = plan_json(base + ["--precision", "bf16"], capsys)
+    assert bf16["method"]["training"]["weights_dtype"] == "bf16"
+    mixed = plan_json(base + ["--weights-dtype", "fp32", "--precision", "bf16", "--disc-schedule", "alternate",
+                              "--lambda-adv", "0.1"], capsys)
+    assert mixed["method"]["training"]["weights_dtype"] == "fp32"
+    assert mixed["method"]["adversarial"] == {**default["method"]["adversarial"], "disc_schedule": "alternate",
+                                              "lambda_adv": 0.1}
+    # The distillation plan holds what the engine holds: fp32 weights there, whatever --precision says.
+    assert mixed["stages"]["distill"]["weights_bytes"] == default["stages"]["distill"]["weights_bytes"]
+    assert bf16["stages"]["distill"]["weights_bytes"] * 2 == default["stages"]["distill"]["weights_bytes"]
+    autocast = plan_json(base + ["--mixed-precision", "bf16"], capsys)["stages"]["distill"]
+    assert autocast["resident"]["unet"] == default["stages"]["distill"]["resident"]["unet"]
+    assert autocast["resident"]["autocast_copies"] == bf16["stages"]["distill"]["resident"]["unet"]
 
 
 # -- the targets ------------------------------------------------------------------------------------
@@ -95,10 +120,14 @@ def test_sd15_bf16_checkpointed_distillation_fits_8gb(capsys):
     assert all(stages[s]["peak_bytes"] > stages[s]["weights_bytes"] > 0 for s in stages)
     assert stages["distill"]["fits"] is True and stages["distill"]["peak_bytes"] < 8 * GiB
     assert stages["trajectories"]["fits"] is True
-    # The evaluate stage's trajectory figure decodes 3·(N+1) latents at once: it needs the advice.
+    # The trajectory figure decodes one latent at a time (it decoded 3·(N+1) at once, 7.6 GiB):
+    # the evaluation's peak is the sampling batch's decode, which --batch-size sets.
     evaluate = stages["evaluate"]
-    assert evaluate["fits"] is False and evaluate["advice"]["flags"]
-    assert evaluate["advice"]["peak_bytes"] <= result["limit_bytes"]
+    assert evaluate["phases"]["trajectory figure decode"] < 0.6 * evaluate["phases"]["decode"]
+    assert evaluate["peak_phase"] == "decode"
+    if not evaluate["fits"]:
+        assert evaluate["advice"]["flags"].startswith("--batch-size")
+        assert evaluate["advice"]["peak_bytes"] <= result["limit_bytes"]
     assert result["teacher"]["unet_parameters"] == 859520964
     assert result["time"]["estimate"] is True and result["time"]["total_s"] > 0
 
@@ -121,13 +150,16 @@ def test_advice_names_an_sdxl_setting_that_fits_24gb(capsys):
 def test_checkpointing_lowers_the_distillation_peak_and_bf16_halves_the_weights():
     arch = from_preset("sd15")
     plain = distill(arch, PlanConfig(preset="sd15", precision="bf16"))
-    ckpt = distill(arch, PlanConfig(preset="sd15", precision="bf16", method={"gradient_checkpointing": True}))
+    ckpt = distill(arch, PlanConfig(preset="sd15", precision="bf16",
+                                    method=MethodConfig.from_options(gradient_checkpointing=True)))
     assert ckpt.peak_bytes < 0.8 * plain.peak_bytes
     assert ckpt.weights_bytes == plain.weights_bytes
     fp32 = trajectories(arch, PlanConfig(preset="sd15", precision="fp32"))
     bf16 = trajectories(arch, PlanConfig(preset="sd15", precision="bf16"))
     assert bf16.weights_bytes / fp32.weights_bytes == pytest.approx(0.5, abs=0.01)
     assert bf16.peak_bytes < 0.6 * fp32.peak_bytes
+    # Stage A never decodes: the VAE stays in host memory (rapm_core.trajectories.generate).
+    assert set(fp32.resident) == {"unet", "text_encoders"}
 
 
 # -- teachers from config files ---------------------------------------------------------------------
@@ -146,9 +178,10 @@ def test_teacher_dir_is_planned_from_its_config_files(teacher, request, capsys):
 def test_peers_are_planned(tiny_sd15_dir, capsys):
     base = ["plan", "--teacher", str(tiny_sd15_dir), "--json"]
     lcm = plan_json(base + ["--method", "lcm"], capsys)["stages"]["distill"]
-    pcm = plan_json(base + ["--method", "pcm", "--loss-absolute", "adversarial"], capsys)["stages"]["distill"]
+    pcm = plan_json(base + ["--method", "pcm", "--pcm-adversarial"], capsys)["stages"]["distill"]
     assert "heads" in pcm["resident"] and pcm["resident"]["heads"] > 0 and "heads" not in lcm["resident"]
     assert pcm["peak_bytes"] > lcm["peak_bytes"]
+    assert all(s["resident"]["uncond"] > 0 for s in (lcm, pcm))  # the peers' own guided teacher step
 
 
 def test_embedded_teacher_command_runs_as_documented(capsys, monkeypatch):
@@ -202,39 +235,51 @@ def test_counter_counts_storages_once_and_frees_them():
     ("distill", {}),
     ("distill", {"loss_relative": "adversarial", "loss_absolute": "adversarial", "disc_channels": 32,
                  "gradient_checkpointing": True}),
+    ("distill", {"method": "pcm", "pcm_adversarial": True, "disc_channels": 32, "disc_schedule": "alternate"}),
+    ("distill", {"method": "lcm", "weights_dtype": "bf16"}),
     ("trajectories", {}),
 ])
 def test_planner_is_within_15_percent_of_a_real_cpu_run(stage, method):
     arch = mid_size(width=32)
-    config = PlanConfig(preset="sd15", resolution=256, slots=2, steps_per_slot=2, batch_size=2, method=method)
+    config = PlanConfig(preset="sd15", resolution=256, slots=2, steps_per_slot=2, batch_size=2,
+                        method=MethodConfig.from_options(**method))
     result = compare(stage, arch, config)
+    assert 0.85 <= result["ratio_live"] <= 1.15, result
+
+
+def test_planner_predicts_the_engines_bf16_weights_run(tmp_path, tiny_sd15_dir):
+    """`rapm distill --weights-dtype bf16` as the engine builds it (build_trainer loads the store's
+    teacher UNet in bf16), one stored trajectory, against the plan made from the teacher's configs."""
+    store = make_store(tmp_path, tiny_sd15_dir, num=1)
+    result = compare_run(str(store), MethodConfig.from_options(weights_dtype="bf16", loss_relative="both",
+                                                               disc_channels=8))
     assert 0.85 <= result["ratio_live"] <= 1.15, result
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", [{}, {"loss_relative": "adversarial", "loss_absolute": "adversarial",
-                                         "gradient_checkpointing": True}])
+                                         "gradient_checkpointing": True}, {"method": "pcm", "pcm_adversarial": True}])
 def test_planner_is_within_15_percent_of_max_memory_allocated(method):
-    from rapm_core.plan.engine import Distiller, Example
+    from rapm_core.plan.engine import Trainer
+    from rapm_core.plan.stages import training_inputs
     from rapm_core.schedule import SlotGrid
 
     arch = from_preset("sd15")
-    config = PlanConfig(preset="sd15", precision="bf16", resolution=256, slots=2, steps_per_slot=2, method=method)
+    config = PlanConfig(preset="sd15", precision="bf16", resolution=256, slots=2, steps_per_slot=2,
+                        method=MethodConfig.from_options(**method))
     predicted = distill(arch, config).peak_bytes
     scheduler = arch.scheduler_config()
     grid = SlotGrid.from_scheduler(scheduler, 2, 2)
-    trainer = Distiller(arch.build_unet(torch.bfloat16, "cuda"), scheduler, grid, config.method.distill_config(),
-                        device="cuda")
-    c, h, w = arch.latent_shape(256)
-    example = Example(torch.randn(grid.total_steps + 1, c, h, w),
-                      Conditioning(torch.randn(1, arch.text_length, arch.embed_dim)), 0)
+    example, teacher = training_inputs(arch, config, torch.randn)
+    trainer = Trainer(arch.build_unet(torch.bfloat16, "cuda"), scheduler, grid, config.distill_method(),
+                      device="cuda", teacher=teacher)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        trainer.train_step(example, gen)
+    for i in range(2):
+        trainer.train_step(example, gen, i)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    trainer.train_step(example, gen)
+    trainer.train_step(example, gen, 1)
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated()
     assert 0.85 <= predicted / measured <= 1.15, (predicted, measured)

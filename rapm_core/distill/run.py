@@ -33,7 +33,7 @@ from rapm_core.distill.trainer import NonFiniteLossError, Trainer
 from rapm_core.errors import ConfigError
 from rapm_core.progress import Progress
 from rapm_core.schedule import SlotGrid
-from rapm_core.teacher import load_unet, resolve_device
+from rapm_core.teacher import load_unet, resolve_device, resolve_dtype
 from storage.checkpoints import Checkpoint
 from storage.errors import StoreError
 from storage.hashing import config_hash
@@ -90,7 +90,8 @@ def already_done(config: DistillRunConfig) -> dict | None:
     return done if done is not None and done["step"] >= config.iterations else None
 
 
-def _trainer(config: DistillRunConfig, store: TrajectoryStore) -> Trainer:
+def build_trainer(config: DistillRunConfig, store: TrajectoryStore) -> Trainer:
+    """The run's trainer on the store's teacher UNet (held in ``weights_dtype``), before any checkpoint loads."""
     schema = store.schema
     device = resolve_device(config.device)
     try:
@@ -98,7 +99,8 @@ def _trainer(config: DistillRunConfig, store: TrajectoryStore) -> Trainer:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     check_teacher_unchanged(schema, config.trajectories)
-    unet = load_unet(schema.teacher, schema.teacher_revision, device=device)
+    unet = load_unet(schema.teacher, schema.teacher_revision, dtype=resolve_dtype(config.training.weights_dtype),
+                     device=device)
     seed_everything(config.seed)
     teacher = GuidedTeacher(Conditioning.from_arrays(store.uncond()), schema.guidance)
     return Trainer(unet, schema.scheduler_config, grid, config.method_config(), device=device, teacher=teacher)
@@ -133,7 +135,7 @@ def _train(config: DistillRunConfig, run: RunDir, progress: Callable[[Progress],
     if not store.complete_mask()[indices].all():
         raise StoreError(f"{config.trajectories}: trajectories this run trains on are no longer complete")
 
-    trainer = _trainer(config, store)
+    trainer = build_trainer(config, store)
     generator = torch.Generator().manual_seed(config.seed)  # CPU: methods draw on CPU, then move
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

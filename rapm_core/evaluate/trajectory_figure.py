@@ -16,6 +16,19 @@ from rapm_core.evaluate.student import StudentExport
 from rapm_core.schedule import SlotGrid
 from storage.trajectory_store import TrajectoryStore
 
+# Latents per VAE decode of the figure. The figure shows rows × (N+1) latents twice (teacher and
+# student); decoded at once they were the evaluation's largest allocation (rapm plan: 7.6 GiB at
+# SD 1.5 size for 3 rows, N = 4, whatever --batch-size was). One at a time keeps the figure below
+# the sampling batch's own decode at any --batch-size; it is 2·rows·(N+1) VAE calls (30 by
+# default), a small share of an evaluation that decodes every sampled image.
+FIGURE_DECODE_BATCH = 1
+
+
+def decode_in_batches(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor,
+                      batch: int = FIGURE_DECODE_BATCH) -> torch.Tensor:
+    """``decode`` over (B, C, H, W) latents ``batch`` at a time, concatenated (host images)."""
+    return torch.cat([decode(latents[a:a + batch]) for a in range(0, latents.shape[0], batch)])
+
 
 def trajectory_figure(store: TrajectoryStore, teacher, student: StudentExport,
                       decode: Callable[[torch.Tensor], torch.Tensor], rows: int, out: Path) -> None:
@@ -35,7 +48,7 @@ def trajectory_figure(store: TrajectoryStore, teacher, student: StudentExport,
         raise ConfigError(f"the student samples {student.num_steps} steps but the store has {k - 1} slots")
 
     def decoded(pos: torch.Tensor) -> torch.Tensor:
-        flat = decode(pos.flatten(0, 1))
+        flat = decode_in_batches(decode, pos.flatten(0, 1))
         return flat.reshape(pos.shape[0], k, *flat.shape[1:])
 
     report.trajectory_figure(decoded(teacher_pos), decoded(student_pos), [r.prompt for r in recs],

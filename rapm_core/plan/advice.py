@@ -1,9 +1,9 @@
 """What to change when a stage does not fit: the least invasive setting that does, re-measured.
 
 Candidates go from what changes nothing the stage computes to what changes the method:
-a smaller batch or fewer figure rows (trajectories and evaluation), gradient checkpointing
-(distillation: the same gradients, one more forward), bf16 (numerics), and last, for an
-adversarial method, pointwise losses. Every candidate is planned again on meta tensors, so
+a smaller batch (trajectories and evaluation), gradient checkpointing (distillation: the same
+gradients, one more forward), bf16 (numerics; for distillation ``--weights-dtype bf16``, the
+frozen weights alone), and last, for an adversarial method, pointwise losses. Every candidate is planned again on meta tensors, so
 the advice's peak is a measurement of that setting, not an extrapolation.
 """
 
@@ -12,56 +12,44 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from rapm_core.plan.architecture import Architecture
-from rapm_core.plan.config import PlanConfig
+from rapm_core.plan.config import PlanConfig, is_adversarial, pointwise_instead, with_options
 from rapm_core.plan.stages import STAGES, StageEstimate
 
 GiB = 2 ** 30
-_METHOD_FIELDS = {"gradient_checkpointing", "loss_relative", "loss_absolute"}
 
 
 def with_changes(config: PlanConfig, changes: dict[str, Any]) -> PlanConfig:
-    top = {k: v for k, v in changes.items() if k not in _METHOD_FIELDS}
-    method = {k: v for k, v in changes.items() if k in _METHOD_FIELDS}
-    return config.model_copy(update={**top, "method": config.method.model_copy(update=method)})
+    """``config`` with options changed: the planner's own, or ``rapm distill``'s method options."""
+    top = {k: v for k, v in changes.items() if k in PlanConfig.model_fields}
+    method = {k: v for k, v in changes.items() if k not in top}
+    return config.model_copy(update={**top, "method": with_options(config.method, **method) if method
+                                     else config.method})
 
 
 def flags(changes: dict[str, Any]) -> str:
-    """The ``rapm plan`` options that make ``changes``."""
+    """The ``rapm plan`` options that make ``changes`` (method options are ``rapm distill``'s too)."""
     parts = []
     for key, value in changes.items():
-        flag = "--" + key.replace("_", "-")
-        parts.append(flag if value is True else f"{flag} {value}")
+        flag = key.replace("_", "-")
+        parts.append(f"--{flag}" if value is True else f"--no-{flag}" if value is False else f"--{flag} {value}")
     return " ".join(parts)
 
 
-def _pointwise(config: PlanConfig) -> dict[str, Any]:
-    swap = {"adversarial": "pointwise", "both": "pointwise"}
-    changes = {}
-    for key in ("loss_relative", "loss_absolute"):
-        value = getattr(config.method, key)
-        if value in swap:
-            changes[key] = swap[value]
-    return changes
-
-
 def _candidates(stage: str, config: PlanConfig) -> Iterator[dict[str, Any]]:
-    low = [{}] if config.precision != "fp32" else [{}, {"precision": "bf16"}]
     if stage == "distill":
-        checkpointing = [{}] if config.method.gradient_checkpointing else [{}, {"gradient_checkpointing": True}]
-        losses = [{}, _pointwise(config)] if config.method.adversarial else [{}]
+        method = config.distill_method()
+        low = [{}] if method.training.weights_dtype != "fp32" else [{}, {"weights_dtype": "bf16"}]
+        ckpt = [{}] if method.training.gradient_checkpointing else [{}, {"gradient_checkpointing": True}]
+        losses = [{}, pointwise_instead(method)] if is_adversarial(method) else [{}]
         for loss in losses:
             for precision in low:
-                for ckpt in checkpointing:
-                    change = {**precision, **ckpt, **loss}
+                for checkpointing in ckpt:
+                    change = {**precision, **checkpointing, **loss}
                     if change:
                         yield change
     else:
-        # The evaluate stage's trajectory figure decodes rows × (N+1) latents in one batch,
-        # whatever --batch-size is; fewer rows is the other knob there.
-        rows = [{}, {"trajectory_rows": 1}] if stage == "evaluate" and config.trajectory_rows > 1 else [{}]
-        for precision in low:
-            for row in rows:
-                yield {**precision, **row, "batch_size": "search"}
+        for precision in ([{}] if config.precision != "fp32" else [{}, {"precision": "bf16"}]):
+            yield {**precision, "batch_size": "search"}
 
 
 def _fits(estimate: StageEstimate, limit: int) -> bool:

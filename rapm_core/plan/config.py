@@ -1,83 +1,66 @@
 """What ``rapm plan`` is asked: a teacher architecture, the stages' settings, the method's options.
 
-The method options mirror ``rapm_core.distill.DistillConfig`` name for name (so ``rapm plan``
-takes the same flags as ``rapm distill``) and take their defaults from it (through
-``rapm_core.plan.engine``, the planner's one import seam for the method's code).
-``precision`` replaces DistillConfig's ``mixed_precision`` for every stage at once: frozen
-weights are stored in it and activations computed in it, while LoRA parameters,
-discriminator heads and their AdamW states stay fp32 (meta tensors have no autocast, so the
-planner makes tensors in the target dtype instead).
+The method is ``rapm distill``'s own ``MethodConfig`` (its sections and flags: ``--method``,
+``--loss-relative``, ``--rank``, ``--weights-dtype``, ``--pcm-adversarial``, …), so a plan takes
+exactly the options of the run it plans. ``--precision`` is the trajectories' and the
+evaluation's compute dtype (``rapm trajectories --dtype``; the evaluation computes in the
+store's) and, unless ``--weights-dtype`` is given, the dtype of distillation's frozen weights
+too; LoRA parameters, discriminator heads and their AdamW states stay fp32 as in the engine.
+Meta tensors have no autocast: ``--mixed-precision`` is planned as compute in that dtype next to
+the fp32 weights (see ``stages.distill``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from rapm_core.plan.engine import DistillConfig
+from rapm_core.plan.engine import EvaluateOptions, MethodConfig, TrajectoriesOptions
 from rapm_core.plan.presets import PRESETS
 
 Precision = Literal["fp32", "bf16", "fp16"]
-LossMode = Literal["adversarial", "pointwise", "both", "off"]
-_DISTILL = DistillConfig.model_fields
 
-# The stages' own defaults (flows.trajectories.TrajectoriesConfig, flows.evaluate.EvaluateConfig);
-# tests/test_plan.py checks they still agree.
-TRAJECTORY_BATCH = 4
-EVAL_BATCH = 16
-EVAL_IMAGES = 64
-TRAJECTORY_ROWS = 3
-
-
-def _default(name: str):
-    return _DISTILL[name].default
+# The stages' own defaults.
+TRAJECTORY_BATCH = TrajectoriesOptions.model_fields["batch_size"].default
+EVAL_BATCH = EvaluateOptions.model_fields["batch_size"].default
+EVAL_IMAGES = EvaluateOptions.model_fields["num_images"].default
+FIGURE_ROWS = EvaluateOptions.model_fields["trajectory_rows"].default
+_SECTIONS = tuple(name for name, f in MethodConfig.model_fields.items()
+                  if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))
 
 
-class PlanMethod(BaseModel):
-    """The distillation method and the options of it that change memory or time."""
+def given_options(method: MethodConfig) -> dict[str, Any]:
+    """The options that were set on ``method``, named as on the command line (flat)."""
+    options = {k: getattr(method, k) for k in method.model_fields_set if k not in _SECTIONS}
+    for name in _SECTIONS:
+        section = getattr(method, name)
+        options.update({k: getattr(section, k) for k in section.model_fields_set})
+    return options
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["rapm", "pcm", "lcm"] = Field(
-        "rapm", description="rapm (N student jumps per iteration), or a peer as PEERS.md states it: pcm or lcm "
-                            "(one student fwd+bwd, a guided teacher step, a no-grad target call)")
-    rank: int = Field(_default("rank"), ge=1, description=_DISTILL["rank"].description)
-    loss_relative: LossMode = Field(_default("loss_relative"), description=_DISTILL["loss_relative"].description)
-    loss_absolute: LossMode = Field(
-        _default("loss_absolute"), validate_default=True,
-        description=_DISTILL["loss_absolute"].description + "; pcm/lcm: their one loss at the phase end")
-    slots_per_iteration: Literal["all", "random"] = Field(
-        _default("slots_per_iteration"), description=_DISTILL["slots_per_iteration"].description)
-    disc_channels: int = Field(_default("disc_channels"), ge=1, description=_DISTILL["disc_channels"].description)
-    gradient_checkpointing: bool = Field(
-        _default("gradient_checkpointing"), description=_DISTILL["gradient_checkpointing"].description)
+def with_options(method: MethodConfig, **changes: Any) -> MethodConfig:
+    """``method`` with some command-line options changed, validated as ``rapm distill`` would."""
+    return MethodConfig.from_options(**{**given_options(method), **changes})
 
-    # Cross-field checks sit on the later field, so an error names the option to change.
-    @pydantic.field_validator("loss_absolute")
-    @classmethod
-    def _check_losses(cls, loss_absolute: str, info: pydantic.ValidationInfo) -> str:
-        method, loss_relative = info.data.get("method"), info.data.get("loss_relative")
-        if method == "rapm" and loss_relative == loss_absolute == "off":
-            raise ValueError("loss_relative and loss_absolute are both 'off': nothing to train")
-        if method in ("pcm", "lcm") and loss_absolute == "off":
-            raise ValueError(f"{method} has one loss, --loss-absolute; it cannot be 'off'")
-        if method == "lcm" and loss_absolute != "pointwise":
-            raise ValueError("lcm's loss is pointwise only (PEERS.md); use --method pcm for an adversarial peer")
-        return loss_absolute
 
-    def distill_config(self) -> DistillConfig:
-        """The real method config the planner runs (mixed precision is emulated by dtype, see module doc)."""
-        return DistillConfig(rank=self.rank, loss_relative=self.loss_relative, loss_absolute=self.loss_absolute,
-                             slots_per_iteration=self.slots_per_iteration, disc_channels=self.disc_channels,
-                             gradient_checkpointing=self.gradient_checkpointing)
+def is_adversarial(method: MethodConfig) -> bool:
+    """Whether the method trains discriminator heads."""
+    if method.method == "rapm":
+        return method.rapm.adversarial("rel") or method.rapm.adversarial("abs")
+    return method.method == "pcm" and method.pcm.pcm_adversarial
 
-    @property
-    def adversarial(self) -> bool:
-        if self.method == "rapm":
-            return self.distill_config().adversarial("rel") or self.distill_config().adversarial("abs")
-        return self.loss_absolute in ("adversarial", "both")
+
+def pointwise_instead(method: MethodConfig) -> dict[str, Any]:
+    """The options that turn ``method``'s adversarial terms into pointwise ones (empty if none)."""
+    if method.method == "pcm":
+        return {"pcm_adversarial": False} if method.pcm.pcm_adversarial else {}
+    if method.method != "rapm":
+        return {}
+    swap = {"adversarial": "pointwise", "both": "pointwise"}
+    return {key: swap[getattr(method.rapm, key)] for key in ("loss_relative", "loss_absolute")
+            if getattr(method.rapm, key) in swap}
 
 
 class PlanConfig(BaseModel):
@@ -94,8 +77,9 @@ class PlanConfig(BaseModel):
     batch_size: int | None = Field(
         None, ge=1, description=f"prompts per trajectory batch and images per eval batch "
                                 f"(default: the stages' own, {TRAJECTORY_BATCH} and {EVAL_BATCH})")
-    precision: Precision = Field("fp32", description="weights and activations of every stage "
-                                                     "(LoRA, heads and AdamW states stay fp32)")
+    precision: Precision = Field(
+        "fp32", description="compute dtype of trajectories and evaluation (rapm trajectories --dtype), and of "
+                            "distillation's frozen weights unless --weights-dtype is given")
     attention: Literal["efficient", "math"] = Field(
         "efficient", description="efficient: fused SDPA as CUDA's flash/memory-efficient kernels; "
                                  "math: full attention matrices (an upper bound)")
@@ -110,9 +94,8 @@ class PlanConfig(BaseModel):
     trajectories: int = Field(1000, ge=1, description="trajectories of the recipe to time (the paper's 1000)")
     iterations: int = Field(20000, ge=1, description="distillation iterations of the recipe to time (the paper's 20K)")
     eval_images: int = Field(EVAL_IMAGES, ge=2, description="images per method in the evaluate stage")
-    trajectory_rows: int = Field(TRAJECTORY_ROWS, ge=1, description="stored trajectories in the evaluate stage's "
-                                                                    "figure, decoded at once: rows × (N+1) latents")
-    method: PlanMethod = Field(default_factory=PlanMethod, description="the distillation method")
+    method: MethodConfig = Field(default_factory=MethodConfig,
+                                 description="the distillation method, as `rapm distill` takes it")
 
     @pydantic.field_validator("preset")
     @classmethod
@@ -134,6 +117,18 @@ class PlanConfig(BaseModel):
         if (self.teacher is None) == (self.preset is None):
             raise ValueError("give exactly one of --teacher DIR_OR_ID and --preset NAME")
         return self
+
+    def distill_method(self) -> MethodConfig:
+        """The method config `rapm distill` runs for this plan: ``--weights-dtype`` follows
+        ``--precision`` unless given, and fp16 weights bring fp16 mixed precision (the engine
+        refuses them without its loss scaling)."""
+        training = self.method.training
+        if "weights_dtype" in training.model_fields_set:
+            return self.method
+        changes: dict[str, Any] = {"weights_dtype": self.precision}
+        if self.precision == "fp16" and training.mixed_precision == "no":
+            changes["mixed_precision"] = "fp16"
+        return with_options(self.method, **changes)
 
     @property
     def trajectory_batch(self) -> int:

@@ -1,18 +1,22 @@
-"""The one place the planner imports the method's engine from.
+"""The one place the planner imports the project's engines from.
 
-The engine is being reorganised (``rapm_core/distill.py`` into a package, flows' engines into
-``rapm_core/``); when these names move, only the imports below change. Everything else the
-planner uses (schedule, sampler, teacher, conditioning) stays where it is.
+Everything the planner runs on meta tensors is the stages' own code: the method config and the
+shared ``Trainer`` (which builds RAPM, PCM or LCM-LoRA from the registry), the trajectory chain,
+the evaluation's figure decode and the stages' option models (their defaults). When these names
+move, only the imports below change.
 """
 
-from rapm_core.discriminator import FeatureTaps, HeadSet
-from rapm_core.distill import DistillConfig, Distiller, Example
-from rapm_core.losses import discriminator_hinge_loss, generator_adversarial_loss, pseudo_huber
-from rapm_core.student import TARGET_MODULES, attach_lora, lora_config, teacher_mode
-from rapm_core.trajectory import teacher_trajectories
+from rapm_core.distill.config import MethodConfig
+from rapm_core.distill.method import Example, GuidedTeacher
+from rapm_core.distill.run import build_trainer
+from rapm_core.distill.student import TARGET_MODULES
+from rapm_core.distill.trainer import Trainer
+from rapm_core.evaluate.config import EvaluateOptions
+from rapm_core.evaluate.trajectory_figure import decode_in_batches
+from rapm_core.trajectories.chain import teacher_trajectories
+from rapm_core.trajectories.config import TrajectoriesOptions
 
 __all__ = [
-    "DistillConfig", "Distiller", "Example", "FeatureTaps", "HeadSet", "TARGET_MODULES", "attach_lora",
-    "discriminator_hinge_loss", "generator_adversarial_loss", "lora_config", "pseudo_huber", "teacher_mode",
-    "teacher_trajectories",
+    "EvaluateOptions", "Example", "GuidedTeacher", "MethodConfig", "TARGET_MODULES",
+    "TrajectoriesOptions", "Trainer", "build_trainer", "decode_in_batches", "teacher_trajectories",
 ]

@@ -11,7 +11,7 @@ from rapm_core.plan.config import PlanConfig
 from rapm_core.plan.stages import STAGES
 from rapm_core.teacher import DTYPES
 
-STORE_POSITION_BYTES = 2  # flows.trajectories' default store dtype, float16
+STORE_POSITION_BYTES = 2  # rapm trajectories' default store dtype, float16
 
 
 def architecture(config: PlanConfig) -> Architecture:
@@ -20,7 +20,7 @@ def architecture(config: PlanConfig) -> Architecture:
 
 def store_bytes(arch: Architecture, config: PlanConfig) -> dict:
     """One trajectory in the store, before compression: N·M+1 float16 positions and the
-    conditioning (float16 embeddings iff the teacher computes in fp16, as flows.trajectories)."""
+    conditioning (float16 embeddings iff the teacher computes in fp16, as generate_trajectories)."""
     c, h, w = arch.latent_shape(config.resolution)
     positions = (config.slots * config.steps_per_slot + 1) * c * h * w * STORE_POSITION_BYTES
     item = 2 if config.precision == "fp16" else 4
@@ -61,7 +61,7 @@ def plan(config: PlanConfig) -> dict:
         "latent_shape": list(latent),
         "precision": config.precision,
         "attention": config.attention,
-        "method": config.method.model_dump(),
+        "method": config.distill_method().model_dump(mode="json"),
         "gpu_memory_gib": config.gpu_memory,
         "limit_bytes": limit,
         "stages": stages,

@@ -2,13 +2,13 @@
 
 Each function builds the modules the stage really puts on the device (real diffusers and
 transformers classes, on meta, in the target dtype) and runs the stage's own code on them —
-``teacher_trajectories``, ``Distiller.train_step``, ``ddim_sample`` and ``decode_latents`` —
-under a ``MemoryCounter``. Work that repeats with the same shapes is run once: a trajectory's
-N·M teacher calls are one real call after N·M−1 stand-ins that return an output of the right
-shape (the positions still pile up as in the real loop), a RAPM iteration is one slot (every
-slot has the same shapes, and each slot's graph is freed by its own backward; with all slots
-it starts from the gradients earlier slots leave), and the evaluate stage samples one step of
-one batch.
+``teacher_trajectories``, the distillation ``Trainer`` (RAPM, PCM or LCM-LoRA as the registry
+builds them), ``ddim_sample``, ``decode_latents`` and the figure's ``decode_in_batches`` — under
+a ``MemoryCounter``. Work that repeats with the same shapes is run once: a trajectory's N·M
+teacher calls are one real call after N·M−1 stand-ins that return an output of the right shape
+(the positions still pile up as in the real loop), a RAPM iteration is one slot (every slot has
+the same shapes, and each slot's graph is freed by its own backward; with all slots it starts
+from the gradients earlier slots leave), and the evaluate stage samples one step of one batch.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
 from rapm_core.plan.architecture import Architecture
-from rapm_core.plan.config import PlanConfig
-from rapm_core.plan.engine import TARGET_MODULES, Distiller, Example, teacher_trajectories
+from rapm_core.plan.config import FIGURE_ROWS, PlanConfig
+from rapm_core.plan.engine import (
+    TARGET_MODULES, Example, GuidedTeacher, Trainer, decode_in_batches, teacher_trajectories,
+)
 from rapm_core.plan.meta_memory import MemoryCounter, efficient_attention, module_tensors, optimizer_tensors
-from rapm_core.plan.peers import PeerTrainer
 from rapm_core.sampler import ddim_sample
-from rapm_core.schedule import SlotGrid, inference_scheduler
+from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import DTYPES, decode_latents
 
 META = torch.device("meta")
@@ -94,7 +95,7 @@ def _dtype(config: PlanConfig) -> torch.dtype:
 
 
 def embed_dtype(config: PlanConfig) -> torch.dtype:
-    # What the trajectory store keeps the embeddings in (flows.trajectories: float16 iff fp16).
+    # What the trajectory store keeps the embeddings in (generate_trajectories: float16 iff fp16).
     return torch.float16 if config.precision == "fp16" else torch.float32
 
 
@@ -145,11 +146,24 @@ def lora_parameter_count(unet: torch.nn.Module, rank: int) -> int:
     return total
 
 
-def stored_conditioning(arch: Architecture, dtype: torch.dtype) -> Conditioning:
-    """One trajectory's conditioning as the store gives it to distillation (host memory)."""
-    pooled = None if arch.pooled_dim is None else torch.zeros(1, arch.pooled_dim, dtype=dtype)
-    time_ids = None if arch.pooled_dim is None else torch.zeros(1, 6, dtype=dtype)
-    return Conditioning(torch.zeros(1, arch.text_length, arch.embed_dim, dtype=dtype), pooled, time_ids)
+def stored_conditioning(arch: Architecture, dtype: torch.dtype, make=torch.zeros) -> Conditioning:
+    """One trajectory's conditioning as the store gives it to distillation (host memory);
+    ``make(*shape)`` fills it (zeros for a plan, random values for a real run)."""
+    pooled = None if arch.pooled_dim is None else make(1, arch.pooled_dim).to(dtype)
+    time_ids = None if arch.pooled_dim is None else make(1, 6).to(dtype)
+    return Conditioning(make(1, arch.text_length, arch.embed_dim).to(dtype), pooled, time_ids)
+
+
+def training_inputs(arch: Architecture, config: PlanConfig, make=torch.zeros) -> tuple[Example, GuidedTeacher | None]:
+    """One distillation example as ``rapm_core.distill.data.load_example`` gives it (host, fp32
+    positions; x0 the trajectory's end, the peers' default ``x0_source``) and, for the peers, the
+    store's guided teacher (its unconditional row and the trajectories' guidance)."""
+    c, h, w = arch.latent_shape(config.resolution)
+    positions = make(config.slots * config.steps_per_slot + 1, c, h, w)
+    example = Example(positions, stored_conditioning(arch, embed_dtype(config), make), 0, positions[-1:])
+    if config.method.method == "rapm":
+        return example, None
+    return example, GuidedTeacher(stored_conditioning(arch, embed_dtype(config), make), config.guidance)
 
 
 class _LastCallOnly:
@@ -185,34 +199,43 @@ def _prime_optimizers(*optimizers: torch.optim.Optimizer | None) -> None:
                                 "exp_avg_sq": torch.zeros_like(p)}
 
 
-def _rapm_iteration(trainer: Distiller, example: Example, generator: torch.Generator, accumulating: bool) -> None:
-    """``Distiller.train_step`` as its peak slot runs it. With all N ≥ 2 slots per iteration,
+# The iteration planned: odd, so with the alternating schedule it is a LoRA step (the backward
+# through the UNet), the larger of the two.
+ITERATION = 1
+
+
+def _iteration(trainer: Trainer, example: Example, generator: torch.Generator, accumulating: bool) -> None:
+    """``Trainer.train_step`` as its peak pass runs it. With all N ≥ 2 RAPM slots per iteration,
     slots after the first add their gradients to those already held (the old and the incoming
     gradient are alive together), so the one slot planned here starts from gradients in place;
     otherwise it is the plain step."""
     if not accumulating:
-        trainer.train_step(example, generator)
+        trainer.train_step(example, generator, ITERATION)
         return
-    trainables = [*trainer.lora_params, *trainer.heads.parameters()]
+    g_steps, d_steps = trainer.stepping(ITERATION)
+    trainables = [*(trainer.lora_params if g_steps else []), *(trainer.heads.parameters() if d_steps else [])]
     for p in trainables:
         p.grad = torch.zeros_like(p)
-    trainer.accumulate_gradients(example, generator)
-    trainer._step(example.index)
+    trainer.accumulate_gradients(example, generator, ITERATION)
+    trainer._step(example.index, ITERATION)
+
+
+def conditioning_tensors(cond: Conditioning) -> list[torch.Tensor]:
+    return [t for t in (cond.prompt_embeds, cond.pooled_prompt_embeds, cond.time_ids) if t is not None]
 
 
 # -- stages ----------------------------------------------------------------------------------------
 def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
-    """Stage A at batch B: the whole pipeline on the device (``load_teacher`` moves text encoders,
-    UNet and VAE), prompts encoded, then N·M guided DDIM steps keeping every position, and the
-    device-side float copy ``flows.trajectories`` makes before writing."""
+    """Stage A at batch B: text encoders and UNet on the device (``sampling_teacher`` keeps the
+    VAE in host memory), prompts encoded, then N·M guided DDIM steps keeping every position, and
+    the device-side float copy ``generate_trajectories`` makes before writing."""
     dtype = _dtype(config)
     c, h, w = arch.latent_shape(config.resolution)
     batch, grid = config.trajectory_batch, _grid(arch, config.slots, config.steps_per_slot)
-    unet, vae, encoders = arch.build_unet(dtype), arch.build_vae(dtype), arch.build_text_encoders(dtype)
+    unet, encoders = arch.build_unet(dtype), arch.build_text_encoders(dtype)
     rec = _Recorder(config.attention)
     rec.add_resident("unet", module_tensors(unet))
     rec.add_resident("text_encoders", module_tensors(*encoders))
-    rec.add_resident("vae", module_tensors(vae))
     guided = config.guidance > 1.0
     with torch.no_grad():
         with rec.phase("encode prompts"):
@@ -224,8 +247,7 @@ def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
                                      cond, uncond, config.guidance)
             host_copy = z.detach().float()
             del host_copy, z
-    notes = ["the VAE is on the device because load_teacher moves the whole pipeline; Stage A never decodes"]
-    est = rec.estimate("trajectories", ("unet", "text_encoders", "vae"), notes)
+    est = rec.estimate("trajectories", ("unet", "text_encoders"), [])
     unet_batch = batch * (2 if guided else 1)
     est.flops["unet_forward_batch1"] = est.flops["sample N·M steps"] / unet_batch
     est.flops["per_trajectory"] = est.flops["sample N·M steps"] * grid.total_steps / batch
@@ -233,58 +255,62 @@ def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
 
 
 def distill(arch: Architecture, config: PlanConfig) -> StageEstimate:
-    """Stage B's steady-state iteration: frozen UNet, LoRA (fp32) and its AdamW states, heads and
-    theirs when adversarial, the trajectory on the device, and one slot's work (RAPM's real
-    ``Distiller.train_step`` on a one-slot grid of the same N·M positions) or one peer step."""
-    dtype, method = _dtype(config), config.method
-    c, h, w = arch.latent_shape(config.resolution)
+    """Stage B's steady-state iteration: the frozen UNet, LoRA (fp32) and its AdamW states, heads
+    and theirs when adversarial, and the real ``Trainer`` step of the method: RAPM's on a one-slot
+    grid of the same N·M positions, a peer's whole iteration (its guided teacher step included)."""
+    method = config.distill_method()
+    training = method.training
+    weights = DTYPES[training.weights_dtype]
+    compute = weights if training.mixed_precision == "no" else DTYPES[training.mixed_precision]
     steps = config.slots * config.steps_per_slot
-    _grid(arch, config.slots, config.steps_per_slot)  # the real grid must exist
-    unet = arch.build_unet(dtype)
+    grid = _grid(arch, config.slots, config.steps_per_slot)
     scheduler = arch.scheduler_config()
-    positions = torch.zeros(steps + 1, c, h, w)
-    cond = stored_conditioning(arch, embed_dtype(config))
     if method.method == "rapm":
-        trainer = Distiller(unet, scheduler, SlotGrid.from_scheduler(scheduler, 1, steps), method.distill_config(),
-                            device=META)
-        lora, heads, optimizers = trainer.lora_params, trainer.heads, (trainer.g_optimizer, trainer.d_optimizer)
-        alphas = trainer.alphas_cumprod
-    else:
-        alphas = inference_scheduler(scheduler).alphas_cumprod.to(META, torch.float32)
-        trainer = PeerTrainer.build(unet, method.method, method.rank, method.adversarial, method.disc_channels,
-                                    method.gradient_checkpointing, alphas, config.slots)
-        lora, heads, optimizers = trainer.lora_params, trainer.heads, (trainer.g_optimizer, trainer.d_optimizer)
+        grid = SlotGrid.from_scheduler(scheduler, 1, steps)
+    # Meta tensors have no autocast (and the Student refuses it off CUDA): mixed precision is
+    # planned as a UNet in the compute dtype, its fp32 master weights added below.
+    on_meta = method.model_copy(update={"training": training.model_copy(update={"mixed_precision": "no"})})
+    example, teacher = training_inputs(arch, config)
+    trainer = Trainer(arch.build_unet(compute), scheduler, grid, on_meta, device=META, teacher=teacher)
+    optimizers = (trainer.g_optimizer, trainer.d_optimizer)
     _prime_optimizers(*optimizers)
-    lora_ids = {id(p) for p in lora}
+    lora_ids = {id(p) for p in trainer.lora_params}
+    frozen = [t for t in module_tensors(trainer.unet) if id(t) not in lora_ids]
     rec = _Recorder(config.attention)
-    rec.add_resident("unet", (t for t in module_tensors(unet) if id(t) not in lora_ids))
-    rec.add_resident("lora", lora)
-    if heads is not None:
-        rec.add_resident("heads", module_tensors(heads))
+    notes = []
+    if compute == weights:
+        rec.add_resident("unet", frozen)
+    else:
+        # Autocast casts each frozen weight per op and the student's backward keeps the casts:
+        # at the peak a compute-dtype copy of the UNet sits beside the master weights.
+        rec.add_resident("autocast_copies", frozen)
+        rec.add_resident_bytes("unet", sum(t.numel() for t in frozen) * weights.itemsize)
+        notes.append(f"--mixed-precision {training.mixed_precision}: planned as {training.mixed_precision} compute "
+                     f"with {training.weights_dtype} master weights and a {training.mixed_precision} copy of them")
+    rec.add_resident("lora", trainer.lora_params)
+    if len(trainer.heads):
+        rec.add_resident("heads", module_tensors(trainer.heads))
     rec.add_resident("optimizer_state", optimizer_tensors(*optimizers))
-    rec.add_resident("schedule", [alphas])
+    rec.add_resident("schedule", [trainer.student.alphas_cumprod])
+    uncond = getattr(trainer.method, "uncond", None)
+    if uncond is not None:
+        rec.add_resident("uncond", conditioning_tensors(uncond))
     generator = torch.Generator().manual_seed(0)
+    accumulating = method.method == "rapm" and config.slots > 1 and method.rapm.slots_per_iteration == "all"
     with rec.phase("iteration"):
-        if method.method == "rapm":
-            _rapm_iteration(trainer, Example(positions, cond, 0), generator,
-                            accumulating=config.slots > 1 and method.slots_per_iteration == "all")
-        else:
-            device_cond = cond.to(META, dtype)
-            trainer.train_step(positions[steps:].to(META), device_cond, device_cond, generator)
-    notes = [] if method.method == "rapm" else [f"{method.method}: PEERS.md's iteration (rapm_core.plan.peers)"]
-    if config.precision != "fp32":
-        notes.append(f"planned with {config.precision} UNet weights; `rapm distill --mixed-precision` today keeps them "
-                     f"fp32 (+{rec.resident['unet'] / 2**30:.2f} GiB) and autocasts")
+        _iteration(trainer, example, generator, accumulating)
+    if method.method != "rapm":
+        notes.append(f"{method.method}: one iteration of rapm_core.distill.{method.method} through the Trainer")
     est = rec.estimate("distill", ("unet",), notes)
-    est.trainable_parameters = sum(p.numel() for p in lora) + (0 if heads is None else
-                                                               sum(p.numel() for p in heads.parameters()))
+    est.trainable_parameters = sum(p.numel() for p in trainer.lora_params) + sum(
+        p.numel() for p in trainer.heads.parameters())
     return est
 
 
 def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
     """Stage C: the whole pipeline plus the student's LoRA on the device, every eval prompt's
     conditioning and noise, one sampling step of one batch (the fused student samples like the
-    bare UNet), its decode, and the trajectory figure's decode of R·(N+1) latents at once."""
+    bare UNet), its decode, and the trajectory figure's decode (``decode_in_batches``)."""
     dtype = _dtype(config)
     c, h, w = arch.latent_shape(config.resolution)
     batch, images = config.eval_batch, config.eval_images
@@ -293,7 +319,7 @@ def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
     rec.add_resident("unet", module_tensors(unet))
     # The student's adapter as load_lora_weights leaves it (in the UNet's dtype): counted, not
     # attached, since the fused student samples like the bare UNet and peft's attach costs seconds.
-    rec.add_resident_bytes("lora", lora_parameter_count(unet, config.method.rank) * unet.dtype.itemsize)
+    rec.add_resident_bytes("lora", lora_parameter_count(unet, config.method.training.rank) * unet.dtype.itemsize)
     rec.add_resident("text_encoders", module_tensors(*encoders))
     rec.add_resident("vae", module_tensors(vae))
     guided = config.guidance > 1.0
@@ -314,8 +340,9 @@ def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
             decode_latents(vae, z)
             del z
         with rec.phase("trajectory figure decode"):
-            decode_latents(vae, torch.empty(config.trajectory_rows * (config.slots + 1), c, h, w, dtype=dtype,
-                                           device=META))
+            figure = torch.empty(FIGURE_ROWS * (config.slots + 1), c, h, w, dtype=dtype, device=META)
+            decode_in_batches(lambda latents: decode_latents(vae, latents), figure)
+            del figure
     notes = ["Inception, CLIP and the shapes evaluator (when used) are not counted"]
     if arch.kind == "sdxl" and config.precision == "fp16":
         notes.append("SDXL's VAE overflows in fp16 (its config sets force_upcast); decode_latents does not upcast")

@@ -36,7 +36,7 @@ def estimate(config: PlanConfig, unet_forward_flops: float, per_trajectory_flops
     n = config.slots
     if config.method.method != "rapm":
         per_iteration = per_slot_flops  # the peers' one step
-    elif config.method.slots_per_iteration == "all":
+    elif config.method.rapm.slots_per_iteration == "all":
         per_iteration = n * per_slot_flops
     else:
         # one trained slot after, on average, (N−1)/2 no-grad student jumps to reach it

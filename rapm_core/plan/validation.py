@@ -1,7 +1,9 @@
 """The planner against a real run: the same stage on CPU with real tensors, measured two ways.
 
-The real run is the project's code, not the planner's: ``Distiller.train_step`` on the full
-N-slot grid, ``teacher_trajectories`` with every one of its N·M UNet calls, real random weights.
+The real run is the project's code, not the planner's: ``Trainer.train_step`` of any method on
+the full N-slot grid, ``teacher_trajectories`` with every one of its N·M UNet calls, real random
+weights; or (``measure_run``) the distillation engine's own trainer on a real store, with the
+UNet loaded as ``rapm distill`` loads it (``--weights-dtype``).
 Its memory is measured as the live-tensor peak (the same counting mode, on CPU storages: what
 a caching allocator's "allocated" counter would report) and as the process's RSS growth,
 which adds what no tensor count sees (the allocator keeping freed blocks, oneDNN scratch
@@ -23,29 +25,42 @@ from diffusers import UNet2DConditionModel
 from rapm_core.conditioning import Conditioning
 from rapm_core.plan.architecture import Architecture
 from rapm_core.plan.config import PlanConfig
-from rapm_core.plan.engine import Distiller, Example, teacher_trajectories
+from rapm_core.distill.config import DistillRunConfig
+from rapm_core.distill.data import load_example
+from rapm_core.plan.engine import MethodConfig, Trainer, build_trainer, teacher_trajectories
 from rapm_core.plan.meta_memory import MemoryCounter, module_tensors, optimizer_tensors
+from rapm_core.plan.planner import architecture
 from rapm_core.plan.presets import preset_configs
-from rapm_core.plan.stages import STAGES, encode
+from rapm_core.plan.stages import STAGES, conditioning_tensors, encode, training_inputs
 from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import DTYPES
+from storage.trajectory_store import TrajectoryStore
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 CPU = torch.device("cpu")
 
 
-def mid_size(width: int = 64, text_dim: int = 256) -> Architecture:
-    """SD 1.5's block layout (4 levels, 2 layers each, attention on the first three) with every
-    width divided by 320/``width``, a 2-layer CLIP text encoder and a small 8× VAE: a UNet of
-    tens of millions of parameters whose 256 px step runs in seconds on one core."""
-    _, configs = preset_configs("sd15")
-    unet = {**configs["unet"], "block_out_channels": [width, 2 * width, 4 * width, 4 * width],
-            "cross_attention_dim": text_dim, "sample_size": 32}
-    text = {**configs["text_encoder"], "hidden_size": text_dim, "intermediate_size": 4 * text_dim,
-            "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": text_dim}
+def mid_size(width: int = 64, text_dim: int = 256, preset: str = "sd15") -> Architecture:
+    """A preset's block layout (levels, layers, transformer depths, attention placement) with
+    every width divided by 320/``width``, 2-layer CLIP text encoders of ``text_dim`` and a small
+    8× VAE: a UNet of tens of millions of parameters whose 256 px step runs in seconds on one core."""
+    _, configs = preset_configs(preset)
+    levels = len(configs["unet"]["block_out_channels"])
+    widths = [width * c // 320 for c in configs["unet"]["block_out_channels"]]
+    encoders = [sub for sub in ("text_encoder", "text_encoder_2") if sub in configs]
+    unet = {**configs["unet"], "block_out_channels": widths, "cross_attention_dim": text_dim * len(encoders),
+            "sample_size": 32}
+    if preset == "sdxl":
+        # SDXL counts heads (attention_head_dim is a head count there): one per 32 channels.
+        unet.update(attention_head_dim=[max(1, c // 32) for c in widths],
+                    projection_class_embeddings_input_dim=text_dim + 6 * unet["addition_time_embed_dim"])
+    text = {"hidden_size": text_dim, "intermediate_size": 4 * text_dim, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "projection_dim": text_dim}
     vae = {**configs["vae"], "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "sample_size": 256}
-    return Architecture(f"SD 1.5 layout at width {width}", "sd15", unet, vae, configs["scheduler"],
-                        (("CLIPTextModel", text),))
+    index = configs["model_index"]
+    name = "SD 1.5" if preset == "sd15" else "SDXL"
+    return Architecture(f"{name} layout at width {width} ({levels} levels)", preset, unet, vae, configs["scheduler"],
+                        tuple((index[sub][1], {**configs[sub], **text}) for sub in encoders))
 
 
 class PeakRSS:
@@ -109,37 +124,66 @@ def _measure(baseline: Callable[[], Iterator[torch.Tensor]], run: Callable[[], N
             "rss_growth_bytes": rss.growth}
 
 
-def measure_distill(arch: Architecture, config: PlanConfig, seed: int = 0) -> dict:
-    """One steady-state RAPM iteration on CPU (the second; the first creates the AdamW states)."""
-    if config.method.method != "rapm":
-        raise ValueError("the CPU validation runs the project's Distiller (method rapm)")
-    dtype = DTYPES[config.precision]
-    scheduler = arch.scheduler_config()
-    grid = SlotGrid.from_scheduler(scheduler, config.slots, config.steps_per_slot)
-    trainer = Distiller(_real_unet(arch, dtype, seed), scheduler, grid, config.method.distill_config(), device="cpu")
+def foreach_steps(trainer: Trainer) -> None:
+    """Step both optimizers as on CUDA (foreach), as the planner plans them."""
     for opt in (trainer.g_optimizer, trainer.d_optimizer):
         for group in (opt.param_groups if opt is not None else []):
-            group["foreach"] = True  # as on CUDA, and as the planner steps
-    g = torch.Generator().manual_seed(seed)
-    c, h, w = arch.latent_shape(config.resolution)
-    positions = torch.randn(grid.total_steps + 1, c, h, w, generator=g)
-    example = Example(positions, _random_cond(arch, torch.float32, 1, g), 0)
-    trainer.train_step(example, torch.Generator().manual_seed(seed))
+            group["foreach"] = True
+
+
+def measure_steps(trainer: Trainer, example, seed: int = 0, extra: tuple[torch.Tensor, ...] = ()) -> dict:
+    """Iteration 1 (the planner's: a LoRA step under either schedule) after iteration 0, which
+    creates the AdamW states; ``extra``: tensors outside the trainer that stay alive (the example)."""
+    foreach_steps(trainer)
+    trainer.train_step(example, torch.Generator().manual_seed(seed), 0)
 
     def baseline() -> Iterator[torch.Tensor]:
         yield from module_tensors(trainer.unet, trainer.heads)
         yield from optimizer_tensors(trainer.g_optimizer, trainer.d_optimizer)
-        yield from (trainer.alphas_cumprod, example.positions, example.cond.prompt_embeds)
+        yield trainer.student.alphas_cumprod
+        uncond = getattr(trainer.method, "uncond", None)
+        if uncond is not None:
+            yield from conditioning_tensors(uncond)
+        yield from extra
 
-    return _measure(baseline, lambda: trainer.train_step(example, torch.Generator().manual_seed(seed + 1)))
+    return _measure(baseline, lambda: trainer.train_step(example, torch.Generator().manual_seed(seed + 1), 1))
+
+
+def measure_distill(arch: Architecture, config: PlanConfig, seed: int = 0) -> dict:
+    """One steady-state iteration of the planned method on CPU, all N slots, random weights."""
+    method = config.distill_method()
+    scheduler = arch.scheduler_config()
+    grid = SlotGrid.from_scheduler(scheduler, config.slots, config.steps_per_slot)
+    g = torch.Generator().manual_seed(seed)
+    example, teacher = training_inputs(arch, config, lambda *shape: torch.randn(*shape, generator=g))
+    unet = _real_unet(arch, DTYPES[method.training.weights_dtype], seed)
+    trainer = Trainer(unet, scheduler, grid, method, device="cpu", teacher=teacher)
+    return measure_steps(trainer, example, seed, (example.positions, *conditioning_tensors(example.cond)))
+
+
+def run_plan_config(store_path: str, method: MethodConfig) -> PlanConfig:
+    """The plan of distilling ``store_path`` with ``method``: its teacher, grid, guidance and dtype."""
+    schema = TrajectoryStore(store_path).schema
+    return PlanConfig(teacher=schema.teacher, slots=schema.num_slots, steps_per_slot=schema.steps_per_slot,
+                      guidance=schema.guidance, precision=schema.compute_dtype, method=method)
+
+
+def measure_run(store_path: str, config: PlanConfig, seed: int = 0) -> dict:
+    """The engine's own iteration: ``build_trainer`` on the store (the UNet as ``rapm distill``
+    loads it, in ``--weights-dtype``) and a stored trajectory, one steady-state step on CPU."""
+    store = TrajectoryStore(store_path)
+    run = DistillRunConfig(trajectories=store_path, out="unused", device="cpu", seed=seed,
+                           **config.distill_method().model_dump())
+    example = load_example(store, int(store.complete_indices()[0]))
+    trainer = build_trainer(run, store)
+    return measure_steps(trainer, example, seed, (example.positions, *conditioning_tensors(example.cond)))
 
 
 def measure_trajectories(arch: Architecture, config: PlanConfig, seed: int = 0) -> dict:
-    """Stage A on CPU: text encoder, UNet and VAE resident; the prompts encoded by the real
+    """Stage A on CPU: text encoders and UNet resident; the prompts encoded by the real
     encoder; every one of the N·M guided steps; the float copy before writing."""
     dtype = DTYPES[config.precision]
-    unet = _real_unet(arch, dtype, seed)
-    vae, encoders = arch.build_vae(dtype, "cpu"), arch.build_text_encoders(dtype, "cpu")
+    unet, encoders = _real_unet(arch, dtype, seed), arch.build_text_encoders(dtype, "cpu")
     grid = SlotGrid.from_scheduler(arch.scheduler_config(), config.slots, config.steps_per_slot)
     c, h, w = arch.latent_shape(config.resolution)
     batch = config.trajectory_batch
@@ -151,19 +195,16 @@ def measure_trajectories(arch: Architecture, config: PlanConfig, seed: int = 0) 
         cond = encode(arch, encoders, batch, dtype, CPU)
         uncond = encode(arch, encoders, 1, dtype, CPU)
         z = teacher_trajectories(unet, arch.scheduler_config(), grid, noise, cond, uncond, config.guidance)
-        host = z.detach().float()  # flows.trajectories' copy before .cpu() (a no-op in fp32)
+        host = z.detach().float()  # generate_trajectories' copy before .cpu() (a no-op in fp32)
         del host, z
 
-    return _measure(lambda: iter([*module_tensors(unet, vae, *encoders), noise]), run)
+    return _measure(lambda: iter([*module_tensors(unet, *encoders), noise]), run)
 
 
 MEASURES = {"distill": measure_distill, "trajectories": measure_trajectories}
 
 
-def compare(stage: str, arch: Architecture, config: PlanConfig) -> dict:
-    """Planner (meta) vs the real CPU run for one stage; ratios are predicted / measured."""
-    predicted = STAGES[stage](arch, config)
-    measured = MEASURES[stage](arch, config)
+def _ratios(stage: str, predicted, measured: dict) -> dict:
     predicted_working = predicted.peak_bytes - sum(predicted.resident.values())
     return {
         "stage": stage,
@@ -174,3 +215,15 @@ def compare(stage: str, arch: Architecture, config: PlanConfig) -> dict:
         "ratio_working_vs_rss": (predicted_working / measured["rss_growth_bytes"]
                                  if measured["rss_growth_bytes"] else None),
     }
+
+
+def compare(stage: str, arch: Architecture, config: PlanConfig) -> dict:
+    """Planner (meta) vs the real CPU run for one stage; ratios are predicted / measured."""
+    return _ratios(stage, STAGES[stage](arch, config), MEASURES[stage](arch, config))
+
+
+def compare_run(store_path: str, method: MethodConfig) -> dict:
+    """Planner (meta, from the teacher's config files) vs the engine's own trainer on the store."""
+    config = run_plan_config(store_path, method)
+    predicted = STAGES["distill"](architecture(config), config)
+    return _ratios("distill", predicted, measure_run(store_path, config))
