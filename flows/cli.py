@@ -26,7 +26,6 @@ from flows import prefect_server
 from flows.console import QuietConsole, quiet_prefect_console
 from flows.errors import is_user_error, path_error_message
 from flows.interrupts import EXIT_INTERRUPTED, where_stopped
-from rapm_core.evaluate.scale import store_lock as feature_store_lock
 
 COMMAND_MODULES = [
     "flows.ingest",
@@ -78,7 +77,9 @@ def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
 
 def _command_lock(args: argparse.Namespace):
     """The one-writer lock of what ``args.command`` writes (the engine takes it again, reentrantly)."""
-    from rapm_core.trajectories.generate import store_lock  # after main() quietened transformers
+    # Imported here, after main() has quietened transformers, and only for the command that needs it.
+    from rapm_core.evaluate.scale import store_lock as feature_store_lock
+    from rapm_core.trajectories.generate import store_lock
     from storage.run_dir import RunDir
 
     if args.command == "distill":
