@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from rapm_core.config import FrozenModel
 from rapm_core.plan.engine import EvaluateOptions, MethodConfig, TrajectoriesOptions
 from rapm_core.plan.presets import PRESETS
 
@@ -63,10 +64,8 @@ def pointwise_instead(method: MethodConfig) -> dict[str, Any]:
             if getattr(method.rapm, key) in swap}
 
 
-class PlanConfig(BaseModel):
+class PlanConfig(FrozenModel):
     """Predict each stage's peak accelerator memory (and the paper recipe's wall time) without weights or a GPU."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     teacher: str | None = Field(None, description="local diffusers directory or hub id: only its config files are read")
     preset: str | None = Field(None, description=f"published architecture instead of a teacher: {', '.join(PRESETS)}")
