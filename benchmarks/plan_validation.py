@@ -2,20 +2,26 @@
 
 Part 1 (validation): a mid-size UNet (SD 1.5's block layout at width 64, 256 px; see
 ``rapm_core.plan.validation.mid_size``) and SD 1.5's own config at 128 px run the project's
-real ``Distiller.train_step`` and ``teacher_trajectories`` on CPU with random weights.
-Measured: the live-tensor peak (the planner's own counting mode on CPU storages, i.e. what a
-caching allocator's "allocated" sees) and the RSS growth; predicted: the planner on meta
-tensors. Part 2: the planner's peaks for SD 1.5 (512²) and SDXL (1024²): fp32 vs bf16,
-pointwise vs adversarial, with and without gradient checkpointing, and the math-attention
-upper bound for two of them.
+real ``Trainer.train_step`` (RAPM, PCM, LCM-LoRA) and ``teacher_trajectories`` on CPU with
+random weights. Measured: the live-tensor peak (the planner's own counting mode on CPU
+storages, i.e. what a caching allocator's "allocated" sees) and the RSS growth; predicted: the
+planner on meta tensors. Part 2 (the engine): ``rapm distill``'s own trainer
+(``build_trainer``: the store's teacher loaded in ``--weights-dtype``) on a real store made by
+``generate_trajectories``, against the plan made from the teacher's config files — on a
+mid-size teacher directory, and on ``--engine-teacher DIR`` (e.g. the SD 1.5-sized dry run's,
+``benchmarks/sd_dry_run.py``) at its native size. Part 3: the planner's peaks for SD 1.5
+(512²) and SDXL (1024²): fp32 vs bf16, pointwise vs adversarial, with and without gradient
+checkpointing, the peers, and the math-attention upper bound for two of them.
 
-Run: ``.venv/bin/python benchmarks/plan_validation.py [--skip-presets]`` (prints markdown).
+Run: ``.venv/bin/python benchmarks/plan_validation.py [--skip-presets] [--engine-teacher DIR]``
+(prints markdown).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,38 +30,70 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench_common import machine  # noqa: E402
+from bench_common import machine, prompt_store  # noqa: E402
+from rapm_core.distill.config import MethodConfig  # noqa: E402
 from rapm_core.plan import PlanConfig  # noqa: E402
 from rapm_core.plan.architecture import from_preset  # noqa: E402
+from rapm_core.plan.random_pipeline import save_random_pipeline  # noqa: E402
 from rapm_core.plan.stages import STAGES  # noqa: E402
-from rapm_core.plan.validation import compare, mid_size  # noqa: E402
+from rapm_core.plan.validation import compare, compare_run, mid_size  # noqa: E402
+from rapm_core.trajectories.config import TrajectoriesConfig  # noqa: E402
+from rapm_core.trajectories.generate import generate_trajectories  # noqa: E402
 
 GiB, MiB = 2 ** 30, 2 ** 20
 ADV = {"loss_relative": "adversarial", "loss_absolute": "adversarial"}
+PCM_ADV = {"method": "pcm", "pcm_adversarial": True}
+HEADER = ("| predicted MiB | measured live MiB | predicted / measured | predicted working MiB | RSS growth MiB | "
+          "working / RSS |")
+
+
+def _label(method: dict) -> str:
+    return ", ".join(f"{k.replace('loss_', '')}={v}" for k, v in method.items()) or "default (RAPM, pointwise)"
+
+
+def _cells(r: dict) -> str:
+    rss = r["ratio_working_vs_rss"]
+    return (f"{r['predicted_peak_bytes'] / MiB:.1f} | {r['measured_peak_bytes'] / MiB:.1f} | {r['ratio_live']:.3f} | "
+            f"{r['predicted_working_bytes'] / MiB:.1f} | {r['measured_rss_growth_bytes'] / MiB:.1f} | "
+            f"{'—' if rss is None else f'{rss:.2f}'} |")
 
 
 def validation_rows(width: int) -> list[str]:
     mid, real = mid_size(width=width), from_preset("sd15")
     cases = [(mid, 256, "distill", "fp32", {}), (mid, 256, "distill", "fp32", {"gradient_checkpointing": True}),
              (mid, 256, "distill", "fp32", ADV), (mid, 256, "distill", "fp32", {**ADV, "gradient_checkpointing": True}),
-             (mid, 256, "distill", "bf16", {}), (mid, 256, "trajectories", "fp32", {}),
+             (mid, 256, "distill", "bf16", {}), (mid, 256, "distill", "fp32", PCM_ADV),
+             (mid, 256, "distill", "bf16", {"method": "lcm"}), (mid, 256, "trajectories", "fp32", {}),
              (real, 128, "distill", "fp32", {}),
              (real, 128, "distill", "fp32", {**ADV, "gradient_checkpointing": True}),
-             (real, 128, "trajectories", "fp32", {})]
-    rows = ["| UNet | stage | precision | method | predicted MiB | measured live MiB | predicted / measured | "
-            "predicted working MiB | RSS growth MiB | working / RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
+             (real, 128, "distill", "bf16", PCM_ADV), (real, 128, "trajectories", "fp32", {})]
+    rows = ["| UNet | stage | precision | method " + HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
     for arch, resolution, stage, precision, method in cases:
         config = PlanConfig(preset="sd15", resolution=resolution, slots=2, steps_per_slot=2, batch_size=2,
-                            precision=precision, method=method)
+                            precision=precision, method=MethodConfig.from_options(**method))
         r = compare(stage, arch, config)
-        label = ", ".join(f"{k.replace('loss_', '')}={v}" for k, v in method.items()) or "default (pointwise)"
-        rss = r["ratio_working_vs_rss"]
         unet = f"{'SD 1.5 config' if arch is real else f'SD 1.5 layout, width {width}'}, {resolution} px"
-        rows.append(f"| {unet} | {stage} | {precision} | {label} | {r['predicted_peak_bytes'] / MiB:.1f} | "
-                    f"{r['measured_peak_bytes'] / MiB:.1f} | {r['ratio_live']:.3f} | "
-                    f"{r['predicted_working_bytes'] / MiB:.1f} | {r['measured_rss_growth_bytes'] / MiB:.1f} | "
-                    f"{'—' if rss is None else f'{rss:.2f}'} |")
+        rows.append(f"| {unet} | {stage} | {precision} | {_label(method)} | {_cells(r)}")
         print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def engine_rows(width: int, teachers: list[str], work: Path) -> list[str]:
+    """``rapm distill``'s trainer on a real store (one trajectory, N = 2, M = 2) vs the plan."""
+    mid = work / "mid-teacher"
+    save_random_pipeline(mid_size(width=width), mid)
+    rows = ["| teacher | weights | method " + HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, teacher in enumerate([str(mid), *teachers]):
+        store = work / f"store-{i}"
+        generate_trajectories(TrajectoriesConfig(prompts=str(prompt_store(work / f"prompts-{i}", 1)), teacher=teacher,
+                                                 out=str(store), slots=2, steps_per_slot=2, device="cpu"),
+                              log=lambda _m: None)
+        for method in ({"weights_dtype": "bf16"}, {"weights_dtype": "bf16", **ADV, "gradient_checkpointing": True},
+                       {"weights_dtype": "fp32"}):
+            r = compare_run(str(store), MethodConfig.from_options(**method))
+            name = f"SD 1.5 layout, width {width}, 256 px" if i == 0 else teacher
+            rows.append(f"| {name} | {method['weights_dtype']} | {_label(method)} | {_cells(r)}")
+            print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
@@ -68,10 +106,11 @@ def preset_rows() -> list[str]:
             base = PlanConfig(preset=preset, precision=precision)
             traj = STAGES["trajectories"](arch, base).peak_bytes / GiB
             ev = STAGES["evaluate"](arch, base).peak_bytes / GiB
-            for losses, method in (("pointwise", {}), ("adversarial", ADV)):
+            for losses, method in (("pointwise", {}), ("adversarial", ADV), ("PCM adversarial", PCM_ADV),
+                                   ("LCM", {"method": "lcm"})):
                 for ckpt in (False, True):
-                    d = STAGES["distill"](arch, PlanConfig(preset=preset, precision=precision,
-                                                           method={**method, "gradient_checkpointing": ckpt}))
+                    options = MethodConfig.from_options(**method, gradient_checkpointing=ckpt)
+                    d = STAGES["distill"](arch, PlanConfig(preset=preset, precision=precision, method=options))
                     rows.append(f"| {preset} | {precision} | {losses} | {'yes' if ckpt else 'no'} | {traj:.2f} | "
                                 f"{d.peak_bytes / GiB:.2f} ({d.weights_bytes / GiB:.2f}) | {ev:.2f} |")
                     print(rows[-1], file=sys.stderr, flush=True)
@@ -89,11 +128,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=64, help="mid-size UNet's first width (SD 1.5: 320)")
     parser.add_argument("--skip-presets", action="store_true", help="only the CPU validation")
+    parser.add_argument("--engine-teacher", nargs="*", default=[],
+                        help="teacher dirs to validate the engine's own run on too (native size)")
+    parser.add_argument("--engine-only", action="store_true", help="only part 2, the engine's own runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    lines = [f"Machine: {machine()}.", "", *validation_rows(args.width)]
-    if not args.skip_presets:
+    lines = [f"Machine: {machine()}."]
+    if not args.engine_only:
+        lines += ["", *validation_rows(args.width)]
+    with tempfile.TemporaryDirectory() as tmp:
+        lines += ["", *engine_rows(args.width, args.engine_teacher, Path(tmp))]
+    if not (args.skip_presets or args.engine_only):
         lines += ["", *preset_rows()]
     lines += ["", f"({time.perf_counter() - t0:.0f} s)"]
     print("\n".join(lines))
