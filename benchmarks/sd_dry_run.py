@@ -22,7 +22,8 @@ the script). Too slow for CI; the commands and their numbers are in benchmarks/R
     .venv/bin/python benchmarks/sd_dry_run.py run --preset sd15 --reduced --work runs/dry/sd15-mini
     nice -n 19 .venv/bin/python benchmarks/sd_dry_run.py run --preset sd15 --work runs/dry/sd15
     nice -n 19 .venv/bin/python benchmarks/sd_dry_run.py run --preset sdxl --resolution 512 --dtype bf16 \\
-        --steps-per-slot 4 --timed-call 1024 --work runs/dry/sdxl
+        --slots 2 --steps-per-slot 2 --trajectories 1 --batch-size 1 --iterations 1 --eval-images 1 \\
+        --timed-call 1024 --work runs/dry/sdxl
 """
 
 from __future__ import annotations
