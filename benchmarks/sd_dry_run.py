@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     s.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.command == "run" and args.eval_images < 2:
+        parser.error("--eval-images must be at least 2 (a distance between image sets needs two)")
     if args.command == "run":
         results = run(args)
         print(json.dumps({k: v for k, v in results.items() if k != "steps"}, default=str))
