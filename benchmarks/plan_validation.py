@@ -82,7 +82,7 @@ def engine_rows(width: int, teachers: list[str], work: Path) -> list[str]:
     """``rapm distill``'s trainer on a real store (one trajectory, N = 2, M = 2) vs the plan."""
     mid = work / "mid-teacher"
     save_random_pipeline(mid_size(width=width), mid)
-    rows = ["| teacher | weights | method " + HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| teacher | weights | method " + HEADER, "|---|---|---|---|---|---|---|---|---|"]
     for i, teacher in enumerate([str(mid), *teachers]):
         store = work / f"store-{i}"
         generate_trajectories(TrajectoriesConfig(prompts=str(prompt_store(work / f"prompts-{i}", 1)), teacher=teacher,
