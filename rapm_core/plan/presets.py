@@ -175,22 +175,9 @@ _SDXL_CLIP_G = {
     "vocab_size": 49408,
 }
 
-_SDXL_VAE = {
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.20.0.dev0",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "force_upcast": True,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-}
+# The same VAE layout as SD 1.5's; SDXL's file adds the fp16 upcast flag and its own latent scale.
+_SDXL_VAE = {**_SD15_VAE, "_diffusers_version": "0.20.0.dev0", "force_upcast": True, "sample_size": 1024,
+             "scaling_factor": 0.13025}
 
 _SDXL_SCHEDULER = {
     "_class_name": "EulerDiscreteScheduler",
