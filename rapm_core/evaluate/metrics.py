@@ -66,7 +66,7 @@ def registered_metrics() -> tuple[type[Metric], ...]:
 # Per-method facts every row carries, after the metrics.
 FACT_COLUMNS = (
     Column("nfe", "NFE / image", "{}"),
-    Column("images_per_second", "images / s", "{:.2f}"),
+    Column("images_per_second", "images / s", "{:.3g}"),
     Column("distill_seconds", "distillation wall time (s)", "{:.0f}", chart=False),
 )
 

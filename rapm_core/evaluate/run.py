@@ -188,7 +188,7 @@ def evaluate_run(config: EvaluateConfig, progress: Callable[[Progress], None] | 
         scheduler_config = student.scheduler_config if spec.uses_student else teacher.scheduler_config
         samples[spec.name] = run_method(spec, teacher.unet, scheduler_config, decode, noise, cond, uncond,
                                         config.batch_size, on_batch, step_seeds)
-        log(f"{spec.label}: {samples[spec.name].images_per_second:.2f} images/s")
+        log(f"{spec.label}: {samples[spec.name].images_per_second:.3g} images/s")
 
     rows, notes = measure(config, samples, p.prompts, p.run, log)
     grid_n = min(config.grid_rows, config.num_images)
