@@ -11,13 +11,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from prefect_home import prefect_home as prepared_home
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_APP = "prefect.server.api.server:create_app"  # in the command line of Prefect's API server
 
 
 def rapm_env(prefect_home: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-           "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "PREFECT_HOME": str(prepared_home(prefect_home)), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", **extra}
     env.pop("PREFECT_API_URL", None)  # the command's own temporary server
     return env

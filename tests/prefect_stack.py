@@ -20,6 +20,8 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun, StateType
 
+from prefect_home import prefect_home
+
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ROOT / "scripts" / "stack.sh"
 PREFECT = ROOT / ".venv" / "bin" / "prefect"
@@ -36,7 +38,7 @@ class Stack:
         self.state_dir, self.port = state_dir, port
         self.api_url = f"http://127.0.0.1:{port}/api"
         self.env = {**os.environ, **(extra_env or {}), "RAPM_STATE_DIR": str(state_dir),
-                    "RAPM_PREFECT_PORT": str(port), "PREFECT_HOME": str(state_dir / "prefect"),
+                    "RAPM_PREFECT_PORT": str(port), "PREFECT_HOME": str(prefect_home(state_dir / "prefect")),
                     "PREFECT_API_URL": self.api_url}
         self.run_dir = state_dir / "prefect-stack"
 

@@ -14,6 +14,7 @@ from distill_run_support import make_store, run_config
 from distill_support import perturb_unet_weights
 from flows.cli import build_parser, main
 from flows.cli_model import model_from_args
+from prefect_home import prefect_home
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.run import DistillationDivergedError, run_config_hash, run_distillation
 from storage.checkpoints import CheckpointStore
@@ -119,7 +120,7 @@ def test_nonfinite_example_is_skipped_and_a_streak_fails_loudly(tmp_path, store)
 def test_rapm_distill_command_runs_the_flow(tmp_path, store):
     rapm = Path(sys.executable).parent / "rapm"
     run = tmp_path / "run"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home(tmp_path / "prefect")), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
            "HF_HUB_OFFLINE": "1"}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(

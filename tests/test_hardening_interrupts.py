@@ -24,7 +24,6 @@ def store(tmp_path_factory, tiny_sd15_dir):
 
 @pytest.fixture(scope="module")
 def prefect_home(tmp_path_factory):
-    # One Prefect database for the module: its migrations run once (a fresh one costs ~10 s more).
     return tmp_path_factory.mktemp("prefect")
 
 

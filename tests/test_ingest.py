@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
+from prefect_home import prefect_home
 from storage.prompt_sources import IngestConfig, ingest_config_hash, ingest_prompts
 from storage.prompt_store import PromptStore
 
@@ -86,7 +87,7 @@ def test_rapm_ingest_runs_a_prefect_flow(tmp_path):
     rows = [{"caption": f"a photo of object {i % 30}"} for i in range(40)] + [{"caption": "  "}]
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    env.update(PREFECT_HOME=str(prefect_home(tmp_path / "prefect-home")), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
     rapm = Path(sys.executable).with_name("rapm")
     proc = subprocess.run([str(rapm), "ingest", str(src), "--out", str(tmp_path / "store"), "--eval-fraction", "0.2"],
