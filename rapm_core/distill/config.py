@@ -46,9 +46,9 @@ class TrainingConfig(FrozenModel):
     gradient_checkpointing: bool = Field(False, description="checkpoint the student's UNet call")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="autocast for UNet and heads on CUDA; LoRA and heads stay fp32")
-    # Holding the frozen teacher in bf16 halves the largest resident tensor set (SDXL's UNet:
-    # 9.6 → 4.8 GiB) and makes bf16 compute without autocast, so it works on CPU too; peft runs
-    # the fp32 LoRA on an fp32 copy of each input and casts its output back.
+    # Holding the frozen teacher in bf16 halves the largest resident tensor set (the UNet's
+    # weights; rapm plan shows by how much) and computes in bf16 without autocast, so it works on
+    # CPU too; peft runs the fp32 LoRA on an fp32 copy of each input and casts its output back.
     weights_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="dtype of the frozen teacher UNet's weights, which it computes in (LoRA and heads stay "
                             "fp32); bf16 works on CPU and CUDA; fp16 needs --mixed-precision fp16 (loss scaling)")

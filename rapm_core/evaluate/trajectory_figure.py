@@ -17,10 +17,10 @@ from rapm_core.schedule import SlotGrid
 from storage.trajectory_store import TrajectoryStore
 
 # Latents per VAE decode of the figure. The figure shows rows × (N+1) latents twice (teacher and
-# student); decoded at once they were the evaluation's largest allocation (rapm plan: 7.6 GiB at
-# SD 1.5 size for 3 rows, N = 4, whatever --batch-size was). One at a time keeps the figure below
-# the sampling batch's own decode at any --batch-size; it is 2·rows·(N+1) VAE calls (30 by
-# default), a small share of an evaluation that decodes every sampled image.
+# student); decoded at once they were the evaluation's largest allocation, whatever --batch-size
+# was (rapm plan's evaluate stage measures it). One at a time keeps the figure below the sampling
+# batch's own decode at any --batch-size, for 2·rows·(N+1) VAE calls: a small share of an
+# evaluation that decodes every sampled image.
 FIGURE_DECODE_BATCH = 1
 
 

@@ -98,9 +98,8 @@ def store_schema(config: TrajectoriesConfig, records: list[PromptRecord], teache
 
 def sampling_teacher(teacher: Teacher, device: torch.device | str) -> Teacher:
     """``teacher`` with what Stage A runs (UNet, text encoders) on ``device`` and its VAE in host
-    memory: the stage never decodes, and on the accelerator the VAE (84 M parameters, SD 1.5 and
-    SDXL alike) would hold 160 MiB in fp16, 319 MiB in fp32, for nothing. A preloaded teacher's VAE
-    is moved off as well."""
+    memory: the stage never decodes, so on the accelerator the VAE would only take memory. A
+    preloaded teacher's VAE is moved off as well."""
     pipe = teacher.pipe
     for name in ("unet", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
@@ -157,9 +156,9 @@ def _generate(config: TrajectoriesConfig, start: int, stop: int | None, progress
         check_teacher_unchanged(existing.schema, config.out)
 
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-    teacher = (teacher() if callable(teacher) else teacher) or sampling_teacher(
-        load_teacher(config.teacher, config.revision, dtype, "cpu"), device)
-    sampling_teacher(teacher, teacher.device)
+    preloaded = teacher() if callable(teacher) else teacher
+    teacher = sampling_teacher(preloaded or load_teacher(config.teacher, config.revision, dtype, "cpu"),
+                               preloaded.device if preloaded else device)
     if teacher.dtype != dtype:
         raise ConfigError(f"the preloaded teacher computes in {teacher.dtype}, the config asks for {config.dtype}")
     try:
