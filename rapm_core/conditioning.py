@@ -58,6 +58,10 @@ class Conditioning:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.time_ids}
         return kwargs
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors it holds (two for SD 1.5, three for SDXL)."""
+        return [t for t in (self.prompt_embeds, self.pooled_prompt_embeds, self.time_ids) if t is not None]
+
     def to(self, device=None, dtype=None) -> "Conditioning":
         def move(t):
             return None if t is None else t.to(device=device, dtype=dtype)

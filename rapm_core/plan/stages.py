@@ -220,10 +220,6 @@ def _iteration(trainer: Trainer, example: Example, generator: torch.Generator, a
     trainer._step(example.index, ITERATION)
 
 
-def conditioning_tensors(cond: Conditioning) -> list[torch.Tensor]:
-    return [t for t in (cond.prompt_embeds, cond.pooled_prompt_embeds, cond.time_ids) if t is not None]
-
-
 # -- stages ----------------------------------------------------------------------------------------
 def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
     """Stage A at batch B: text encoders and UNet on the device (``sampling_teacher`` keeps the
@@ -294,7 +290,7 @@ def distill(arch: Architecture, config: PlanConfig) -> StageEstimate:
     rec.add_resident("schedule", [trainer.student.alphas_cumprod])
     uncond = getattr(trainer.method, "uncond", None)
     if uncond is not None:
-        rec.add_resident("uncond", conditioning_tensors(uncond))
+        rec.add_resident("uncond", uncond.tensors())
     generator = torch.Generator().manual_seed(0)
     accumulating = method.method == "rapm" and config.slots > 1 and method.rapm.slots_per_iteration == "all"
     with rec.phase("iteration"):

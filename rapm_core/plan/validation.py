@@ -31,7 +31,7 @@ from rapm_core.plan.engine import MethodConfig, Trainer, build_trainer, teacher_
 from rapm_core.plan.meta_memory import MemoryCounter, module_tensors, optimizer_tensors
 from rapm_core.plan.planner import architecture
 from rapm_core.plan.presets import preset_configs
-from rapm_core.plan.stages import STAGES, conditioning_tensors, encode, training_inputs
+from rapm_core.plan.stages import STAGES, encode, training_inputs
 from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import DTYPES
 from storage.trajectory_store import TrajectoryStore
@@ -143,7 +143,7 @@ def measure_steps(trainer: Trainer, example, seed: int = 0, extra: tuple[torch.T
         yield trainer.student.alphas_cumprod
         uncond = getattr(trainer.method, "uncond", None)
         if uncond is not None:
-            yield from conditioning_tensors(uncond)
+            yield from uncond.tensors()
         yield from extra
 
     return _measure(baseline, lambda: trainer.train_step(example, torch.Generator().manual_seed(seed + 1), 1))
@@ -158,7 +158,7 @@ def measure_distill(arch: Architecture, config: PlanConfig, seed: int = 0) -> di
     example, teacher = training_inputs(arch, config, lambda *shape: torch.randn(*shape, generator=g))
     unet = _real_unet(arch, DTYPES[method.training.weights_dtype], seed)
     trainer = Trainer(unet, scheduler, grid, method, device="cpu", teacher=teacher)
-    return measure_steps(trainer, example, seed, (example.positions, *conditioning_tensors(example.cond)))
+    return measure_steps(trainer, example, seed, (example.positions, *example.cond.tensors()))
 
 
 def run_plan_config(store_path: str, method: MethodConfig) -> PlanConfig:
@@ -176,7 +176,7 @@ def measure_run(store_path: str, config: PlanConfig, seed: int = 0) -> dict:
                            **config.distill_method().model_dump())
     example = load_example(store, int(store.complete_indices()[0]))
     trainer = build_trainer(run, store)
-    return measure_steps(trainer, example, seed, (example.positions, *conditioning_tensors(example.cond)))
+    return measure_steps(trainer, example, seed, (example.positions, *example.cond.tensors()))
 
 
 def measure_trajectories(arch: Architecture, config: PlanConfig, seed: int = 0) -> dict:
