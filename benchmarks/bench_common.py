@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from rapm_core.tiny_teacher import TEXT_DIM, build_tiny_sd15
+from rapm_testing.tiny_teacher import TEXT_DIM, build_tiny_sd15
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 
 # The heaviest method (two discriminators on both positions): what the speed and memory benchmarks

@@ -47,13 +47,13 @@ import torch  # noqa: E402
 
 from gpu_check_machine import Budget, Machine  # noqa: E402
 from rapm_core.conditioning import Conditioning  # noqa: E402
-from rapm_core.plan import PlanConfig  # noqa: E402
-from rapm_core.plan.architecture import Architecture, from_preset  # noqa: E402
-from rapm_core.plan.engine import MethodConfig, Trainer, teacher_trajectories  # noqa: E402
-from rapm_core.plan.meta_memory import module_tensors, optimizer_tensors  # noqa: E402
-from rapm_core.plan.stages import STAGES, encode, stored_conditioning, training_inputs  # noqa: E402
-from rapm_core.plan.validation import foreach_steps  # noqa: E402
-from rapm_core.plan.validation import mid_size  # noqa: E402
+from planner import PlanConfig  # noqa: E402
+from planner.architecture import Architecture, from_preset  # noqa: E402
+from planner.engine import MethodConfig, Trainer, teacher_trajectories  # noqa: E402
+from planner.meta_memory import module_tensors, optimizer_tensors  # noqa: E402
+from planner.stages import STAGES, encode, stored_conditioning, training_inputs  # noqa: E402
+from planner.validation import foreach_steps  # noqa: E402
+from planner.validation import mid_size  # noqa: E402
 from rapm_core.schedule import SlotGrid  # noqa: E402
 from rapm_core.teacher import DTYPES  # noqa: E402
 

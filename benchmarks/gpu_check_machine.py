@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from rapm_core.plan.meta_memory import MemoryCounter
+from planner.meta_memory import MemoryCounter
 
 
 class Budget:

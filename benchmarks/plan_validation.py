@@ -1,7 +1,7 @@
 """``rapm plan`` checked against real runs on this CPU, and its table for both presets.
 
 Part 1 (validation): a mid-size UNet (SD 1.5's block layout at width 64, 256 px; see
-``rapm_core.plan.validation.mid_size``) and SD 1.5's own config at 128 px run the project's
+``planner.validation.mid_size``) and SD 1.5's own config at 128 px run the project's
 real ``Trainer.train_step`` (RAPM, PCM, LCM-LoRA) and ``teacher_trajectories`` on CPU with
 random weights. Measured: the live-tensor peak (the planner's own counting mode on CPU
 storages, i.e. what a caching allocator's "allocated" sees) and the RSS growth; predicted: the
@@ -32,11 +32,11 @@ import torch  # noqa: E402
 
 from bench_common import machine, prompt_store  # noqa: E402
 from rapm_core.distill.config import MethodConfig  # noqa: E402
-from rapm_core.plan import PlanConfig  # noqa: E402
-from rapm_core.plan.architecture import from_preset  # noqa: E402
-from rapm_core.plan.random_pipeline import save_random_pipeline  # noqa: E402
-from rapm_core.plan.stages import STAGES  # noqa: E402
-from rapm_core.plan.validation import compare, compare_run, mid_size  # noqa: E402
+from planner import PlanConfig  # noqa: E402
+from planner.architecture import from_preset  # noqa: E402
+from rapm_testing.random_pipeline import save_random_pipeline  # noqa: E402
+from planner.stages import STAGES  # noqa: E402
+from planner.validation import compare, compare_run, mid_size  # noqa: E402
 from rapm_core.trajectories.config import TrajectoriesConfig  # noqa: E402
 from rapm_core.trajectories.generate import generate_trajectories  # noqa: E402
 

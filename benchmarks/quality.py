@@ -47,7 +47,7 @@ from rapm_core.distill.run import run_distillation  # noqa: E402
 from rapm_core.pipeline import PipelineConfig  # noqa: E402
 from rapm_core.trajectories.generate import generate_trajectories  # noqa: E402
 from rapm_shapes.assets import EMBEDDED_TEACHER  # noqa: E402
-from storage.prompt_sources import ingest_prompts  # noqa: E402
+from rapm_core.ingest.engine import ingest_prompts  # noqa: E402
 
 from quality_measure import TEACHER_METHODS, measure_student, measure_teachers  # noqa: E402
 

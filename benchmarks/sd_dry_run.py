@@ -1,7 +1,7 @@
 """SD 1.5- and SDXL-architecture dry runs on CPU: random weights, the real CLI end to end.
 
-Builds a teacher directory of the published architecture (``rapm_core.plan.presets``; random
-weights, offline character tokenizers: ``rapm_core.plan.random_pipeline``), then runs the
+Builds a teacher directory of the published architecture (``planner.presets``; random
+weights, offline character tokenizers: ``rapm_testing.random_pipeline``), then runs the
 stages as a user does, each as its own ``python -m flows.cli`` process: ingest, trajectories
 at the teacher's latent size (SDXL with its pooled embeddings and time ids), ``store inspect``,
 a few distillation iterations of the default method, evaluation of a handful of images — and a
@@ -93,8 +93,8 @@ def measured(name: str, argv: list[str], work: Path, env: dict, min_available: f
 # -- the pieces run in their own processes ------------------------------------------------------------
 def unet_calls(args: argparse.Namespace) -> dict:
     """Seconds of teacher UNet forwards (no grad), the UNet loaded as ``rapm distill`` loads it."""
-    from rapm_core.plan.architecture import from_teacher
-    from rapm_core.plan.stages import stored_conditioning
+    from planner.architecture import from_teacher
+    from planner.stages import stored_conditioning
     from rapm_core.teacher import DTYPES, load_unet
 
     dtype = DTYPES[args.dtype]
@@ -147,9 +147,9 @@ def stock(args: argparse.Namespace) -> dict:
 
 # -- the run -------------------------------------------------------------------------------------------
 def teacher_architecture(args: argparse.Namespace):
-    from rapm_core.plan.architecture import from_preset
-    from rapm_core.plan.random_pipeline import with_text_layers
-    from rapm_core.plan.validation import mid_size
+    from planner.architecture import from_preset
+    from rapm_testing.random_pipeline import with_text_layers
+    from planner.validation import mid_size
 
     arch = mid_size(width=32, text_dim=64, preset=args.preset) if args.reduced else from_preset(args.preset)
     if args.resolution:
@@ -162,8 +162,8 @@ def _stdout_json(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from rapm_core.plan.architecture import parameter_count
-    from rapm_core.plan.random_pipeline import save_random_pipeline
+    from planner.architecture import parameter_count
+    from rapm_testing.random_pipeline import save_random_pipeline
     from rapm_core.teacher import DTYPES
 
     work = Path(args.work).resolve()

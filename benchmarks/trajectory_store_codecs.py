@@ -24,7 +24,7 @@ from zarr.codecs import BloscCodec
 
 from rapm_core.schedule import SlotGrid, alpha_bar, inference_scheduler
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
-from rapm_core.tiny_teacher import _scheduler as sd_scheduler, build_tiny_sd15
+from rapm_testing.tiny_teacher import _scheduler as sd_scheduler, build_tiny_sd15
 from rapm_core.trajectories.chain import initial_noise, teacher_trajectories, trajectory_seed
 
 N, M, NUM = 4, 10, 8

@@ -20,7 +20,7 @@ import torch
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories
 from rapm_core.teacher import load_teacher, resolve_device
-from rapm_core.tiny_teacher import build_tiny_sd15, build_tiny_sdxl
+from rapm_testing.tiny_teacher import build_tiny_sd15, build_tiny_sdxl
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 
 

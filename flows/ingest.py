@@ -1,6 +1,6 @@
 """Turn a prompt file into a prompt store: normalised, deduplicated, split into train and eval.
 
-The work is :func:`storage.prompt_sources.ingest_prompts`; the flow adds what a person watching
+The work is :func:`rapm_core.ingest.engine.ingest_prompts`; the flow adds what a person watching
 the run wants to see: a run name saying which file and which config, the counts in the log, and
 artifacts with the counts and a few of the prompts as they were stored.
 """
@@ -17,7 +17,8 @@ from prefect.runtime import flow_run
 
 from flows.cli_model import add_model_arguments, model_from_args
 from rapm_shapes.demo import demo_config
-from storage.prompt_sources import IngestConfig, IngestCounts, IngestPlan, ingest_config_hash, ingest_prompts, plan_ingest
+from rapm_core.ingest.config import IngestConfig
+from rapm_core.ingest.engine import IngestCounts, IngestPlan, ingest_config_hash, ingest_prompts, plan_ingest
 from storage.prompt_store import PromptStore
 
 SAMPLE_PROMPTS = 5

@@ -1,7 +1,7 @@
 """``rapm plan``: each stage's peak accelerator memory, what fits a given GPU, and the recipe's time.
 
 No flow run: planning reads config files and runs the stages on meta tensors in this process
-(``rapm_core.plan``), in seconds, without weights or a GPU.
+(``planner``), in seconds, without weights or a GPU.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 
 from flows.cli_model import add_model_arguments, model_from_args
 from rapm_core.errors import ConfigError
-from rapm_core.plan import PlanConfig, plan
+from planner import PlanConfig, plan
 
 GiB = 2 ** 30
 

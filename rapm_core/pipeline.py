@@ -29,7 +29,8 @@ from rapm_core.evaluate.run import EVAL_DIR, finished
 from rapm_core.trajectories.config import TrajectoriesConfig, TrajectoriesOptions
 from rapm_core.trajectories.generate import preflight, select_prompts
 from storage.errors import StoreError
-from storage.prompt_sources import IngestConfig, IngestOptions, plan_ingest
+from rapm_core.ingest.config import IngestConfig, IngestOptions
+from rapm_core.ingest.engine import plan_ingest
 from storage.trajectory_store import TrajectoryStore
 
 STAGES = ("ingest", "trajectories", "distill", "evaluate")

@@ -13,7 +13,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import pytest
 import torch
 
-from rapm_core.tiny_teacher import build_tiny_sd15, build_tiny_sdxl
+from rapm_testing.tiny_teacher import build_tiny_sd15, build_tiny_sdxl
 
 torch.set_num_threads(1)
 

@@ -11,11 +11,12 @@ from torch import nn
 from distill_support import method_config
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.run import run_distillation
-from rapm_core.tiny_teacher import char_tokenizer
+from rapm_testing.tiny_teacher import char_tokenizer
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories
 from rapm_shapes.shapes import all_prompts
-from storage.prompt_sources import IngestConfig, ingest_prompts
+from rapm_core.ingest.config import IngestConfig
+from rapm_core.ingest.engine import ingest_prompts
 
 PROMPTS = all_prompts()[::7][:12]  # shapes captions, so a shapes evaluator can judge them
 

@@ -14,7 +14,7 @@ from flows.cli import build_parser
 from flows.distill import run_distillation
 from storage.checkpoints import CheckpointStore, CorruptCheckpointWarning
 from storage.errors import SourceError
-from storage.prompt_sources import read_source
+from rapm_core.ingest.sources import read_source
 from test_checkpoints import _checkpoint, _flip_byte
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from flows.cli import main
 from prefect_home import prefect_home
-from storage.prompt_sources import IngestConfig, ingest_config_hash, ingest_prompts
+from rapm_core.ingest.config import IngestConfig
+from rapm_core.ingest.engine import ingest_config_hash, ingest_prompts
 from storage.prompt_store import PromptStore
 
 BAD_SOURCES = [

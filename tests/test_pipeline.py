@@ -14,7 +14,7 @@ from rapm_core.pipeline import PipelineConfig
 from rapm_shapes.demo import DEMO_VALUES, DemoConfig
 from rapm_core.trajectories.generate import generate_trajectories
 from rapm_shapes.shapes import all_prompts
-from storage.prompt_sources import ingest_prompts
+from rapm_core.ingest.engine import ingest_prompts
 
 TIMING = ("images_per_second", "seconds", "distill_seconds")
 
@@ -116,7 +116,7 @@ def test_every_stage_option_is_reachable_from_the_pipeline():
     from rapm_core.distill.config import DistillOptions, DistillRunConfig
     from rapm_core.evaluate.config import EvaluateConfig, EvaluateOptions
     from rapm_core.trajectories.config import TrajectoriesConfig, TrajectoriesOptions
-    from storage.prompt_sources import IngestConfig, IngestOptions
+    from rapm_core.ingest.config import IngestConfig, IngestOptions
 
     derived = {"source", "out", "prompts", "teacher", "revision", "seed", "device", "split", "trajectories", "run"}
     for full, options in ((IngestConfig, IngestOptions), (TrajectoriesConfig, TrajectoriesOptions),

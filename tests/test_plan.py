@@ -16,14 +16,14 @@ import torch
 from distill_run_support import make_store
 from flows.cli import main
 from rapm_core.distill.config import MethodConfig
-from rapm_core.plan import PlanConfig
-from rapm_core.plan.advice import GiB
-from rapm_core.plan.architecture import from_preset, from_teacher, parameter_count
-from rapm_core.plan.config import EVAL_BATCH, EVAL_IMAGES, TRAJECTORY_BATCH
-from rapm_core.plan.meta_memory import MemoryCounter
-from rapm_core.plan.planner import store_bytes
-from rapm_core.plan.stages import distill, trajectories
-from rapm_core.plan.validation import compare, compare_run, mid_size
+from planner import PlanConfig
+from planner.advice import GiB
+from planner.architecture import from_preset, from_teacher, parameter_count
+from planner.config import EVAL_BATCH, EVAL_IMAGES, TRAJECTORY_BATCH
+from planner.meta_memory import MemoryCounter
+from planner.planner import store_bytes
+from planner.stages import distill, trajectories
+from planner.validation import compare, compare_run, mid_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_TEACHER = ROOT / "assets" / "shapes-teacher"
@@ -261,8 +261,8 @@ def test_planner_predicts_the_engines_bf16_weights_run(tmp_path, tiny_sd15_dir):
 @pytest.mark.parametrize("method", [{}, {"loss_relative": "adversarial", "loss_absolute": "adversarial",
                                          "gradient_checkpointing": True}, {"method": "pcm", "pcm_adversarial": True}])
 def test_planner_is_within_15_percent_of_max_memory_allocated(method):
-    from rapm_core.plan.engine import Trainer
-    from rapm_core.plan.stages import training_inputs
+    from planner.engine import Trainer
+    from planner.stages import training_inputs
     from rapm_core.schedule import SlotGrid
 
     arch = from_preset("sd15")

@@ -8,15 +8,10 @@ import pytest
 
 from storage.errors import ConfigMismatchError, SourceError, StoreError
 from storage.hashing import config_hash
-from storage.prompt_sources import (
-    IngestConfig,
-    collect_prompts,
-    ingest_config_hash,
-    ingest_prompts,
-    plan_ingest,
-    read_source,
-    split_for,
-)
+from rapm_core.ingest.config import IngestConfig
+from rapm_core.ingest.engine import ingest_config_hash, ingest_prompts, plan_ingest
+from rapm_core.ingest.sources import collect_prompts, read_source
+from rapm_core.ingest.split import split_for
 from storage.prompt_store import PromptStore, prompt_id
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rapm_core.plan.random_pipeline import save_random_pipeline, with_text_layers
-from rapm_core.plan.validation import mid_size
+from rapm_testing.random_pipeline import save_random_pipeline, with_text_layers
+from planner.validation import mid_size
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 
 

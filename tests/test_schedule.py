@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rapm_core.schedule import SlotGrid, ddim_step, inference_scheduler, previous_timestep, renoise, alpha_bar
-from rapm_core.tiny_teacher import _scheduler
+from rapm_testing.tiny_teacher import _scheduler
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

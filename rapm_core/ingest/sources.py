@@ -1,29 +1,21 @@
-"""Prompt ingestion: read a prompt file (plain text, CSV, JSONL or COCO captions), normalise,
-deduplicate, split train/eval, and write a prompt store.
+"""Reading prompt files (plain text, CSV, JSONL or COCO captions): format, decoding, fields,
+normalisation and de-duplication.
 
 Everything a user can get wrong in a source file stops the ingest with one ``SourceError`` naming
-the file, the line and the problem, before anything is written: a store is only ever created
-whole, from a source that read cleanly. Re-ingesting with the same config and the same source
-bytes finds the finished store and does nothing, so the stage can be re-run safely.
+the file, the line and the problem, before anything is written.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field
+from rapm_core.ingest.config import SourceFormat
+from storage.errors import SourceError
 
-from storage.errors import ConfigMismatchError, SourceError, StoreError
-from storage.hashing import config_hash, file_sha256
-from storage.prompt_store import PromptRecord, PromptStore, Split, prompt_id, write_prompt_store
-
-SourceFormat = Literal["auto", "txt", "csv", "jsonl", "coco"]
 FORMAT_BY_SUFFIX = {".txt": "txt", ".csv": "csv", ".jsonl": "jsonl", ".json": "coco"}
 DEFAULT_FIELDS = ("prompt", "caption", "text")
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -46,69 +38,8 @@ def _json_problem(err: json.JSONDecodeError) -> str:
     return f"invalid JSON: {err.msg.removesuffix(' at')} at column {err.colno}"
 
 
-class IngestOptions(BaseModel):
-    """How a prompt file is read and split (what a pipeline sets for its ingest stage)."""
-
-    # The same rules as every config (rapm_core.config.StrictModel, which storage cannot import).
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    format: SourceFormat = Field("auto", description="source format; auto picks it from the file extension")
-    column: str | None = Field(None, description="CSV column, JSONL field or COCO annotation field holding the prompt; "
-                                                 "unset: the first of prompt, caption, text (caption for COCO)")
-    limit: int | None = Field(None, ge=1, description="keep the first N unique prompts, in source order, and read no further")
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0,
-                                 description="share of prompts held out for evaluation, chosen by a hash of id and seed")
-
-
-class IngestConfig(IngestOptions):
-    """What `rapm ingest` does; also the Prefect form and, minus ``out``, the store's identity."""
-
-    source: str = Field(description="prompt file: .txt (one prompt a line), .csv, .jsonl, or COCO captions .json",
-                        json_schema_extra={"cli": "positional"})
-    out: str = Field(description="prompt store directory to create")
-    seed: int = Field(0, description="seed of the train/eval split")
-
-
-@dataclass(frozen=True)
-class IngestCounts:
-    read: int
-    blank: int
-    duplicates: int
-    kept: int
-    train: int
-    eval: int
-
-
-@dataclass(frozen=True)
-class IngestPlan:
-    """What an ingest would do: records to write, or ``already_complete`` with the store's counts."""
-
-    config: IngestConfig
-    source_sha256: str
-    format: str
-    counts: IngestCounts
-    already_complete: bool
-    records: list[PromptRecord] = field(default_factory=list, repr=False)
-
-
-def ingest_config_hash(config: IngestConfig) -> str:
-    # Where the store lives is not what it is made of: ``out`` stays out of the hash.
-    return config_hash(_identity(config))
-
-
-def _identity(config: IngestConfig) -> dict:
-    return config.model_dump(mode="json", exclude={"out"})
-
-
 def normalize_prompt(text: str) -> str:
     return " ".join(text.split())
-
-
-def split_for(pid: str, seed: int, eval_fraction: float) -> Split:
-    """Each prompt's side depends only on its own id and the seed, so adding prompts to a
-    source never moves the others, and raising the fraction only moves train prompts to eval."""
-    u = int.from_bytes(hashlib.sha256(f"{seed}:{pid}".encode()).digest()[:8], "big") / 2**64
-    return "eval" if u < eval_fraction else "train"
 
 
 def detect_format(path: str | Path, fmt: SourceFormat = "auto") -> str:
@@ -279,65 +210,9 @@ def collect_prompts(texts: Iterable[str], limit: int | None = None) -> tuple[lis
     return kept, counts
 
 
-def _check_source(path: Path) -> None:
+def check_source(path: Path) -> None:
     if not path.exists():
         raise SourceError(path, "no such file")
     if not path.is_file():
         raise SourceError(path, "not a file; pass a prompt file (.txt, .csv, .jsonl or COCO .json)")
 
-
-def _existing_counts(config: IngestConfig, source_sha256: str) -> IngestCounts | None:
-    """The counts of the store at ``config.out`` if it is this very ingest, finished; None if
-    there is no store yet; an error if something else is there."""
-    out = Path(config.out)
-    if not out.exists():
-        return None
-    if not (out / "meta.json").is_file():
-        raise StoreError(f"{out}: already exists and is not a prompt store; choose another --out or delete it")
-    meta = PromptStore(out).meta
-    if meta.get("config_hash") != ingest_config_hash(config):
-        old = meta.get("config", {})
-        diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in _identity(config).items() if old.get(k) != v]
-        raise ConfigMismatchError(f"{out}: made by a different ingest ({'; '.join(diffs) or 'unknown config'}); "
-                                  f"choose another --out or delete it")
-    if meta.get("source", {}).get("sha256") != source_sha256:
-        raise ConfigMismatchError(f"{out}: made from different contents of {config.source} (the file changed since); "
-                                  f"choose another --out or delete it")
-    return IngestCounts(**meta["counts"])
-
-
-def plan_ingest(config: IngestConfig) -> IngestPlan:
-    """Read and check everything, write nothing; every user error surfaces here."""
-    source = Path(config.source)
-    _check_source(source)
-    fmt = detect_format(source, config.format)
-    sha = file_sha256(source)
-    existing = _existing_counts(config, sha)
-    if existing is not None:
-        return IngestPlan(config, sha, fmt, existing, already_complete=True)
-    if source.stat().st_size == 0:
-        raise SourceError(source, "empty file; nothing to ingest")
-    texts, counts = collect_prompts(read_source(source, fmt, config.column), config.limit)
-    if not texts:
-        raise SourceError(source, f"no prompts: all {counts['read']} entries are blank" if counts["read"]
-                          else "no prompts in the file")
-    ids = [prompt_id(text) for text in texts]
-    records = [PromptRecord(pid, text, split_for(pid, config.seed, config.eval_fraction)) for pid, text in zip(ids, texts)]
-    n_eval = sum(r.split == "eval" for r in records)
-    final = IngestCounts(**counts, kept=len(records), train=len(records) - n_eval, eval=n_eval)
-    return IngestPlan(config, sha, fmt, final, already_complete=False, records=records)
-
-
-def ingest_prompts(config: IngestConfig) -> IngestPlan:
-    """Create the prompt store ``config.out`` from ``config.source``, or find it already made."""
-    plan = plan_ingest(config)
-    if plan.already_complete:
-        return plan
-    meta = {
-        "config": _identity(config),
-        "config_hash": ingest_config_hash(config),
-        "source": {"path": config.source, "format": plan.format, "sha256": plan.source_sha256},
-        "counts": asdict(plan.counts),
-    }
-    write_prompt_store(config.out, plan.records, meta)
-    return plan

@@ -10,7 +10,7 @@ loading, checkpoints, Python between kernels) are not counted.
 
 from __future__ import annotations
 
-from rapm_core.plan.config import PlanConfig
+from planner.config import PlanConfig
 
 # The paper's GPU. Dense tensor-core peaks from NVIDIA's RTX A6000 datasheet (bf16/fp16 with
 # fp32 accumulate; plain fp32 for fp32, as PyTorch keeps TF32 matmuls off by default) and a

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from rapm_core.plan.architecture import Architecture
-from rapm_core.plan.config import PlanConfig, is_adversarial, pointwise_instead, with_options
-from rapm_core.plan.stages import STAGES, StageEstimate
+from planner.architecture import Architecture
+from planner.config import PlanConfig, is_adversarial, pointwise_instead, with_options
+from planner.stages import STAGES, StageEstimate
 
 GiB = 2 ** 30
 

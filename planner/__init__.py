@@ -4,7 +4,7 @@ No weights and no GPU: the stages run on meta tensors under a counting dispatch 
 (``meta_memory``), on modules built from a teacher's config files or a published preset.
 """
 
-from rapm_core.plan.config import PlanConfig
-from rapm_core.plan.planner import plan
+from planner.config import PlanConfig
+from planner.planner import plan
 
 __all__ = ["PlanConfig", "plan"]

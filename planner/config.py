@@ -18,8 +18,8 @@ import pydantic
 from pydantic import BaseModel, Field
 
 from rapm_core.config import FrozenModel
-from rapm_core.plan.engine import EvaluateOptions, MethodConfig, TrajectoriesOptions
-from rapm_core.plan.presets import PRESETS
+from planner.engine import EvaluateOptions, MethodConfig, TrajectoriesOptions
+from planner.presets import PRESETS
 
 Precision = Literal["fp32", "bf16", "fp16"]
 

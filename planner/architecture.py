@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 from transformers import CLIPTextConfig, PretrainedConfig
 
 from rapm_core.errors import ConfigError
-from rapm_core.plan.presets import preset_configs
+from planner.presets import preset_configs
 from rapm_core.teacher import detect_kind, teacher_ref
 
 Kind = Literal["sd15", "sdxl"]

@@ -23,12 +23,12 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
-from rapm_core.plan.architecture import Architecture
-from rapm_core.plan.config import FIGURE_ROWS, PlanConfig
-from rapm_core.plan.engine import (
+from planner.architecture import Architecture
+from planner.config import FIGURE_ROWS, PlanConfig
+from planner.engine import (
     TARGET_MODULES, Example, GuidedTeacher, Trainer, decode_in_batches, teacher_trajectories,
 )
-from rapm_core.plan.meta_memory import MemoryCounter, efficient_attention, module_tensors, optimizer_tensors
+from planner.meta_memory import MemoryCounter, efficient_attention, module_tensors, optimizer_tensors
 from rapm_core.sampler import ddim_sample
 from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import DTYPES, decode_latents

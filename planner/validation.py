@@ -23,15 +23,15 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from rapm_core.conditioning import Conditioning
-from rapm_core.plan.architecture import Architecture
-from rapm_core.plan.config import PlanConfig
+from planner.architecture import Architecture
+from planner.config import PlanConfig
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.data import load_example
-from rapm_core.plan.engine import MethodConfig, Trainer, build_trainer, teacher_trajectories
-from rapm_core.plan.meta_memory import MemoryCounter, module_tensors, optimizer_tensors
-from rapm_core.plan.planner import architecture
-from rapm_core.plan.presets import preset_configs
-from rapm_core.plan.stages import STAGES, encode, training_inputs
+from planner.engine import MethodConfig, Trainer, build_trainer, teacher_trajectories
+from planner.meta_memory import MemoryCounter, module_tensors, optimizer_tensors
+from planner.planner import architecture
+from planner.presets import preset_configs
+from planner.stages import STAGES, encode, training_inputs
 from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import DTYPES
 from storage.trajectory_store import TrajectoryStore

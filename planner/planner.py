@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from rapm_core.plan import timing
-from rapm_core.plan.advice import GiB, advise
-from rapm_core.plan.architecture import Architecture, from_preset, from_teacher, parameter_count
-from rapm_core.plan.config import PlanConfig
-from rapm_core.plan.stages import STAGES
+from planner import timing
+from planner.advice import GiB, advise
+from planner.architecture import Architecture, from_preset, from_teacher, parameter_count
+from planner.config import PlanConfig
+from planner.stages import STAGES
 from rapm_core.teacher import DTYPES
 
 STORE_POSITION_BYTES = 2  # rapm trajectories' default store dtype, float16

@@ -3,7 +3,7 @@
 What a real teacher of that architecture is to the project's stages (``from_pretrained`` on a
 directory, its text encoders, tokenizers, scheduler and VAE), minus the trained weights: the
 planner's checks and the SD-sized dry runs (``benchmarks/sd_dry_run.py``) run the real CLI on
-it. The tokenizer is ``rapm_core.tiny_teacher``'s character tokenizer at the encoders' sequence
+it. The tokenizer is ``rapm_testing.tiny_teacher``'s character tokenizer at the encoders' sequence
 length, so the conditioning has its native shape without the published vocabulary files.
 """
 
@@ -19,8 +19,8 @@ import diffusers
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from rapm_core.plan.architecture import Architecture
-from rapm_core.tiny_teacher import char_tokenizer
+from planner.architecture import Architecture
+from rapm_testing.tiny_teacher import char_tokenizer
 
 
 @contextmanager

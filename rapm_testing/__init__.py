@@ -1,0 +1,1 @@
+"""Builders of tiny and random-weight teachers for tests and benchmarks. The product never imports this package."""
