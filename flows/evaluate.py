@@ -17,9 +17,10 @@ from flows.common import ProgressArtifact
 from flows.scale import ShardRunner
 from rapm_core.evaluate import report, scale
 from rapm_core.evaluate.config import EvaluateConfig
-from rapm_core.evaluate.run import (
-    EVAL_DIR, EvalResult, already_evaluated, eval_config_hash, evaluate_run, finished, prepare, publish_report,
+from rapm_core.evaluate.eval_dir import (
+    EVAL_DIR, EvalResult, already_evaluated, eval_config_hash, finished, prepare, publish_report,
 )
+from rapm_core.evaluate.run import evaluate_run
 from rapm_core.execution import default_shard_size, shard_ranges
 from rapm_core.progress import Progress
 from rapm_core.teacher import resolve_device

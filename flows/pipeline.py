@@ -24,7 +24,7 @@ from flows.distill import distill_flow
 from flows.evaluate import evaluate_flow, print_summary
 from flows.ingest import ingest_flow
 from flows.trajectories import trajectories_flow
-from rapm_core.evaluate.run import finished
+from rapm_core.evaluate.eval_dir import finished
 from rapm_core.pipeline import STAGES, PipelineConfig, all_complete, run_pipeline
 from rapm_core.teacher import resolve_device
 from rapm_shapes.demo import DemoConfig, demo_config, write_builtin_prompts

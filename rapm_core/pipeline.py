@@ -25,7 +25,7 @@ from rapm_core.config import StrictModel
 from rapm_core.distill.config import DistillOptions, DistillRunConfig
 from rapm_core.distill.run import already_done
 from rapm_core.evaluate.config import EvaluateConfig, EvaluateOptions
-from rapm_core.evaluate.run import EVAL_DIR, finished
+from rapm_core.evaluate.eval_dir import EVAL_DIR, finished
 from rapm_core.trajectories.config import TrajectoriesConfig, TrajectoriesOptions
 from rapm_core.trajectories.generate import preflight, select_prompts
 from storage.errors import StoreError

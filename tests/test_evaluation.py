@@ -12,7 +12,8 @@ from distill_support import perturb_unet_weights
 from eval_support import PROMPTS, build_tiny_run
 from flows.cli import main as rapm_main
 from rapm_core.evaluate.config import EvaluateConfig
-from rapm_core.evaluate.run import evaluate_run, finished
+from rapm_core.evaluate.eval_dir import finished
+from rapm_core.evaluate.run import evaluate_run
 from rapm_core.evaluate.samplers import dpm_solver_sample, dpm_solver_scheduler, method_specs
 from rapm_core.evaluate.student import StudentExport
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher

@@ -30,7 +30,7 @@ from rapm_core.evaluate import features
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.measures import to_uint8
 from rapm_core.evaluate.metrics import feature_metrics, registered_metrics
-from rapm_core.evaluate.run import (
+from rapm_core.evaluate.eval_dir import (
     EvalResult, Prepared, distill_seconds, eval_config_hash, log_row, method_row, write_eval_dir,
 )
 from rapm_core.evaluate.samplers import MethodSpec, eval_seed, sample_latents
