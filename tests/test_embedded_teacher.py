@@ -8,7 +8,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from flows import recipe
-from rapm_shapes import recipe as shapes_recipe
 from rapm_shapes.evaluator import load_evaluator, prompt_adherence
 from rapm_shapes.measure import generate, initial_latents, prompt_cycle
 from rapm_shapes.train_teacher import high_noise_loss_weights, sd_scheduler
