@@ -1,6 +1,6 @@
 """Stage B as a Prefect flow (``rapm distill``): the engine is :mod:`rapm_core.distill.run`; this
-adds the progress artifact (with the ETA), the loss curves refreshed at every checkpoint, the
-metrics table and the CLI."""
+adds the progress artifact (with the ETA), the loss curves refreshed at every checkpoint and the
+metrics table (its command is in :mod:`flows.stage_commands`)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,15 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.cli_model import add_model_arguments, model_from_args
-from flows.common import ProgressArtifact
+from flows.common import ProgressArtifact, publish, run_logger
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.plots import plot_loss_curves
-from rapm_core.distill.run import already_done, run_config_hash, run_distillation
+from rapm_core.distill.run import run_config_hash, run_distillation
 from rapm_core.evaluate.report import inline_images
-from rapm_core.teacher import resolve_device
 from rapm_shapes.demo import demo_config
 from storage.errors import StoreError
 from storage.run_dir import RunDir
@@ -52,14 +50,14 @@ def summary_rows(rows: list[dict], buckets: int = 10) -> list[dict]:
 def publish_loss_curves(run: RunDir, key: str) -> None:
     """Redraw loss_curves.png from the metrics so far and show it in the UI (a new artifact version)."""
     png = plot_loss_curves(run.metrics.read(), run.path / "loss_curves.png", title=f"{run.path.name} (running)")
-    create_markdown_artifact(inline_images(f"![loss curves]({png.name})", png.parent), key=key,
-                             description=f"loss curves of {run.path}, refreshed at every checkpoint")
+    publish(create_markdown_artifact, inline_images(f"![loss curves]({png.name})", png.parent), key=key,
+            description=f"loss curves of {run.path}, refreshed at every checkpoint")
 
 
 @flow(name="distill", flow_run_name=lambda: run_name(DistillRunConfig.model_validate(flow_run.parameters["config"])))
 def distill_flow(config: DistillRunConfig = demo_config().distill_config()) -> dict:
     """Stage B: train (or resume, or extend) a run dir, then export the student."""
-    logger = get_run_logger()
+    logger = run_logger()
     key = f"distill-{run_config_hash(config)[:12]}"
     progress = ProgressArtifact(f"distill → {config.out}")
     result = run_distillation(config, progress=progress, log=logger.info,
@@ -67,25 +65,6 @@ def distill_flow(config: DistillRunConfig = demo_config().distill_config()) -> d
     progress.finish()
     table = summary_rows(RunDir(config.out).metrics.read())
     if table:
-        create_table_artifact(table=table, key=f"{key}-metrics", description=f"mean metrics over iteration spans of {config.out}")
+        publish(create_table_artifact, table=table, key=f"{key}-metrics",
+                description=f"mean metrics over iteration spans of {config.out}")
     return asdict(result)
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("distill", help="Stage B: distil the store's teacher into a few-step LoRA student",
-                                   description=DistillRunConfig.__doc__)
-    add_model_arguments(parser, DistillRunConfig)
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    config = model_from_args(DistillRunConfig, args)
-    done = already_done(config)
-    if done is not None:
-        print(f"{config.out}: already trained to {done['step']} iterations; nothing to do")
-        return 0
-    resolve_device(config.device)
-    result = distill_flow(config)
-    print(f"{result['run_dir']}: {result['step']} iterations, student in {result['export_dir']}"
-          + (f" ({result['seconds_per_iteration']:.3f} s/iter)" if result["seconds_per_iteration"] else ""))
-    return 0

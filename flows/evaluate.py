@@ -1,6 +1,7 @@
 """Stage C as a Prefect flow (``rapm evaluate``): the engine is :mod:`rapm_core.evaluate.run` (and,
 with ``--feature-store``, :mod:`rapm_core.evaluate.scale`); this adds the Dask fan-out, the
-progress artifact, the metrics table and the report as artifacts, and the CLI."""
+progress artifact, and the metrics table and the report as artifacts (its command is in
+:mod:`flows.stage_commands`)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.cli_model import add_model_arguments, model_from_args
-from flows.common import ProgressArtifact
+from flows.common import ProgressArtifact, publish, run_logger
 from flows.scale import ShardRunner
 from rapm_core.evaluate import report, scale
 from rapm_core.evaluate.config import EvaluateConfig
-from rapm_core.evaluate.eval_dir import (
-    EVAL_DIR, EvalResult, already_evaluated, eval_config_hash, finished, prepare, publish_report,
-)
+from rapm_core.evaluate.eval_dir import EvalResult, already_evaluated, eval_config_hash, prepare
 from rapm_core.evaluate.run import evaluate_run
 from rapm_core.execution import default_shard_size, shard_ranges
 from rapm_core.progress import Progress
-from rapm_core.teacher import resolve_device
 from rapm_shapes.demo import demo_config
 
 
@@ -88,7 +85,7 @@ def evaluate_sharded(config: EvaluateConfig, progress: Callable[[Progress], None
 @flow(name="evaluate", flow_run_name=lambda: run_name(EvaluateConfig.model_validate(flow_run.parameters["config"])))
 def evaluate_flow(config: EvaluateConfig = demo_config().evaluate_config()) -> dict:
     """Stage C: sample every method, measure, write the eval dir and publish it as artifacts."""
-    logger = get_run_logger()
+    logger = run_logger()
     progress = ProgressArtifact(f"evaluate {config.run}: images sampled")
     if config.execution.backend == "in-process":
         result = evaluate_run(config, progress=progress, log=logger.info)
@@ -96,36 +93,9 @@ def evaluate_flow(config: EvaluateConfig = demo_config().evaluate_config()) -> d
         result = evaluate_sharded(config, progress, logger.info)
     progress.finish()
     key = f"rapm-eval-{eval_config_hash(config)[:12]}"
-    create_table_artifact(report.table_artifact_rows(result.rows), key=key, description=f"metrics of {config.run}")
+    publish(create_table_artifact, report.table_artifact_rows(result.rows), key=key,
+            description=f"metrics of {config.run}")
     report_md = Path(result.eval_dir) / "report.md"
-    create_markdown_artifact(report.inline_images(report_md.read_text(encoding="utf-8"), report_md.parent),
-                             key=f"{key}-report", description=f"evaluation report ({report_md})")
+    publish(create_markdown_artifact, report.inline_images(report_md.read_text(encoding="utf-8"), report_md.parent),
+            key=f"{key}-report", description=f"evaluation report ({report_md})")
     return {"eval_dir": result.eval_dir, "rows": result.rows, "skipped": result.skipped}
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("evaluate", help="Stage C: benchmark a distilled run against the teacher",
-                                   description=EvaluateConfig.__doc__)
-    add_model_arguments(parser, EvaluateConfig)
-    parser.set_defaults(func=_cli)
-
-
-def print_summary(eval_dir: str | Path, rows: list[dict]) -> None:
-    print(report.metrics_table_markdown(rows))
-    print(f"report: {Path(eval_dir) / 'report.md'}")
-
-
-def _cli(args) -> int:
-    config = model_from_args(EvaluateConfig, args)
-    existing = finished(config)
-    if existing is not None:
-        print(f"{config.run}/{EVAL_DIR}: already evaluated with this config; nothing to do")
-        publish_report(config, Path(config.run) / EVAL_DIR, print)
-        print_summary(Path(config.run) / EVAL_DIR, existing["methods"])
-        return 0
-    resolve_device(config.device)
-    if config.feature_store is not None:  # the cheap checks before Prefect starts: files, store identity
-        scale.preflight(config, prepare(config))
-    result = evaluate_flow(config)
-    print_summary(result["eval_dir"], result["rows"])
-    return 0

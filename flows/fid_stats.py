@@ -15,10 +15,6 @@ from pydantic import Field
 from flows.cli_model import add_model_arguments, model_from_args
 from rapm_core.config import StrictModel
 from rapm_core.errors import ConfigError
-from rapm_core.evaluate import features, measures
-from rapm_core.teacher import resolve_device
-from storage.hashing import file_sha256
-from storage.urls import write_bytes
 
 
 class FidStatsConfig(StrictModel):
@@ -34,7 +30,13 @@ class FidStatsConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
 
 
-def compute(config: FidStatsConfig) -> features.GaussianStats:
+def compute(config: FidStatsConfig):
+    """The folder's :class:`rapm_core.evaluate.features.GaussianStats`, written to ``config.out``."""
+    from rapm_core.evaluate import features, measures  # torch: only when the command runs
+    from rapm_core.teacher import resolve_device
+    from storage.hashing import file_sha256
+    from storage.urls import write_bytes
+
     if not config.out.endswith(".npz"):
         raise ConfigError(f"--out {config.out}: name the statistics file *.npz")
     features.image_files(config.images)  # before the network loads
@@ -45,10 +47,10 @@ def compute(config: FidStatsConfig) -> features.GaussianStats:
     return stats
 
 
-def register(subparsers) -> None:
-    add_model_arguments(subparsers.add_parser("fid-stats", help="Inception FID reference statistics of a folder "
-                                              "of real images", description=FidStatsConfig.__doc__), FidStatsConfig)
-    subparsers.choices["fid-stats"].set_defaults(func=_cli)
+def configure(parser) -> None:
+    parser.description = FidStatsConfig.__doc__
+    add_model_arguments(parser, FidStatsConfig)
+    parser.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:

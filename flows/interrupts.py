@@ -13,14 +13,14 @@ import argparse
 import warnings
 from typing import Callable
 
-from storage.checkpoints import CheckpointStore
-from storage.eval_store import EvalStore
-from storage.trajectory_store import TrajectoryStore
-
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
+# Each reader imports its store only when its command was interrupted: the CLI imports this
+# module for every command, and the checkpoint store brings torch.
 def _distill(args: argparse.Namespace) -> str:
+    from storage.checkpoints import CheckpointStore
+
     ckpts = CheckpointStore(args.out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a corrupt newer checkpoint is the resumed run's to report
@@ -33,6 +33,8 @@ def _distill(args: argparse.Namespace) -> str:
 
 
 def _trajectories(args: argparse.Namespace) -> str:
+    from storage.trajectory_store import TrajectoryStore
+
     try:
         mask = TrajectoryStore(args.out).complete_mask()
     except Exception:  # noqa: BLE001 - no store yet (interrupted before it was created)
@@ -44,6 +46,8 @@ def _trajectories(args: argparse.Namespace) -> str:
 def _evaluate(args: argparse.Namespace) -> str:
     if not getattr(args, "feature_store", None):  # in memory: nothing kept but a finished eval dir
         return "interrupted; no evaluation is kept without --feature-store; run the same command to start again"
+    from storage.eval_store import EvalStore
+
     store = EvalStore(args.feature_store)
     masks = [store.complete_mask(m) for m in store.methods()]
     return (f"interrupted; kept {sum(int(m.sum()) for m in masks)}/{sum(len(m) for m in masks)} complete batches "

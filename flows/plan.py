@@ -10,14 +10,13 @@ import json
 
 from flows.cli_model import add_model_arguments, model_from_args
 from rapm_core.errors import ConfigError
-from planner import PlanConfig, plan
+from planner.config import PlanConfig
 
 GiB = 2 ** 30
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("plan", help="predict each stage's peak GPU memory and time (no weights, no GPU)",
-                                   description=PlanConfig.__doc__)
+def configure(parser) -> None:
+    parser.description = PlanConfig.__doc__
     add_model_arguments(parser, PlanConfig)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(func=_cli)
@@ -87,6 +86,8 @@ def format_table(result: dict) -> str:
 def _cli(args) -> int:
     if (args.teacher is None) == (args.preset is None):
         raise ConfigError("give exactly one of --teacher DIR_OR_ID and --preset NAME")
+    from planner.planner import plan  # the stages on meta tensors: torch, diffusers, peft
+
     result = plan(model_from_args(PlanConfig, args))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

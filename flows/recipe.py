@@ -27,8 +27,7 @@ def _evaluator_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("recipe", help="train and measure the embedded default shapes assets")
+def configure(parser) -> None:
     sub = parser.add_subparsers(dest="recipe", required=True)
     p = sub.add_parser("evaluator", help="train the shapes evaluator (attribute classifier)")
     add_model_arguments(p, EvaluatorRecipe)

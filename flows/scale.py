@@ -1,8 +1,9 @@
 """Where a sharded stage runs: in this process, on a local Dask cluster, or on a running one.
 
 A stage that splits by index range (trajectory generation; evaluation sampling can reuse it)
-gives ``ShardRunner.run`` a Prefect task and one parameter dict per shard; Prefect's
-``DaskTaskRunner`` sends each task to a Dask worker. The contract a shard task must keep:
+gives ``ShardRunner.run`` a Prefect task and one parameter dict per shard; inside a flow run
+Prefect's ``DaskTaskRunner`` sends each task to a Dask worker, outside one (``rapm`` without a
+Prefect server) a Dask client sends the task's body. The contract a shard task must keep:
 
 - it writes only its own index range, one item per chunk of a shared store (safe for
   concurrent writers; sharded Zarr arrays are not), so shards never need to coordinate;
@@ -21,6 +22,7 @@ import os
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
+from flows.common import in_run, run_task
 from rapm_core.execution import ExecutionConfig
 
 
@@ -93,54 +95,68 @@ def _api_for_workers() -> Iterator[None]:
 
 
 class ShardRunner:
-    """Runs a Prefect task once per shard on the configured backend; use it inside a flow.
+    """Runs a Prefect task once per shard on the configured backend, as task runs inside a flow
+    run and as plain calls of the task's body outside one.
 
     In-process, shards run one after another in this process. On Dask, each is a task on some
     worker; a worker that dies mid-shard has its shard re-run by Dask elsewhere, and a shard
-    that raises is retried per the task's ``retries`` before the run fails.
+    that raises is retried per the task's ``retries`` (by Prefect, or by Dask outside a run)
+    before the run fails.
     """
 
     def __init__(self, execution: ExecutionConfig):
         self.execution = execution
         self._stack = ExitStack()
-        self._runner = None
+        self._runner = None  # Prefect's DaskTaskRunner, inside a flow run
+        self._client = None  # a plain Dask client, outside one
 
     def __enter__(self) -> "ShardRunner":
         if self.execution.backend == "in-process":
             return self
-        from prefect_dask import DaskTaskRunner
-
         with self._stack:
             address = (self._stack.enter_context(local_cluster(self.execution))
                        if self.execution.backend == "local-cluster" else self.execution.scheduler_address)
-            self._stack.enter_context(_api_for_workers())
-            self._runner = self._stack.enter_context(DaskTaskRunner(address=address))
+            if in_run():
+                from prefect_dask import DaskTaskRunner
+
+                self._stack.enter_context(_api_for_workers())
+                self._runner = self._stack.enter_context(DaskTaskRunner(address=address))
+                self._client = self._runner.client
+            else:
+                from distributed import Client
+
+                self._client = self._stack.enter_context(Client(address))
             self._stack = self._stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._runner = None
+        self._runner = self._client = None
         self._stack.__exit__(*exc)
 
     @property
     def workers(self) -> int:
         """Workers that shards spread over (1 in-process)."""
-        if self._runner is None:
+        if self._client is None:
             return 1
-        return max(1, len(self._runner.client.scheduler_info(n_workers=-1)["workers"]))
+        return max(1, len(self._client.scheduler_info(n_workers=-1)["workers"]))
 
     def run(self, task, shards: list[dict[str, Any]], on_result: Callable[[Any], None] | None = None) -> list:
         """Each shard's result, in shard order; ``on_result`` sees them as they complete."""
-        if self._runner is None:
+        if self._client is None:
             results = []
             for params in shards:
-                results.append(task(**params))
+                results.append(run_task(task, **params))
                 if on_result is not None:
                     on_result(results[-1])
             return results
-        from prefect.futures import as_completed
+        if self._runner is not None:
+            from prefect.futures import as_completed
 
-        futures = [self._runner.submit(task, params) for params in shards]
+            futures = [self._runner.submit(task, params) for params in shards]
+        else:
+            from distributed import as_completed
+
+            futures = [self._client.submit(task.fn, **params, retries=task.retries, pure=False) for params in shards]
         for future in as_completed(futures):
             if on_result is not None:
                 on_result(future.result())

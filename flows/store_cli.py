@@ -6,14 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rapm_core.teacher import resolve_device
-from rapm_core.trajectories.preview import trajectory_strip
 from storage.trajectory_inspect import inspect_store, repair_store, verify_store
-from storage.trajectory_store import TrajectoryStore
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("store", help="inspect or verify a trajectory store, or render one trajectory")
+def configure(parser) -> None:
     sub = parser.add_subparsers(dest="store_command", required=True)
     p = sub.add_parser("inspect", help="schema, teacher, N, M, guidance, shapes, progress, size, sample prompts")
     p.add_argument("path", metavar="PATH", help="trajectory store")
@@ -61,6 +57,10 @@ def _verify(args) -> int:
 
 
 def _show(args) -> int:
+    from rapm_core.teacher import resolve_device  # torch and the VAE: only for rendering
+    from rapm_core.trajectories.preview import trajectory_strip
+    from storage.trajectory_store import TrajectoryStore
+
     store = TrajectoryStore(args.path)
     strip, prompt = trajectory_strip(store, args.index, resolve_device(args.device), args.teacher)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

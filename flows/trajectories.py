@@ -1,24 +1,24 @@
 """Stage A as a Prefect flow (``rapm trajectories``): the engine is
-:mod:`rapm_core.trajectories.generate`; this adds the Dask fan-out, artifacts and the CLI."""
+:mod:`rapm_core.trajectories.generate`; this adds the Dask fan-out and the artifacts (its
+command is in :mod:`flows.stage_commands`)."""
 
 from __future__ import annotations
 
 import time
 from typing import Callable
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.cli_model import add_model_arguments, model_from_args
-from flows.common import ProgressArtifact
+from flows.common import ProgressArtifact, publish, run_logger
 from flows.scale import ShardRunner
 from rapm_core.execution import default_shard_size, shard_ranges, worker_cached
 from rapm_core.progress import Progress
 from rapm_core.teacher import Teacher, load_teacher, resolve_device, resolve_dtype, teacher_ref
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import (
-    GenerationReport, generate_trajectories, preflight, select_prompts, store_lock, wanted_identity,
+    GenerationReport, generate_trajectories, select_prompts, store_lock, wanted_identity,
 )
 from rapm_shapes.demo import demo_config
 from storage.errors import StoreError
@@ -38,7 +38,7 @@ def trajectory_shard(config: TrajectoriesConfig, start: int, stop: int) -> Gener
         return worker_cached(key, lambda: load_teacher(config.teacher, config.revision, resolve_dtype(config.dtype),
                                                        resolve_device(config.device)))
 
-    return generate_trajectories(config, start, stop, teacher=teacher, log=get_run_logger().info, lock=False)
+    return generate_trajectories(config, start, stop, teacher=teacher, log=run_logger().info, lock=False)
 
 
 def generate_sharded(config: TrajectoriesConfig, progress: Callable[[Progress], None],
@@ -90,7 +90,7 @@ def _run_name() -> str:
 @flow(name="trajectories", flow_run_name=_run_name)
 def trajectories_flow(config: TrajectoriesConfig = demo_config().trajectories_config()) -> dict:
     """Stage A: progress artifact while generating, summary table artifact at the end."""
-    logger = get_run_logger()
+    logger = run_logger()
     progress = ProgressArtifact(f"trajectories → {config.out}", log=logger.info)
     if config.execution.backend == "in-process":
         result = generate_trajectories(config, progress=progress, log=logger.info)
@@ -103,21 +103,5 @@ def trajectories_flow(config: TrajectoriesConfig = demo_config().trajectories_co
     summary = inspect_store(config.out)
     rows = [{"field": k, "value": str(summary[k])} for k in SUMMARY_FIELDS]
     rows.append({"field": "positions shape", "value": str(summary["shapes"]["positions"])})
-    create_table_artifact(table=rows, key="trajectory-store", description=f"trajectory store {config.out}")
+    publish(create_table_artifact, table=rows, key="trajectory-store", description=f"trajectory store {config.out}")
     return summary
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("trajectories", help="Stage A: generate teacher trajectories into a Zarr store",
-                                   description=TrajectoriesConfig.__doc__)
-    add_model_arguments(parser, TrajectoriesConfig)
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    config = model_from_args(TrajectoriesConfig, args)
-    preflight(config)
-    s = trajectories_flow(config)
-    print(f"{s['path']}: {s['complete']}/{s['total']} trajectories complete ({s['kind']}, N={s['num_slots']}, "
-          f"M={s['steps_per_slot']}, w={s['guidance']}, {s['bytes_on_disk'] / 2**20:.1f} MiB)")
-    return 0

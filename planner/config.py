@@ -18,7 +18,11 @@ import pydantic
 from pydantic import BaseModel, Field
 
 from rapm_core.config import FrozenModel
-from planner.engine import EvaluateOptions, MethodConfig, TrajectoriesOptions
+# The stage configs themselves, not through planner.engine: ``rapm plan --help`` builds its
+# options from this module, and the engine brings torch, diffusers and peft.
+from rapm_core.distill.config import MethodConfig
+from rapm_core.evaluate.config import EvaluateOptions
+from rapm_core.trajectories.config import TrajectoriesOptions
 from planner.presets import PRESETS
 
 Precision = Literal["fp32", "bf16", "fp16"]

@@ -23,15 +23,9 @@ from pydantic import Field
 
 from rapm_core.config import StrictModel
 from rapm_core.distill.config import DistillOptions, DistillRunConfig
-from rapm_core.distill.run import already_done
-from rapm_core.evaluate.config import EvaluateConfig, EvaluateOptions
-from rapm_core.evaluate.eval_dir import EVAL_DIR, finished
-from rapm_core.trajectories.config import TrajectoriesConfig, TrajectoriesOptions
-from rapm_core.trajectories.generate import preflight, select_prompts
-from storage.errors import StoreError
+from rapm_core.evaluate.config import EVAL_DIR, EvaluateConfig, EvaluateOptions
 from rapm_core.ingest.config import IngestConfig, IngestOptions
-from rapm_core.ingest.engine import plan_ingest
-from storage.trajectory_store import TrajectoryStore
+from rapm_core.trajectories.config import TrajectoriesConfig, TrajectoriesOptions
 
 STAGES = ("ingest", "trajectories", "distill", "evaluate")
 # A nested section's options carry its stage's name on the command line (``--distill-lr``).
@@ -90,7 +84,13 @@ class PipelineConfig(StrictModel):
 
 
 # -- completeness checks (cheap: no model loads) --------------------------------------------------
+# The stage engines are imported by the checks, not with this module: PipelineConfig (and the
+# CLI's options built from it) must import without torch.
 def trajectories_complete(config: TrajectoriesConfig) -> bool:
+    from rapm_core.trajectories.generate import preflight, select_prompts
+    from storage.errors import StoreError
+    from storage.trajectory_store import TrajectoryStore
+
     preflight(config)  # refuses a store made with another config
     try:
         store = TrajectoryStore(config.out)
@@ -99,11 +99,29 @@ def trajectories_complete(config: TrajectoriesConfig) -> bool:
     return store.num == len(select_prompts(config)) and bool(store.complete_mask().all())
 
 
+def ingest_complete(config: IngestConfig) -> bool:
+    from rapm_core.ingest.engine import plan_ingest
+
+    return plan_ingest(config).already_complete
+
+
+def distill_complete(config: DistillRunConfig) -> bool:
+    from rapm_core.distill.run import already_done
+
+    return already_done(config) is not None
+
+
+def evaluate_complete(config: EvaluateConfig) -> bool:
+    from rapm_core.evaluate.eval_dir import finished
+
+    return finished(config) is not None
+
+
 COMPLETE: dict[str, Callable[[Any], bool]] = {
-    "ingest": lambda c: plan_ingest(c).already_complete,
+    "ingest": ingest_complete,
     "trajectories": trajectories_complete,
-    "distill": lambda c: already_done(c) is not None,
-    "evaluate": lambda c: finished(c) is not None,
+    "distill": distill_complete,
+    "evaluate": evaluate_complete,
 }
 
 

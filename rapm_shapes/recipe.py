@@ -13,7 +13,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
 from pydantic import Field
 
 from rapm_core.config import StrictModel
@@ -137,10 +136,14 @@ Training log: `training_log.jsonl` (loss every 100 steps). Milestones:
 def _machine() -> str:
     import platform
 
+    import torch
+
     return f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s), shared with other jobs"
 
 
 def run_evaluator_recipe(cfg: EvaluatorRecipe) -> dict:
+    import torch
+
     from rapm_shapes.train_evaluator import train_evaluator
 
     torch.set_num_threads(cfg.threads)
@@ -227,6 +230,8 @@ Chosen guidance: **{metrics['guidance']}** (best N·M-step adherence of {metrics
 
 
 def run_measure(cfg: "MeasureRecipe") -> dict:
+    import torch
+
     from rapm_shapes.measure import measure_teacher
 
     torch.set_num_threads(cfg.threads)
@@ -241,6 +246,8 @@ def run_measure(cfg: "MeasureRecipe") -> dict:
 
 
 def run_teacher_recipe(cfg: TeacherRecipe) -> Path:
+    import torch
+
     from rapm_shapes.train_teacher import train_teacher
 
     torch.set_num_threads(cfg.threads)

@@ -1,5 +1,5 @@
 """Helpers of the hardening tests: real ``rapm`` commands in subprocesses (this checkout's code,
-not an installed console script), and a look at their process trees through /proc."""
+not an installed console script), and a look at their processes through /proc."""
 
 from __future__ import annotations
 
@@ -11,17 +11,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from prefect_home import prefect_home as prepared_home
-
 ROOT = Path(__file__).resolve().parent.parent
-SERVER_APP = "prefect.server.api.server:create_app"  # in the command line of Prefect's API server
 
 
 def rapm_env(prefect_home: Path, **extra: str) -> dict[str, str]:
+    """A ``rapm`` command's environment without a Prefect server: it runs its flows directly."""
+    Path(prefect_home).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-           "PREFECT_HOME": str(prepared_home(prefect_home)), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", **extra}
-    env.pop("PREFECT_API_URL", None)  # the command's own temporary server
+           "PREFECT_HOME": str(prefect_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TRANSFORMERS_VERBOSITY": "error", **extra}
+    env.pop("PREFECT_API_URL", None)
     return env
 
 
@@ -67,16 +66,20 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except FileNotFoundError:
-        return ""
-
-
-def server_children(pid: int) -> list[int]:
-    return [c for c in children(pid) if SERVER_APP in cmdline(c)]
+def session_processes(sid: int) -> list[int]:
+    """Running processes of session ``sid`` (a command started with ``start_rapm`` leads its own):
+    once the command is gone, any of them is an orphan it left behind."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+                found.append(int(entry))
+    return found
 
 
 def alive(pid: int) -> bool:

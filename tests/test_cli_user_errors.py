@@ -91,7 +91,6 @@ def test_a_user_error_raised_inside_a_flow_is_one_line(tmp_path):
     code, _, err = run_rapm(["evaluate", "--run", str(run), "--device", "cpu"], rapm_env(tmp_path / "prefect"),
                             tmp_path / "logs")
     assert code == 2, err
-    assert "Beginning flow run" in err  # it did fail inside the flow
     assert _one_error_line("evaluate", err) == (
         f"rapm evaluate: error: {run}/run.json does not name its trajectory store (an older run dir); "
             f"pass --trajectories")

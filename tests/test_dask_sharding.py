@@ -1,4 +1,5 @@
-"""Stage A fanned out over a real Dask cluster (worker processes) through Prefect's Dask runner.
+"""Stage A fanned out over a real Dask cluster (worker processes), through Prefect's Dask runner
+inside a flow run and through a plain Dask client outside one.
 
 The sharded store must be bit-identical to the in-process one, also when the shards write to
 object storage concurrently, and also when a worker is killed mid-shard (Dask re-runs its
@@ -137,7 +138,9 @@ def test_two_workers_write_one_s3_store_like_in_process(reference, cluster, s3_b
     address, _client = cluster
     url = f"{s3_bucket}/sharded-{uuid.uuid4().hex[:8]}"
     execution = ExecutionConfig(backend="scheduler", scheduler_address=address, shard_size=2)
-    summary = trajectories_flow(_config(reference.prompts, reference.teacher, url, execution=execution))
+    # The flow's body outside any Prefect run, as `rapm` runs it without a server: the shards go to
+    # the workers through a plain Dask client (the test below goes through Prefect's Dask runner).
+    summary = trajectories_flow.fn(_config(reference.prompts, reference.teacher, url, execution=execution))
     assert (summary["complete"], summary["total"]) == (NUM, NUM)
     _assert_same_store(url, reference)
 

@@ -14,7 +14,6 @@ from distill_run_support import make_store, run_config
 from distill_support import perturb_unet_weights
 from flows.cli import build_parser, main
 from flows.cli_model import model_from_args
-from prefect_home import prefect_home
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.run import DistillationDivergedError, run_config_hash, run_distillation
 from storage.checkpoints import CheckpointStore
@@ -120,16 +119,14 @@ def test_nonfinite_example_is_skipped_and_a_streak_fails_loudly(tmp_path, store)
 def test_rapm_distill_command_runs_the_flow(tmp_path, store):
     rapm = Path(sys.executable).parent / "rapm"
     run = tmp_path / "run"
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home(tmp_path / "prefect")), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-           "HF_HUB_OFFLINE": "1"}
-    env.pop("PREFECT_API_URL", None)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)  # no server: the command runs the flow's body itself
     proc = subprocess.run(
         [str(rapm), "distill", "--trajectories", str(store), "--out", str(run), "--iterations", "3",
          "--checkpoint-every", "2", "--disc-channels", "8", "--device", "cpu", "--seed", "1"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{run}: 3 iterations" in proc.stdout
-    assert "distill-" in proc.stdout + proc.stderr  # the flow run's name: stage, teacher, config hash
     lora = load_file(run / "export" / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("unet.") for k in lora)
     assert (run / "export" / "scheduler" / "scheduler_config.json").is_file()

@@ -26,7 +26,7 @@ def pipe():
 
 def _rapm(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="rapm")
-    recipe.register(parser.add_subparsers(dest="command"))
+    recipe.configure(parser.add_subparsers(dest="command").add_parser("recipe"))
     args = parser.parse_args(list(argv))
     return args.func(args)
 

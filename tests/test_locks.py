@@ -11,7 +11,7 @@ import time
 import pytest
 
 from distill_run_support import make_store
-from hardening_support import ROOT, alive, rapm_env, run_rapm, server_children, start_rapm, wait_until
+from hardening_support import ROOT, rapm_env, run_rapm, start_rapm, wait_until
 from storage.errors import StoreError
 from storage.locks import LOCK_NAME, DirLock, LockedError
 from storage.run_dir import RunDir
@@ -88,7 +88,6 @@ def test_a_second_rapm_distill_on_the_same_out_is_refused_naming_the_first(tmp_p
     args = ["distill", "--trajectories", str(store), "--out", str(out), "--iterations", "100000",
             "--checkpoint-every", "1000", "--disc-channels", "8", "--device", "cpu"]
     first = start_rapm(args, env, tmp_path / "first")
-    servers: list[int] = []
     try:
         # The first one holds the run dir (without a lock: its flow has claimed it) before the second starts.
         wait_until(lambda: getattr(RunDir(out).lock().holder(), "pid", None) == first.pid
@@ -100,9 +99,5 @@ def test_a_second_rapm_distill_on_the_same_out_is_refused_naming_the_first(tmp_p
         assert "Traceback" not in err
         assert first.poll() is None  # the first one carries on
     finally:
-        servers = server_children(first.pid)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-        for pid in servers:  # only if the server outlived its command (it must not; see the interrupt tests)
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)

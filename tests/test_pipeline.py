@@ -9,7 +9,6 @@ import pytest
 
 from flows.cli import main
 from flows.pipeline import prepare
-from prefect_home import prefect_home
 from rapm_core.pipeline import PipelineConfig
 from rapm_shapes.demo import DEMO_VALUES, DemoConfig
 from rapm_core.trajectories.generate import generate_trajectories
@@ -29,8 +28,7 @@ def _cli_args(work: Path, prompts: Path, teacher: Path) -> list[str]:
 
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(prefect_home(tmp_path / "prefect-home")), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-               OMP_NUM_THREADS="1")
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), OMP_NUM_THREADS="1")  # no server: flows run directly
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
                           timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -3,23 +3,30 @@
 prefect.yaml and starts a worker; the pipeline deployment then runs a tiny config to completion,
 and a second run loses its worker and flow-run process to SIGKILL mid-distillation, is marked
 Crashed by the automation, is resumed with `prefect flow-run retry`, and ends with exactly the
-LoRA of the uninterrupted run. The stack is stopped by PID in the fixture's teardown, pass or fail.
+LoRA of the uninterrupted run. A `rapm` command run with the stack's `PREFECT_API_URL` records its
+flow run there. The stack is stopped by PID in the fixture's teardown, pass or fail.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 import yaml
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import (
+    FlowRunFilter, FlowRunFilterId, FlowRunFilterName, LogFilter, LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import StateType
 from safetensors.torch import load_file
 
+from flows.ingest import run_name as ingest_run_name
 from prefect_stack import ROOT, Stack, free_port
+from rapm_core.ingest.config import IngestConfig
 
 # The automation's window: two 30 s heartbeats plus slack, so a busy machine never crashes a live run.
 ZOMBIE_AFTER_S = 60
@@ -177,3 +184,49 @@ def test_pipeline_deployment_completes_and_resumes_after_its_worker_is_killed(pr
     for key in lora_a:
         assert lora_a[key].dtype == lora_b[key].dtype and lora_a[key].equal(lora_b[key]), key
     print("\nprefect e2e timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+
+
+def _rapm_on(stack: Stack, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """``rapm ARGS`` as a user types it after ``source .state/prefect-stack/env``."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env={**stack.env, "PYTHONPATH": str(ROOT)},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def _runs_named(stack: Stack, name: str) -> list:
+    with stack.client() as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+
+
+@pytest.mark.slow
+def test_rapm_with_a_server_configured_records_a_flow_run_with_its_artifacts(prefect_stack, tmp_path):
+    src = tmp_path / "captions.txt"
+    src.write_text("".join(f"a photo of object {i}\n" for i in range(8)), encoding="utf-8")
+    proc = _rapm_on(prefect_stack, ["ingest", str(src), "--out", str(tmp_path / "store")], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"{tmp_path / 'store'}: 8 prompts (")
+    name = ingest_run_name(IngestConfig(source=str(src), out=str(tmp_path / "store")))
+    runs = _runs_named(prefect_stack, name)
+    assert [r.state_type for r in runs] == [StateType.COMPLETED], runs
+    with prefect_stack.client() as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])))
+    assert sorted(a.type for a in artifacts) == ["markdown", "table"]
+    assert "a photo of object 0" in next(a.data for a in artifacts if a.type == "markdown")
+
+
+@pytest.mark.slow
+def test_a_user_error_in_a_flow_run_on_a_server_is_one_line_and_a_failed_run(prefect_stack, tmp_path):
+    # A finished-looking run whose run.json does not name its trajectory store: `evaluate` finds
+    # that out inside its flow, which the server then records as Failed with the traceback.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"format": 1, "config": {}, "config_hash": "c", "store_config_hash": "s"}')
+    (run / "done.json").write_text('{"step": 2, "config_hash": "c", "export": "export"}')
+    proc = _rapm_on(prefect_stack, ["evaluate", "--run", str(run), "--device", "cpu"], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Finished in state Failed" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"rapm evaluate: error: {run}/run.json does not name its trajectory store (an older run dir); "
+        f"pass --trajectories")
+    with prefect_stack.client() as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="evaluate-run-")))
+    assert StateType.FAILED in [r.state_type for r in runs]

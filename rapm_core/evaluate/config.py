@@ -12,6 +12,7 @@ from rapm_core.execution import ExecutionConfig
 
 METHODS = ("teacher_ref", "teacher_ddim", "dpm_solver", "student")
 REFERENCE = "teacher_ref"
+EVAL_DIR = "eval"  # the evaluation's directory inside a run dir
 Method = Literal["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
 
 

@@ -17,7 +17,7 @@ import torch
 
 from rapm_core.errors import ConfigError
 from rapm_core.evaluate import report
-from rapm_core.evaluate.config import EvaluateConfig
+from rapm_core.evaluate.config import EVAL_DIR, EvaluateConfig
 from rapm_core.evaluate.samplers import MethodSpec, method_specs
 from rapm_core.evaluate.student import StudentExport, load_student_export
 from storage.errors import ConfigMismatchError, StoreError
@@ -27,7 +27,6 @@ from storage.run_dir import RunDir
 from storage.trajectory_store import TrajectoryStore
 from storage.urls import exists, join, publish_dir, read_text
 
-EVAL_DIR = "eval"
 # Speed and where the report goes, not results: excluded from the eval's identity.
 HASH_EXCLUDED = frozenset({"run", "batch_size", "device", "publish", "feature_store", "execution"})
 

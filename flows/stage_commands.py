@@ -1,0 +1,175 @@
+"""The commands of the stage flows: ``rapm ingest|trajectories|distill|evaluate|pipeline|demo``.
+
+Each command's options are the fields of its flow's pydantic config (:mod:`flows.cli_model`);
+the configs import cheaply, and the flow module, with Prefect, torch and the engines, is imported
+only when the command runs, so ``--help`` answers at once. A command first does the cheap checks
+and the "already complete" answer itself, then runs its flow through :func:`flows.common.run_flow`
+(a Prefect flow run when a server is configured, the flow's body directly otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from flows.cli_model import add_model_arguments, model_from_args
+from rapm_core.distill.config import DistillRunConfig
+from rapm_core.evaluate.config import EvaluateConfig
+from rapm_core.ingest.config import IngestConfig
+from rapm_core.pipeline import PipelineConfig
+from rapm_core.trajectories.config import TrajectoriesConfig
+from rapm_shapes.demo import DemoConfig, demo_config
+
+
+def _configure(parser: argparse.ArgumentParser, model, run, description: str | None = None, defaults=None) -> None:
+    parser.description = description or model.__doc__
+    add_model_arguments(parser, model, defaults)
+    parser.set_defaults(func=run)
+
+
+# -- ingest -------------------------------------------------------------------------------------
+def ingest(parser: argparse.ArgumentParser) -> None:
+    _configure(parser, IngestConfig, _ingest,
+               "Turn a prompt file into a prompt store: normalised, deduplicated, split into train and eval.")
+
+
+def ingest_summary(plan) -> str:
+    """One line: the store, its counts, the source; ``plan`` a :class:`rapm_core.ingest.engine.IngestPlan`."""
+    c = plan.counts
+    head = "already complete: " if plan.already_complete else ""
+    return (f"{head}{plan.config.out}: {c.kept} prompts ({c.train} train, {c.eval} eval) from {plan.config.source} "
+            f"[{plan.format}]; read {c.read}, blank {c.blank}, duplicates {c.duplicates}")
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from rapm_core.ingest.engine import plan_ingest
+
+    config = model_from_args(IngestConfig, args)
+    # Check the source and --out before the flow runs, so a bad file is one line on stderr (not a
+    # flow-run traceback) and a finished store costs no Prefect start-up.
+    plan = plan_ingest(config)
+    if not plan.already_complete:
+        from flows.common import run_flow
+        from flows.ingest import ingest_flow
+
+        plan = replace(plan, counts=run_flow(ingest_flow, config))
+    print(ingest_summary(plan))
+    return 0
+
+
+# -- trajectories -------------------------------------------------------------------------------
+def trajectories(parser: argparse.ArgumentParser) -> None:
+    _configure(parser, TrajectoriesConfig, _trajectories)
+
+
+def _trajectories(args: argparse.Namespace) -> int:
+    from flows.common import run_flow
+    from flows.trajectories import trajectories_flow
+    from rapm_core.trajectories.generate import preflight
+
+    config = model_from_args(TrajectoriesConfig, args)
+    preflight(config)
+    s = run_flow(trajectories_flow, config)
+    print(f"{s['path']}: {s['complete']}/{s['total']} trajectories complete ({s['kind']}, N={s['num_slots']}, "
+          f"M={s['steps_per_slot']}, w={s['guidance']}, {s['bytes_on_disk'] / 2**20:.1f} MiB)")
+    return 0
+
+
+# -- distill ------------------------------------------------------------------------------------
+def distill(parser: argparse.ArgumentParser) -> None:
+    _configure(parser, DistillRunConfig, _distill)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from rapm_core.distill.run import already_done
+    from rapm_core.teacher import resolve_device
+
+    config = model_from_args(DistillRunConfig, args)
+    done = already_done(config)
+    if done is not None:
+        print(f"{config.out}: already trained to {done['step']} iterations; nothing to do")
+        return 0
+    resolve_device(config.device)
+    from flows.common import run_flow
+    from flows.distill import distill_flow
+
+    result = run_flow(distill_flow, config)
+    print(f"{result['run_dir']}: {result['step']} iterations, student in {result['export_dir']}"
+          + (f" ({result['seconds_per_iteration']:.3f} s/iter)" if result["seconds_per_iteration"] else ""))
+    return 0
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+def evaluate(parser: argparse.ArgumentParser) -> None:
+    _configure(parser, EvaluateConfig, _evaluate)
+
+
+def print_summary(eval_dir: str | Path, rows: list[dict]) -> None:
+    from rapm_core.evaluate.report import metrics_table_markdown
+
+    print(metrics_table_markdown(rows))
+    print(f"report: {Path(eval_dir) / 'report.md'}")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from rapm_core.evaluate import scale
+    from rapm_core.evaluate.eval_dir import EVAL_DIR, finished, prepare, publish_report
+    from rapm_core.teacher import resolve_device
+
+    config = model_from_args(EvaluateConfig, args)
+    existing = finished(config)
+    if existing is not None:
+        print(f"{config.run}/{EVAL_DIR}: already evaluated with this config; nothing to do")
+        publish_report(config, Path(config.run) / EVAL_DIR, print)
+        print_summary(Path(config.run) / EVAL_DIR, existing["methods"])
+        return 0
+    resolve_device(config.device)
+    if config.feature_store is not None:  # the cheap checks before the flow: files, store identity
+        scale.preflight(config, prepare(config))
+    from flows.common import run_flow
+    from flows.evaluate import evaluate_flow
+
+    result = run_flow(evaluate_flow, config)
+    print_summary(result["eval_dir"], result["rows"])
+    return 0
+
+
+# -- pipeline, demo -----------------------------------------------------------------------------
+def pipeline(parser: argparse.ArgumentParser) -> None:
+    _configure(parser, PipelineConfig, _pipeline)
+
+
+def demo(parser: argparse.ArgumentParser) -> None:
+    _configure(parser, DemoConfig, _demo, defaults=demo_config())
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    return _run_pipeline(model_from_args(PipelineConfig, args))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return _run_pipeline(model_from_args(DemoConfig, args))
+
+
+def _run_pipeline(config: PipelineConfig) -> int:
+    from flows.common import run_flow
+    from flows.pipeline import pipeline_flow, prepare
+    from rapm_core.evaluate.eval_dir import finished
+    from rapm_core.pipeline import STAGES, all_complete
+    from rapm_core.teacher import resolve_device
+
+    resolve_device(config.device)
+    t0 = time.perf_counter()
+    prepare(config)
+    if all_complete(config):  # nothing to do: no flow run
+        stages = [{"stage": s, "skipped": True} for s in STAGES]
+    else:
+        stages = run_flow(pipeline_flow, config)["stages"]
+    for stage in stages:
+        status = "skipped (already complete)" if stage["skipped"] else f"ran in {stage['seconds']:.1f} s"
+        print(f"{stage['stage']}: {status}")
+    print_summary(config.paths()["eval"], finished(config.evaluate_config())["methods"])
+    print(f"total wall time {time.perf_counter() - t0:.0f} s")
+    return 0
