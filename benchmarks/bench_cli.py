@@ -32,6 +32,8 @@ PROMPTS = [f"a {colour} {shape}" for colour, shape in zip(
 def make_store(directory: Path) -> Path:
     """A small trajectory store (tiny teacher, 2 prompts) for ``rapm store inspect``."""
     sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # set-up noise, not the benchmark's output
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from rapm_core.trajectories.config import TrajectoriesConfig
     from rapm_core.trajectories.generate import generate_trajectories
     from rapm_testing.tiny_teacher import build_tiny_sd15

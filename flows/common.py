@@ -54,10 +54,22 @@ def run_task(task, **params: Any) -> Any:
 _STDERR_FORMAT = "%(asctime)s.%(msecs)03d | %(levelname)-7s | %(message)s"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test's capture, a redirected stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _stderr_logger() -> logging.Logger:
     logger = logging.getLogger("rapm")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(_STDERR_FORMAT, datefmt="%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
