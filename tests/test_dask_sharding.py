@@ -17,6 +17,7 @@ import uuid
 import numpy as np
 import pytest
 import zarr
+from prefect import task
 from s3_server import s3_bucket  # noqa: F401  (fixture)
 
 from flows.scale import ShardRunner, local_worker_envs
@@ -89,11 +90,16 @@ def test_worker_cache_loads_once_and_keeps_one_model():
     assert loads == ["a", "b", "a"]
 
 
+@task
+def _span(a: int, b: int) -> int:
+    return b - a
+
+
 def test_in_process_runner_runs_shards_in_order():
     seen = []
-    with ShardRunner(ExecutionConfig()) as runner:
+    with ShardRunner(ExecutionConfig()) as runner:  # outside a flow run: the task's body, called directly
         assert runner.workers == 1
-        assert runner.run(lambda a, b: b - a, [{"a": 0, "b": 3}, {"a": 3, "b": 4}], on_result=seen.append) == [3, 1]
+        assert runner.run(_span, [{"a": 0, "b": 3}, {"a": 3, "b": 4}], on_result=seen.append) == [3, 1]
     assert seen == [3, 1]
 
 
