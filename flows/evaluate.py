@@ -121,7 +121,7 @@ def _cli(args) -> int:
     if existing is not None:
         print(f"{config.run}/{EVAL_DIR}: already evaluated with this config; nothing to do")
         publish_report(config, Path(config.run) / EVAL_DIR, print)
-        print_summary(Path(config.run) / EVAL_DIR, existing["methods"])
+        print_summary(Path(config.run) / EVAL_DIR, existing["samplers"])
         return 0
     resolve_device(config.device)
     if config.feature_store is not None:  # the cheap checks before Prefect starts: files, store identity

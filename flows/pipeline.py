@@ -79,7 +79,7 @@ def _cli(model: type[PipelineConfig]) -> Callable:
         for stage in stages:
             status = "skipped (already complete)" if stage["skipped"] else f"ran in {stage['seconds']:.1f} s"
             print(f"{stage['stage']}: {status}")
-        print_summary(config.paths()["eval"], finished(config.evaluate_config())["methods"])
+        print_summary(config.paths()["eval"], finished(config.evaluate_config())["samplers"])
         print(f"total wall time {time.perf_counter() - t0:.0f} s")
         return 0
 
