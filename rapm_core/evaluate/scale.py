@@ -81,7 +81,7 @@ def spec_record(spec: SamplerSpec) -> dict:
 
 
 @dataclass
-class Sampler:
+class WorkerModels:
     """What one worker process holds for one kind of sampler: the pipeline (its UNet fused with the
     student's LoRA for the student) and the feature extractors."""
 
@@ -95,21 +95,21 @@ class Sampler:
         return out
 
 
-def sampler(config: EvaluateConfig, p: Prepared, student: bool) -> Sampler:
-    """This process's sampler, loaded once per worker (``worker_cached``: one at a time, so the
+def worker_models(config: EvaluateConfig, p: Prepared, student: bool) -> WorkerModels:
+    """This process's models, loaded once per worker (``worker_cached``: one at a time, so the
     teacher samplers' shards run before the student's)."""
     schema = p.store.schema
     key = ("rapm-eval", schema.teacher, schema.teacher_fingerprint, schema.compute_dtype, config.device,
            config.fid_weights, config.clip_model, (p.record["config_hash"], p.done["step"]) if student else None)
 
-    def load() -> Sampler:
+    def load() -> WorkerModels:
         device = resolve_device(config.device)
         check_teacher_unchanged(schema, p.store.path)
         teacher = load_teacher(schema.teacher, schema.teacher_revision, resolve_dtype(schema.compute_dtype), device)
         if student:
             p.student.load_into(teacher.pipe)  # the stock diffusers way, fused as deployed
         extractors = [m.extractor(config, device) for m in feature_metrics() if m.feature_config(config) is not None]
-        return Sampler(teacher, extractors)
+        return WorkerModels(teacher, extractors)
 
     return worker_cached(key, load)
 
@@ -120,7 +120,7 @@ def open_store(config: EvaluateConfig, p: Prepared) -> EvalStore:
     preflight(config, p)
     wanted = wanted_identity(config, p)
     if not exists(config.feature_store):
-        s = sampler(config, p, student=False)
+        s = worker_models(config, p, student=False)
         h, w = (d * s.teacher.pipe.vae_scale_factor for d in p.store.schema.latent_shape[1:])
         probe = s.features(torch.zeros(1, 3, h, w, dtype=torch.uint8), [p.prompts[0]])
         schema = EvalStoreSchema(**wanted, image_size=(h, w), feature_shapes={k: list(v.shape[1:])
@@ -148,7 +148,7 @@ def evaluate_range(config: EvaluateConfig, p: Prepared, method: str, start: int,
     if not pending:
         return 0
     spec = next(s for s in p.specs if s.name == method)
-    s = sampler(config, p, spec.uses_student)
+    s = worker_models(config, p, spec.uses_student)
     teacher = s.teacher
     uncond = encode_uncond(teacher)
     grid_n, made = store.schema.grid_images, 0
@@ -174,7 +174,7 @@ def evaluate_range(config: EvaluateConfig, p: Prepared, method: str, start: int,
 
 def figure_png(config: EvaluateConfig, p: Prepared) -> bytes:
     """trajectory.png as bytes, drawn where the student is loaded (a worker, when sharded)."""
-    s = sampler(config, p, student=True)
+    s = worker_models(config, p, student=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "trajectory.png"
         trajectory_figure(p.store, s.teacher, p.student, lambda z: decode_latents(s.teacher.pipe.vae, z),

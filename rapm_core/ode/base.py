@@ -56,7 +56,12 @@ class Ode(ABC):
 
     @abstractmethod
     def steps(self, num_steps: int) -> tuple[Step, ...]:
-        """The ``num_steps``-step sampler's (from, to) levels, noise first; the last lands clean."""
+        """The ``num_steps``-step sampler's (from, to) levels, noise first; the last lands clean.
+
+        The student's grid is ``steps(N)``; the teacher's fine grid is ``steps(N·M)``, which
+        :class:`~rapm_core.ode.grid.SlotGrid` requires to contain the student's at every M-th
+        point (VP: diffusers' trailing grids, refused for the N, M where they do not; flow: always).
+        """
 
     @abstractmethod
     def network_time(self, level: Level | torch.Tensor) -> Any:
