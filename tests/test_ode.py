@@ -188,3 +188,16 @@ def test_vp_renoise_is_ddpm_add_noise_composed(t_a, t_b):
     (m1, s1), (m2, s2) = _moments(direct), _moments(composed)
     torch.testing.assert_close(m2, m1, rtol=0, atol=0.02)
     torch.testing.assert_close(s2, s1, rtol=0.01, atol=1e-3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_the_vp_students_jumps_are_the_exported_ddim_samplers_steps(prediction_type, n):
+    """What the student is trained with (the ODE's N steps) is what ships (the stock DDIMScheduler)."""
+    ode, cond = VpDdim(_scheduler(prediction_type).config), _cond()
+    latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(n))
+    sampler = ode.stock_sampler(n)
+    assert sampler.class_name == "DDIMScheduler" and sampler.timestep_kwargs == {}
+    own = ode_sample(FixedField(), ode, latents, cond, n, return_positions=True)
+    stock = sample_stock(FixedField(), sampler, latents, cond, return_positions=True)
+    assert (own - stock).abs().max() <= 1e-5
