@@ -41,7 +41,8 @@ from rapm_core.distill.data import load_example
 from rapm_core.distill.discriminator import HeadSet
 from rapm_core.distill.run import run_distillation
 from rapm_core.distill.student import attach_lora, lora_config
-from rapm_core.schedule import SlotGrid, ddim_step, inference_scheduler, renoise
+from rapm_core.ode import SlotGrid
+from rapm_core.ode.vp import ddim_step, inference_scheduler, renoise
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories
 from rapm_core.teacher import load_unet

@@ -28,7 +28,7 @@ from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import MethodConfig
 from rapm_core.distill.method import Example
 from rapm_core.distill.trainer import Trainer
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

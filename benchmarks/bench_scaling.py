@@ -30,7 +30,7 @@ from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import MethodConfig
 from rapm_core.distill.method import Example
 from rapm_core.distill.trainer import Trainer
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 from rapm_core.teacher import load_teacher, load_unet
 from storage.trajectory_inspect import inspect_store
 

@@ -33,7 +33,7 @@ import torch
 from bench_common import Lockstep, build_bench_teacher, machine, prompt_store
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 from rapm_core.trajectories.chain import initial_noise, teacher_trajectories, trajectory_seed
 

@@ -54,7 +54,7 @@ from planner.meta_memory import module_tensors, optimizer_tensors  # noqa: E402
 from planner.stages import STAGES, encode, stored_conditioning, training_inputs  # noqa: E402
 from planner.validation import foreach_steps  # noqa: E402
 from planner.validation import mid_size  # noqa: E402
-from rapm_core.schedule import SlotGrid  # noqa: E402
+from rapm_core.ode import SlotGrid  # noqa: E402
 from rapm_core.teacher import DTYPES  # noqa: E402
 
 GiB = 2 ** 30
@@ -130,7 +130,7 @@ def distill_item(machine: Machine, arch: Architecture, config: PlanConfig, steps
     def resident():
         yield from module_tensors(trainer.unet, trainer.heads)
         yield from optimizer_tensors(trainer.g_optimizer, trainer.d_optimizer)
-        yield trainer.student.alphas_cumprod
+        yield from trainer.student.ode.tensors()
 
     with machine.peak(resident) as box:
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from quality_measure import Bench, image_statistics, renders_as_images  # noqa: E402
-from rapm_core.evaluate.samplers import MethodSamples, method_specs  # noqa: E402
+from rapm_core.evaluate.samplers import SamplerSamples, sampler_specs  # noqa: E402
 from rapm_core.evaluate.student import load_student_export  # noqa: E402
 from rapm_core.pipeline import PipelineConfig  # noqa: E402
 from rapm_core.teacher import decode_latents  # noqa: E402
@@ -39,8 +39,8 @@ def vae_round_trip(bench: Bench) -> torch.Tensor:
 
 
 def row(bench: Bench, label: str, images: torch.Tensor) -> str:
-    spec = method_specs(4, 8, 4.0, load_student_export_stub())["student"]
-    scores = bench.metric.measure(MethodSamples(spec, torch.zeros(1), images, 1.0))
+    spec = sampler_specs(bench.schema.scheduler_config, 4, 8, 4.0, load_student_export_stub())["student"]
+    scores = bench.metric.measure(SamplerSamples(spec, torch.zeros(1), images, 1.0))
     stats = {**scores, **image_statistics(images, bench.prompts, bench.metric.model)}
     return f"| {label} | " + " | ".join(f"{stats[k]:.3f}" if abs(stats[k]) < 10 else f"{stats[k]:.1f}"
                                          for k in STATS) + " |"
@@ -48,8 +48,9 @@ def row(bench: Bench, label: str, images: torch.Tensor) -> str:
 
 def load_student_export_stub():
     from rapm_core.evaluate.student import StudentExport
+    from rapm_core.ode import StockSampler
 
-    return StudentExport(Path("-"), {}, 4, "rapm")
+    return StudentExport(Path("-"), StockSampler({"_class_name": "DDIMScheduler"}, 4), "rapm")
 
 
 def main() -> int:
@@ -67,7 +68,7 @@ def main() -> int:
     lines.append(row(bench, "real renders of another seed", renders_as_images(np.asarray(other))))
     lines.append(row(bench, "VAE round trip of the renders", vae_round_trip(bench)))
     s = bench.schema
-    specs = method_specs(s.num_slots, s.steps_per_slot, s.guidance, load_student_export_stub())
+    specs = sampler_specs(s.scheduler_config, s.num_slots, s.steps_per_slot, s.guidance, load_student_export_stub())
     for name in ("teacher_ref", "teacher_ddim"):
         lines.append(row(bench, specs[name].label, bench.sample(specs[name], bench.teacher.scheduler_config).images))
     for run in args.students:
@@ -77,8 +78,8 @@ def main() -> int:
         fresh = Bench(config, 1000, args.num_images)
         student = load_student_export(export)
         student.load_into(fresh.teacher.pipe)
-        spec = method_specs(s.num_slots, s.steps_per_slot, s.guidance, student)["student"]
-        lines.append(row(bench, f"student {run}", fresh.sample(spec, student.scheduler_config).images))
+        spec = sampler_specs(s.scheduler_config, s.num_slots, s.steps_per_slot, s.guidance, student)["student"]
+        lines.append(row(bench, f"student {run}", fresh.sample(spec, fresh.teacher.scheduler_config).images))
     print("\n".join(lines))
     return 0
 

@@ -17,7 +17,7 @@ import torch
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.evaluate.config import EvaluateConfig
-from rapm_core.evaluate.samplers import MethodSpec, eval_seed, method_specs, run_method
+from rapm_core.evaluate.samplers import SamplerSpec, eval_seed, sampler_specs, run_sampler
 from rapm_core.evaluate.student import load_student_export
 from rapm_core.pipeline import PipelineConfig
 from rapm_core.teacher import decode_latents, encode_prompts, encode_uncond, load_teacher
@@ -52,8 +52,8 @@ class Bench:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.teacher.pipe.vae, z)
 
-    def sample(self, spec: MethodSpec, scheduler_config) -> torch.Tensor:
-        return run_method(spec, self.teacher.unet, scheduler_config, self.decode, self.noise, self.cond, self.uncond,
+    def sample(self, spec: SamplerSpec, scheduler_config) -> torch.Tensor:
+        return run_sampler(spec, self.teacher.unet, scheduler_config, self.decode, self.noise, self.cond, self.uncond,
                           BATCH, step_seeds=self.step_seeds)
 
 
@@ -68,14 +68,15 @@ def measure_teachers(config_json: str, seed: int, num_images: int,
     config = PipelineConfig.model_validate_json(config_json)
     bench = Bench(config, seed, num_images)
     s = bench.schema
-    specs = method_specs(s.num_slots, s.steps_per_slot, s.guidance, load_student_stub(s.num_slots))
+    specs = sampler_specs(s.scheduler_config, s.num_slots, s.steps_per_slot, s.guidance, load_student_stub(s.num_slots))
     return {m: _scores(bench, bench.sample(specs[m], bench.teacher.scheduler_config)) for m in methods}
 
 
 def load_student_stub(num_steps: int):
     from rapm_core.evaluate.student import StudentExport
+    from rapm_core.ode import StockSampler
 
-    return StudentExport(Path("-"), {}, num_steps, "rapm")
+    return StudentExport(Path("-"), StockSampler({"_class_name": "DDIMScheduler"}, num_steps), "rapm")
 
 
 def measure_student(config: PipelineConfig, run_dir: Path, seed: int, num_images: int) -> dict[str, float]:
@@ -84,8 +85,8 @@ def measure_student(config: PipelineConfig, run_dir: Path, seed: int, num_images
     student = load_student_export(run_dir / "export")
     student.load_into(bench.teacher.pipe)
     s = bench.schema
-    spec = method_specs(s.num_slots, s.steps_per_slot, s.guidance, student)["student"]
-    return _scores(bench, bench.sample(spec, student.scheduler_config))
+    spec = sampler_specs(s.scheduler_config, s.num_slots, s.steps_per_slot, s.guidance, student)["student"]
+    return _scores(bench, bench.sample(spec, bench.teacher.scheduler_config))
 
 
 # -- what the features respond to ---------------------------------------------------------------------

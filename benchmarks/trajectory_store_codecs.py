@@ -22,7 +22,8 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from rapm_core.schedule import SlotGrid, alpha_bar, inference_scheduler
+from rapm_core.ode import SlotGrid
+from rapm_core.ode.vp import alpha_bar, inference_scheduler
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 from rapm_testing.tiny_teacher import _scheduler as sd_scheduler, build_tiny_sd15
 from rapm_core.trajectories.chain import initial_noise, teacher_trajectories, trajectory_seed

@@ -52,7 +52,7 @@ def evaluate_sharded(config: EvaluateConfig, progress: Callable[[Progress], None
     """The feature-store evaluation fanned out over ``config.execution``'s Dask cluster (inside a flow).
 
     Every method's batch-aligned index ranges are tasks writing their own chunks; the teacher
-    methods' shards run before the student's, so a worker swaps its cached model once. The
+    samplers' shards run before the student's, so a worker swaps its cached model once. The
     coordinator holds the store's lock and measures from the store at the end."""
     t_start = time.perf_counter()
     if (existing := already_evaluated(config, log, t_start)) is not None:

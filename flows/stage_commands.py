@@ -123,7 +123,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if existing is not None:
         print(f"{config.run}/{EVAL_DIR}: already evaluated with this config; nothing to do")
         publish_report(config, Path(config.run) / EVAL_DIR, print)
-        print_summary(Path(config.run) / EVAL_DIR, existing["methods"])
+        print_summary(Path(config.run) / EVAL_DIR, existing["samplers"])
         return 0
     resolve_device(config.device)
     if config.feature_store is not None:  # the cheap checks before the flow: files, store identity
@@ -170,6 +170,6 @@ def _run_pipeline(config: PipelineConfig) -> int:
     for stage in stages:
         status = "skipped (already complete)" if stage["skipped"] else f"ran in {stage['seconds']:.1f} s"
         print(f"{stage['stage']}: {status}")
-    print_summary(config.paths()["eval"], finished(config.evaluate_config())["methods"])
+    print_summary(config.paths()["eval"], finished(config.evaluate_config())["samplers"])
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
     return 0

@@ -3,7 +3,7 @@
 Each function builds the modules the stage really puts on the device (real diffusers and
 transformers classes, on meta, in the target dtype) and runs the stage's own code on them —
 ``teacher_trajectories``, the distillation ``Trainer`` (RAPM, PCM or LCM-LoRA as the registry
-builds them), ``ddim_sample``, ``decode_latents`` and the figure's ``decode_in_batches`` — under
+builds them), ``ode_sample``, ``decode_latents`` and the figure's ``decode_in_batches`` — under
 a ``MemoryCounter``. Work that repeats with the same shapes is run once: a trajectory's N·M
 teacher calls are one real call after N·M−1 stand-ins that return an output of the right shape
 (the positions still pile up as in the real loop), a RAPM iteration is one slot (every slot has
@@ -29,8 +29,8 @@ from planner.engine import (
     TARGET_MODULES, Example, GuidedTeacher, Trainer, decode_in_batches, teacher_trajectories,
 )
 from planner.meta_memory import MemoryCounter, efficient_attention, module_tensors, optimizer_tensors
-from rapm_core.sampler import ddim_sample
-from rapm_core.schedule import SlotGrid
+from rapm_core.sampler import ode_sample
+from rapm_core.ode import SlotGrid
 from rapm_core.teacher import DTYPES, decode_latents
 
 META = torch.device("meta")
@@ -287,7 +287,7 @@ def distill(arch: Architecture, config: PlanConfig) -> StageEstimate:
     if len(trainer.heads):
         rec.add_resident("heads", module_tensors(trainer.heads))
     rec.add_resident("optimizer_state", optimizer_tensors(*optimizers))
-    rec.add_resident("schedule", [trainer.student.alphas_cumprod])
+    rec.add_resident("schedule", trainer.student.ode.tensors())
     uncond = getattr(trainer.method, "uncond", None)
     if uncond is not None:
         rec.add_resident("uncond", uncond.tensors())
@@ -331,7 +331,7 @@ def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
             uncond = encode(arch, encoders, 1, dtype) if guided else None
             noise = torch.empty(images, c, h, w, dtype=dtype, device=META)
         with rec.phase("sample one step"):
-            z = ddim_sample(unet, scheduler, noise[:batch], cond[:batch], 1, config.guidance, uncond)
+            z = ode_sample(unet, scheduler, noise[:batch], cond[:batch], 1, config.guidance, uncond)
         with rec.phase("decode"):
             decode_latents(vae, z)
             del z

@@ -32,7 +32,7 @@ from planner.meta_memory import MemoryCounter, module_tensors, optimizer_tensors
 from planner.planner import architecture
 from planner.presets import preset_configs
 from planner.stages import STAGES, encode, training_inputs
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 from rapm_core.teacher import DTYPES
 from storage.trajectory_store import TrajectoryStore
 
@@ -140,7 +140,7 @@ def measure_steps(trainer: Trainer, example, seed: int = 0, extra: tuple[torch.T
     def baseline() -> Iterator[torch.Tensor]:
         yield from module_tensors(trainer.unet, trainer.heads)
         yield from optimizer_tensors(trainer.g_optimizer, trainer.d_optimizer)
-        yield trainer.student.alphas_cumprod
+        yield from trainer.student.ode.tensors()
         uncond = getattr(trainer.method, "uncond", None)
         if uncond is not None:
             yield from uncond.tensors()

@@ -1,8 +1,13 @@
-"""Deterministic DDIM sampling with optional classifier-free guidance, keeping every position.
+"""Sampling loops with optional classifier-free guidance, keeping every position on request.
 
-One function serves the teacher's N·M-step trajectories (guidance W, all positions kept), the
-N-step teacher baseline and the distilled student (LoRA enabled, guidance 1.0), so all of them
-step exactly as diffusers' ``DDIMScheduler`` does (see ``schedule.py``).
+Two loops, each with one job:
+
+- :func:`ode_sample` steps the teacher's ODE with RAPM's own arithmetic (``rapm_core.ode``): the
+  teacher's N·M-step trajectories (guidance W, all positions kept) and its N-step baseline. Its
+  steps equal the stock DDIM / FlowMatchEuler schedulers' to float precision (tested).
+- :func:`scheduler_sample` is a stock pipeline's denoising loop over any diffusers scheduler; the
+  distilled student is sampled only through it, with the scheduler it ships with
+  (:func:`sample_stock`), in distillation, evaluation and the export checks alike.
 """
 
 from __future__ import annotations
@@ -13,20 +18,19 @@ from typing import Any, Mapping
 import torch
 
 from rapm_core.conditioning import Conditioning
-from rapm_core.schedule import ddim_step, inference_scheduler, previous_timestep
+from rapm_core.ode import Ode, StockSampler, ode_for
 
 
 def guided_prediction(
     unet: torch.nn.Module,
     sample: torch.Tensor,
-    t: int,
+    t: Any,
     cond: Conditioning,
     guidance: float = 1.0,
     uncond: Conditioning | None = None,
 ) -> torch.Tensor:
-    """UNet output at ``t``; with guidance > 1, uncond + w·(cond − uncond) from one doubled batch.
-
-    ``uncond`` may hold a single row; it is broadcast to the batch as diffusers does.
+    """Network output at network time ``t``; with guidance > 1, uncond + w·(cond − uncond) from one
+    doubled batch. ``uncond`` may hold a single row; it is broadcast to the batch as diffusers does.
     """
     if guidance > 1.0:
         if uncond is None:
@@ -42,9 +46,9 @@ def guided_prediction(
 
 
 @torch.no_grad()
-def ddim_sample(
+def ode_sample(
     unet: torch.nn.Module,
-    scheduler_config: Mapping[str, Any] | Any,
+    ode: Ode | Mapping[str, Any] | Any,
     latents: torch.Tensor,
     cond: Conditioning,
     num_steps: int,
@@ -52,20 +56,18 @@ def ddim_sample(
     uncond: Conditioning | None = None,
     return_positions: bool = False,
 ) -> torch.Tensor:
-    """Run ``num_steps`` trailing DDIM steps from ``latents`` (already at the initial noise level).
+    """Run the ODE's ``num_steps``-step grid from ``latents`` (already at the initial noise level);
+    ``ode`` may be a scheduler config, whose family picks the ODE.
 
     Returns the final latents, or with ``return_positions`` a (B, num_steps + 1, C, H, W) tensor
     whose index k is the position after k steps (index 0 is ``latents`` itself).
     """
-    sched = inference_scheduler(scheduler_config, num_steps)
-    ac = sched.alphas_cumprod.to(latents.device)
-    prediction_type = sched.config.prediction_type
+    ode = ode_for(ode, latents.device).to(latents.device)
     z = latents
     positions = [z] if return_positions else None
-    for t in sched.timesteps.tolist():
-        out = guided_prediction(unet, z, t, cond, guidance, uncond)
-        z = ddim_step(z.float(), out.float(), t, previous_timestep(t, num_steps, sched.config.num_train_timesteps),
-                      ac, prediction_type).to(latents.dtype)
+    for t_from, t_to in ode.steps(num_steps):
+        out = guided_prediction(unet, z, ode.network_time(t_from), cond, guidance, uncond)
+        z = ode.step(z.float(), out.float(), t_from, t_to).to(latents.dtype)
         if positions is not None:
             positions.append(z)
     return torch.stack(positions, dim=1) if positions is not None else z
@@ -82,17 +84,38 @@ def scheduler_sample(
     uncond: Conditioning | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     return_positions: bool = False,
+    **timestep_kwargs: Any,
 ) -> torch.Tensor:
-    """A stock pipeline's denoising loop with any diffusers scheduler (DPM-Solver++, LCM …), on
-    already-encoded conditioning; ``generator`` feeds schedulers that draw noise between steps,
-    as a pipeline passes it. ``return_positions`` as :func:`ddim_sample`."""
-    scheduler.set_timesteps(num_steps)
+    """A stock pipeline's denoising loop with any diffusers scheduler (DDIM, FlowMatchEuler,
+    DPM-Solver++, LCM …), on already-encoded conditioning; ``timestep_kwargs`` go to
+    ``set_timesteps`` as a pipeline passes them (e.g. ``sigmas=``), ``generator`` to schedulers that
+    draw noise between steps. ``return_positions`` as :func:`ode_sample`."""
+    scheduler.set_timesteps(num_steps, **timestep_kwargs)
     extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    z = latents * scheduler.init_noise_sigma
+    # Flow-matching schedulers have neither (their pipelines neither scale the noise nor the input).
+    z = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda sample, _t: sample)
     positions = [z] if return_positions else None
     for t in scheduler.timesteps:
-        out = guided_prediction(unet, scheduler.scale_model_input(z, t), t, cond, guidance, uncond)
+        out = guided_prediction(unet, scale(z, t), t, cond, guidance, uncond)
         z = scheduler.step(out, t, z, **extra).prev_sample
         if positions is not None:
             positions.append(z)
     return torch.stack(positions, dim=1) if positions is not None else z
+
+
+def sample_stock(
+    unet: torch.nn.Module,
+    sampler: StockSampler,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    guidance: float = 1.0,
+    uncond: Conditioning | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    return_positions: bool = False,
+) -> torch.Tensor:
+    """``sampler`` run as a stock pipeline runs it: the distilled student (``unet`` carries its LoRA,
+    guidance 1) exactly as it ships — in distillation, evaluation and the export checks alike — or
+    a teacher baseline such as DPM-Solver++."""
+    return scheduler_sample(unet, sampler.scheduler(), latents, cond, sampler.num_steps, guidance, uncond, generator,
+                            return_positions, **sampler.timestep_kwargs)

@@ -21,7 +21,7 @@ from rapm_shapes.evaluator import (
     features, frechet_distance, images_from_uint8, images_to_uint8, load_evaluator, prompt_adherence,
 )
 from rapm_shapes.shapes import all_prompts, render_prompts
-from rapm_core.sampler import ddim_sample
+from rapm_core.sampler import ode_sample
 
 REAL_SEED_OFFSET = 7919  # real renders use other generators than the initial noise
 
@@ -46,7 +46,7 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], latents: torch.T
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         cond, uncond = pipe.encode_prompt(chunk, torch.device("cpu"), 1, guidance > 1.0)
-        z = ddim_sample(pipe.unet, pipe.scheduler.config, latents[i:i + batch_size], Conditioning(cond), num_steps,
+        z = ode_sample(pipe.unet, pipe.scheduler.config, latents[i:i + batch_size], Conditioning(cond), num_steps,
                         guidance, Conditioning(uncond) if uncond is not None else None)
         out.append(pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample.clamp(-1, 1))
     return torch.cat(out)

@@ -15,7 +15,7 @@ import torch
 from rapm_core.errors import ConfigError
 from rapm_core.evaluate.measures import kernel_distance, knn_precision_recall, to_uint8
 from rapm_core.evaluate.metrics import Column, Metric
-from rapm_core.evaluate.samplers import MethodSamples
+from rapm_core.evaluate.samplers import SamplerSamples
 from rapm_shapes import evaluator as judge
 from rapm_shapes.assets import EMBEDDED_EVALUATOR
 from rapm_shapes.shapes import parse_caption, render_prompts
@@ -82,7 +82,7 @@ class ShapesDomain(Metric):
         renders = np.asarray(render_prompts(prompts, config.render_seed, model.config["resolution"]))
         return cls(model, prompts, renders, directory.name)
 
-    def measure(self, samples: MethodSamples) -> dict[str, float]:
+    def measure(self, samples: SamplerSamples) -> dict[str, float]:
         x = evaluator_images(samples.images)
         resolution = self.model.config["resolution"]
         if tuple(x.shape[-2:]) != (resolution, resolution):

@@ -212,7 +212,7 @@ domain FID {few['domain_fid']:.1f} vs {full['domain_fid']:.1f} ({_compare(few['d
 
 Measured by `{metrics['command'] or 'rapm recipe measure'}` with the evaluator in `{metrics['evaluator']}`:
 {metrics['n_prompts']} prompts (every attribute combination, cycled), one seeded initial noise each,
-trailing DDIM via `rapm_core.sampler.ddim_sample`, decoded with `vae.decode(latents / scaling_factor)`.
+trailing DDIM via `rapm_core.sampler.ode_sample`, decoded with `vae.decode(latents / scaling_factor)`.
 Adherence = share of images whose predicted attributes all match the prompt; domain FID against
 real renders of the same prompts. Floors and ceilings: real-vs-real FID between two render seeds
 {metrics['real_vs_real_fid']:.2f}; the VAE alone (encode → decode of the real renders) reaches adherence

@@ -10,8 +10,8 @@ from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import MethodConfig
 from rapm_core.distill.method import Example
 from rapm_core.distill.trainer import Trainer
-from rapm_core.sampler import ddim_sample
-from rapm_core.schedule import SlotGrid
+from rapm_core.sampler import ode_sample
+from rapm_core.ode import SlotGrid
 
 LATENT = (1, 4, 16, 16)
 
@@ -47,7 +47,7 @@ def teacher_trajectory(teacher_dir, grid: SlotGrid, seed: int = 0) -> Example:
     unet = load_unet(teacher_dir)
     cond = random_cond(unet, seed)
     noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed + 100))
-    positions = ddim_sample(unet, scheduler_config(teacher_dir), noise, cond, grid.total_steps, return_positions=True)[0]
+    positions = ode_sample(unet, scheduler_config(teacher_dir), noise, cond, grid.total_steps, return_positions=True)[0]
     return Example(positions=positions, cond=cond, index=seed)
 
 

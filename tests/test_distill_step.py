@@ -10,7 +10,7 @@ from rapm_core.distill.method import Example
 from rapm_core.distill.rapm import slot_targets
 from rapm_core.distill.trainer import NonFiniteLossError, Trainer
 from rapm_core.errors import ConfigError
-from rapm_core.sampler import ddim_sample
+from rapm_core.sampler import ode_sample
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _record_unet_calls(unet):
 def _student_positions(tiny_sd15_dir, grid, example):
     """The N-step trailing DDIM chain of the (still untrained, = teacher) student from Z[0]."""
     from distill_support import load_unet
-    return ddim_sample(load_unet(tiny_sd15_dir), scheduler_config(tiny_sd15_dir), example.positions[:1],
+    return ode_sample(load_unet(tiny_sd15_dir), scheduler_config(tiny_sd15_dir), example.positions[:1],
                        example.cond, grid.num_slots, return_positions=True)[0]
 
 

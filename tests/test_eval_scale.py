@@ -84,7 +84,7 @@ def _assert_same_store(a: Path, b: Path) -> None:
 
 
 def _metric_rows(result) -> dict[str, dict]:
-    return {r["method"]: {k: r.get(k) for k in ("inception_fid", "clip_score")} for r in result.rows}
+    return {r["sampler"]: {k: r.get(k) for k in ("inception_fid", "clip_score")} for r in result.rows}
 
 
 # -- the statistics, against torchmetrics ------------------------------------------------------
@@ -200,12 +200,12 @@ def test_bad_input_is_one_line_exit_2(assets, tmp_path, capsys):
     _refused(base + ["--fid-weights", str(assets["weights"]), "--fid-reference", str(one)], capsys,
              "need at least 2 real images")
     assert not (tmp_path / "s.zarr").exists()  # refused before anything was sampled
-    _refused(["evaluate", "--run", str(run), "--methods", "student", "--backend", "local-cluster"], capsys,
+    _refused(["evaluate", "--run", str(run), "--samplers", "student", "--backend", "local-cluster"], capsys,
              "needs --feature-store")
-    config = _config(assets, run, tmp_path / "s.zarr", num_images=4, clip_model=None, methods=["teacher_ref"])
+    config = _config(assets, run, tmp_path / "s.zarr", num_images=4, clip_model=None, samplers=["teacher_ref"])
     evaluate_run(config, log=lambda _: None)
     capsys.readouterr()  # the loading bars of that run
-    _refused(base + ["--methods", "teacher_ref", "--seed", "1", "--fid-weights", str(assets["weights"])], capsys,
+    _refused(base + ["--samplers", "teacher_ref", "--seed", "1", "--fid-weights", str(assets["weights"])], capsys,
              "made for another evaluation .*seed: store has 0, this run wants 1")
 
 
@@ -253,7 +253,7 @@ def test_feature_store_and_reference_cache_on_s3(assets, tmp_path, s3_bucket):  
     import fsspec
 
     url = f"{s3_bucket}/eval-features.zarr"
-    kw = dict(num_images=4, methods=["teacher_ref", "teacher_ddim"], clip_model=None,
+    kw = dict(num_images=4, samplers=["teacher_ref", "teacher_ddim"], clip_model=None,
               fid_reference=str(assets["real"]))
     remote = evaluate_run(_config(assets, _copy_run(assets, tmp_path / "run-s3"), url, **kw), log=lambda _: None)
     local = evaluate_run(_config(assets, _copy_run(assets, tmp_path / "run-local"), tmp_path / "local.zarr", **kw),

@@ -14,8 +14,10 @@ from flows.cli import main as rapm_main
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.eval_dir import finished
 from rapm_core.evaluate.run import evaluate_run
-from rapm_core.evaluate.samplers import dpm_solver_sample, dpm_solver_scheduler, method_specs
+from rapm_core.evaluate.samplers import sampler_specs
 from rapm_core.evaluate.student import StudentExport
+from rapm_core.ode import StockSampler, ode_for
+from rapm_core.sampler import sample_stock
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 from rapm_core.trajectories.chain import initial_noise
 from rapm_shapes.evaluator import ShapesClassifier, save_evaluator
@@ -28,21 +30,22 @@ def test_dpm_solver_equals_stock_pipeline(kind, tiny_sd15_dir, tiny_sdxl_dir):
     teacher = load_teacher(tiny_sd15_dir if kind == "sd15" else tiny_sdxl_dir)
     prompts = PROMPTS[:2]
     noise = initial_noise([1, 2], teacher.latent_shape, torch.float32, "cpu")
-    ours = dpm_solver_sample(teacher.unet, teacher.scheduler_config, noise, encode_prompts(teacher, prompts), 4,
-                             guidance=3.0, uncond=encode_uncond(teacher))
+    sampler = ode_for(teacher.scheduler_config).dpm_solver(4)
+    ours = sample_stock(teacher.unet, sampler, noise, encode_prompts(teacher, prompts), 3.0, encode_uncond(teacher))
 
     cls = StableDiffusionPipeline if kind == "sd15" else StableDiffusionXLPipeline
-    stock = cls(**{**teacher.pipe.components, "scheduler": dpm_solver_scheduler(teacher.scheduler_config, 4)})
+    stock = cls(**{**teacher.pipe.components, "scheduler": sampler.scheduler()})
     stock.set_progress_bar_config(disable=True)
     ref = stock(prompts, latents=noise.clone(), num_inference_steps=4, guidance_scale=3.0, output_type="latent").images
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    assert dpm_solver_scheduler(teacher.scheduler_config, 4).timesteps.tolist() == [999, 749, 499, 249]
+    assert stock.scheduler.timesteps.tolist() == [999, 749, 499, 249]
 
 
-def test_method_specs_cost():
-    specs = method_specs(num_slots=4, steps_per_slot=10, guidance=7.5,
-                         student=StudentExport(Path("export"), {}, num_steps=4, method="rapm"))
+def test_sampler_specs_cost(tiny_sd15_dir):
+    student = StudentExport(Path("export"), StockSampler({"_class_name": "DDIMScheduler"}, 4), method="rapm")
+    specs = sampler_specs(load_teacher(tiny_sd15_dir).scheduler_config, num_slots=4, steps_per_slot=10, guidance=7.5,
+                          student=student)
     assert {k: s.nfe for k, s in specs.items()} == {"teacher_ref": 80, "teacher_ddim": 8, "dpm_solver": 8,
                                                     "student": 4}
     assert specs["student"].guidance == 1.0
@@ -73,7 +76,7 @@ def test_evaluate_writes_every_output(tiny_run, tiny_evaluator):
     assert progress[-1].percent == pytest.approx(100.0) and progress[-1].unit == "images"
 
     data = json.loads((eval_dir / "metrics.json").read_text())
-    rows = {r["method"]: r for r in data["methods"]}
+    rows = {r["sampler"]: r for r in data["samplers"]}
     assert list(rows) == ["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
     assert {k: r["nfe"] for k, r in rows.items()} == {"teacher_ref": 8, "teacher_ddim": 4, "dpm_solver": 4,
                                                       "student": 2}
@@ -98,7 +101,7 @@ def test_evaluate_writes_every_output(tiny_run, tiny_evaluator):
 
     # The same config on the same finished run is already done, whatever the batch size.
     again = evaluate_run(config.model_copy(update={"batch_size": 2}), log=lambda _: None)
-    assert again.skipped and again.rows == data["methods"]
+    assert again.skipped and again.rows == data["samplers"]
     assert finished(config.model_copy(update={"seed": 1})) is None
 
 
@@ -110,11 +113,11 @@ def test_evaluate_is_reproducible_across_batch_sizes(tiny_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval"))
     base = dict(run=str(copy), trajectories=str(store), num_images=4, device="cpu", evaluator="none",
-                methods=["teacher_ddim"])
+                samplers=["teacher_ddim"])
     a = evaluate_run(EvaluateConfig(batch_size=4, **base), log=lambda _: None).rows
     shutil.rmtree(copy / "eval")
     b = evaluate_run(EvaluateConfig(batch_size=1, **base), log=lambda _: None).rows
-    assert [r["method"] for r in a] == ["teacher_ref", "teacher_ddim"]
+    assert [r["sampler"] for r in a] == ["teacher_ref", "teacher_ddim"]
     assert a[1]["latent_mse"] == pytest.approx(b[1]["latent_mse"], rel=1e-4)
     assert "domain_fid" not in a[1]
 
@@ -136,7 +139,7 @@ def test_evaluate_finds_the_store_its_run_was_distilled_from(tiny_run, tmp_path,
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval"))
     assert rapm_main(["evaluate", "--run", str(copy), "--num-images", "2", "--batch-size", "2", "--device", "cpu",
-                      "--evaluator", "none", "--methods", "student"]) == 0
+                      "--evaluator", "none", "--samplers", "student"]) == 0
     assert "| RAPM student 2 steps |" in capsys.readouterr().out
     assert (copy / "eval" / "metrics.json").is_file()
 

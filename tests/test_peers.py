@@ -23,7 +23,7 @@ from rapm_core.distill.run import run_config_hash, run_distillation
 from rapm_core.distill.trainer import Trainer
 from rapm_core.errors import ConfigError
 from rapm_core.sampler import guided_prediction
-from rapm_core.schedule import ddim_step, inference_scheduler
+from rapm_core.ode.vp import VpDdim, ddim_step, inference_scheduler
 from rapm_shapes.assets import EMBEDDED_TEACHER
 from rapm_shapes.shapes import all_prompts
 from storage.trajectory_store import TrajectoryStore
@@ -46,7 +46,7 @@ def _randomised(trainer: Trainer, seed: int = 1) -> Trainer:
 
 
 def test_the_peers_grid_and_phases_are_the_published_ones(tiny_sd15_dir):
-    grid = SkippingGrid.make(50)
+    grid = SkippingGrid.make(VpDdim(scheduler_config(tiny_sd15_dir)), 50)
     assert (grid.timesteps[0], grid.timesteps[1], grid.timesteps[-1]) == (19, 39, 999)
     assert grid.previous[:3] == (0, 19, 39) and len(grid) == 50
     pcm = _trainer(tiny_sd15_dir, method="pcm").method
@@ -174,7 +174,34 @@ def test_an_lcm_run_is_evaluated_with_its_own_scheduler(tmp_path, tiny_sd15_dir)
     eval_prompts = tmp_path / "eval-prompts"
     write_prompt_store(eval_prompts, [PromptRecord(prompt_id(t), t, "eval") for t in ("a red circle", "a blue cat")])
     result = evaluate_run(EvaluateConfig(run=config.out, prompts=str(eval_prompts), num_images=2, batch_size=2,
-                                         device="cpu", evaluator="none", methods=["student"], trajectory_rows=1),
+                                         device="cpu", evaluator="none", samplers=["student"], trajectory_rows=1),
                           log=lambda _: None)
-    student = next(r for r in result.rows if r["method"] == "student")
+    student = next(r for r in result.rows if r["sampler"] == "student")
     assert student["label"] == "LCM student 2 steps" and student["nfe"] == 2 and student["latent_mse"] > 0
+
+
+def test_evaluation_samples_an_lcm_student_as_the_stock_pipeline_does(tiny_sd15_dir, tmp_path):
+    """Evaluation's student row, read from the export the way evaluation reads it, against a stock
+    StableDiffusionPipeline with the exported LCMScheduler and LoRA, from the same latents and
+    step noise: the scheduler evaluation measures is the one that ships."""
+    from rapm_core.evaluate.samplers import eval_seed, sample_latents, sampler_specs
+    from rapm_core.evaluate.student import load_student_export
+
+    trainer = _randomised(_trainer(tiny_sd15_dir, method="lcm"))
+    export = trainer.export(tmp_path / "export", teacher=str(tiny_sd15_dir), model_card={})
+    student = load_student_export(export)
+    evaluated = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    student.load_into(evaluated)
+    spec = sampler_specs(evaluated.scheduler.config, 4, 2, 3.0, student)["student"]
+    cond = random_cond(trainer.unet, seed=3)
+    latents = torch.randn(LATENT, generator=torch.Generator().manual_seed(4))
+    seed = eval_seed(0, 0, "rapm-eval-steps")
+    ours = sample_latents(spec, evaluated.unet, evaluated.scheduler.config, latents, cond, None, [seed])
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = LCMScheduler.from_pretrained(export, subfolder="scheduler")
+    pipe.load_lora_weights(export)
+    stock = pipe(prompt_embeds=cond.prompt_embeds, num_inference_steps=4, guidance_scale=1.0, latents=latents.clone(),
+                 output_type="latent", generator=[torch.Generator().manual_seed(seed)]).images
+    assert (stock - ours).abs().max() <= 1e-4

@@ -63,7 +63,7 @@ def test_pipeline_runs_every_stage_then_resumes_and_skips(tmp_path, tiny_sd15_di
         assert f"{stage}: skipped (already complete)" in second.stdout
     assert "evaluate: ran in" in second.stdout
     again = json.loads((eval_dir / "metrics.json").read_text())
-    assert _without_timing(again["methods"]) == _without_timing(metrics["methods"])
+    assert _without_timing(again["samplers"]) == _without_timing(metrics["samplers"])
     assert (work / "run" / "export" / "pytorch_lora_weights.safetensors").read_bytes() == export
 
     # Everything complete: no flow run at all, the table printed from metrics.json.
@@ -123,9 +123,9 @@ def test_every_stage_option_is_reachable_from_the_pipeline():
     config = PipelineConfig(work="w", teacher="t", trajectories={"store_dtype": "float32", "limit": 5,
                                                                  "execution": {"backend": "local-cluster"}},
                             distill={"keep_checkpoints": 7}, evaluate={"fid_reference": "real", "publish": "s3://b/r",
-                                                                       "methods": ["student"]})
+                                                                       "samplers": ["student"]})
     assert config.trajectories_config().store_dtype == "float32" and config.trajectories_config().limit == 5
     assert config.trajectories_config().execution.backend == "local-cluster"
     assert config.distill_config().keep_checkpoints == 7
     ev = config.evaluate_config()
-    assert (ev.fid_reference, ev.publish, ev.methods) == ("real", "s3://b/r", ["teacher_ref", "student"])
+    assert (ev.fid_reference, ev.publish, ev.samplers) == ("real", "s3://b/r", ["teacher_ref", "student"])

@@ -263,7 +263,7 @@ def test_planner_predicts_the_engines_bf16_weights_run(tmp_path, tiny_sd15_dir):
 def test_planner_is_within_15_percent_of_max_memory_allocated(method):
     from planner.engine import Trainer
     from planner.stages import training_inputs
-    from rapm_core.schedule import SlotGrid
+    from rapm_core.ode import SlotGrid
 
     arch = from_preset("sd15")
     config = PlanConfig(preset="sd15", precision="bf16", resolution=256, slots=2, steps_per_slot=2,

@@ -113,7 +113,7 @@ def test_distill_and_evaluate_from_an_s3_store_publish_the_report_to_s3(s3_bucke
     write_prompt_store(eval_prompts, [PromptRecord(prompt_id(t), t, "eval") for t in PROMPTS[:2]])
     logs: list[str] = []
     config = EvaluateConfig(run=str(run), trajectories=url, prompts=str(eval_prompts), num_images=2,
-                            batch_size=2, device="cpu", evaluator="none", methods=["student"], trajectory_rows=1,
+                            batch_size=2, device="cpu", evaluator="none", samplers=["student"], trajectory_rows=1,
                             grid_rows=2, publish=target)
     result = evaluate_run(config, log=logs.append)
     local = tmp_path / "run" / "eval"

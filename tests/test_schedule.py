@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from rapm_core.schedule import SlotGrid, ddim_step, inference_scheduler, previous_timestep, renoise, alpha_bar
+from rapm_core.ode import SlotGrid
+from rapm_core.ode.vp import ddim_step, inference_scheduler, previous_timestep, renoise, alpha_bar
 from rapm_testing.tiny_teacher import _scheduler
 
 

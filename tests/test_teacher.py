@@ -13,11 +13,12 @@ from diffusers.utils import logging as diffusers_logging
 
 from rapm_core.errors import ConfigError
 from rapm_core.sampler import guided_prediction
-from rapm_core.schedule import SlotGrid, ddim_step, inference_scheduler, predict_x0_eps
+from rapm_core.ode import SlotGrid
+from rapm_core.ode.vp import ddim_step, inference_scheduler, predict_x0_eps, solve_x0_eps
 from rapm_core.teacher import (
     count_truncated, decode_latents, encode_prompts, encode_uncond, latent_shape, load_teacher, load_unet, load_vae,
 )
-from rapm_core.trajectories.chain import boundary_x0, initial_noise, solve_x0_eps, teacher_trajectories, trajectory_seed
+from rapm_core.trajectories.chain import boundary_x0, initial_noise, teacher_trajectories, trajectory_seed
 
 LONG = "a very small red circle in the top left corner of a large empty canvas"  # > 32 chars
 
@@ -127,7 +128,7 @@ def test_x0_from_two_stored_positions_equals_the_unets_prediction(fixture, reque
     nxt = ddim_step(z[:, k], eps, grid.fine[k], grid.fine_prev(k), ac, "epsilon")
     torch.testing.assert_close(nxt, z[:, k + 1], rtol=0, atol=1e-5)
 
-    at, x0s = z[0][grid.boundary_indices()], boundary_x0(z[0], grid, ac)
+    at, x0s = z[0][grid.boundary_indices()], boundary_x0(z[0], grid)
     assert at.shape == (3, 4, 16, 16) and x0s.shape == (2, 4, 16, 16)
     assert torch.equal(at[1], z[0, 2]) and torch.equal(at[2], z[0, 4])
     torch.testing.assert_close(x0s[1], x0_unet[0], rtol=0, atol=1e-4)

@@ -16,7 +16,6 @@ from rapm_core.distill.discriminator import FeatureTaps, HeadSet
 from rapm_core.distill.losses import discriminator_accuracy, discriminator_hinge_loss, generator_adversarial_loss
 from rapm_core.distill.method import LossTerms
 from rapm_core.distill.student import Student
-from rapm_core.schedule import renoise
 
 
 class Discriminators:
@@ -30,9 +29,10 @@ class Discriminators:
             self.heads = torch.nn.ModuleDict({
                 kind: HeadSet(self.taps.channels, config.disc_channels) for kind in kinds}).to(student.device)
 
-    def features(self, sample: torch.Tensor, t: int, cond: Conditioning) -> list[torch.Tensor]:
+    def features(self, sample: torch.Tensor, t, cond: Conditioning) -> list[torch.Tensor]:
+        """The backbone's features at level ``t``."""
         with self.student.autocast():
-            return self.taps(sample.to(self.student.dtype), t, cond)
+            return self.taps(sample.to(self.student.dtype), self.student.ode.network_time(t), cond)
 
     def add_terms(self, terms: LossTerms, fake: torch.Tensor, reals: dict[str, torch.Tensor], level: int,
                   t_range: tuple[int, int], cond: Conditioning, weights: dict[str, float],
@@ -40,13 +40,13 @@ class Discriminators:
         """G, D terms and stats of every head set into ``terms``; samples sit at noise ``level``,
         t′ is drawn from [t_range) and one noise is drawn for all of them."""
         student = self.student
-        t_prime = int(torch.randint(t_range[0], t_range[1], (1,), generator=generator))
+        ode = student.ode
+        t_prime = ode.draw_level(t_range[0], t_range[1], generator)
         noise = torch.randn(fake.shape, generator=generator).to(student.device)
-        fake_feats = self.features(renoise(fake, level, t_prime, noise, student.alphas_cumprod), t_prime, cond)
+        fake_feats = self.features(ode.renoise(fake, level, t_prime, noise), t_prime, cond)
         with torch.no_grad():
             real = torch.cat([reals[k] for k in self.kinds])
-            real_feats = self.features(renoise(real, level, t_prime, noise, student.alphas_cumprod), t_prime,
-                                       cond[[0] * real.shape[0]])
+            real_feats = self.features(ode.renoise(real, level, t_prime, noise), t_prime, cond[[0] * real.shape[0]])
         for row, kind in enumerate(self.kinds):
             heads = self.heads[kind]
             with student.autocast():

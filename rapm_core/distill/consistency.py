@@ -6,14 +6,14 @@ iteration draws one index i, noises the clean latents x0 to t₊, and asks the g
 one DDIM step t₊ → t, with LCM's form of guidance x̂0 = x̂0_c + w(x̂0_c − x̂0_u), i.e. CFG scale
 1 + w. The teacher is the student's own UNet with its adapters bypassed; the scale is drawn from
 ``peer.teacher_guidance`` (default: the store's own guidance, so every method distils the same
-guided teacher). All draws come from the run's generator.
+guided teacher). All draws come from the run's generator. The grid, the noising and the step are
+the teacher ODE's (``Ode.skipping_grid``: the scripts' DDIM grid for VP teachers).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from rapm_core.distill.config import MethodConfig
@@ -21,21 +21,19 @@ from rapm_core.distill.method import Example, GuidedTeacher, Method
 from rapm_core.distill.student import Student, teacher_mode
 from rapm_core.errors import ConfigError
 from rapm_core.sampler import guided_prediction
-from rapm_core.schedule import SlotGrid, alpha_bar, ddim_step
+from rapm_core.ode import Ode, SlotGrid
 
 
 @dataclass(frozen=True)
 class SkippingGrid:
     """The peers' K-step DDIM teacher grid."""
 
-    timesteps: tuple[int, ...]  # t₊ of index i
-    previous: tuple[int, ...]  # t of index i: where the teacher's one step lands
+    timesteps: tuple  # t₊ of index i (levels of the teacher's ODE)
+    previous: tuple  # t of index i: where the teacher's one step lands
 
     @classmethod
-    def make(cls, steps: int, num_train_timesteps: int = 1000) -> "SkippingGrid":
-        ratio = num_train_timesteps // steps
-        timesteps = [int(t) for t in (np.arange(1, steps + 1) * ratio).round().astype(np.int64) - 1]
-        return cls(tuple(timesteps), tuple([0] + timesteps[:-1]))
+    def make(cls, ode: Ode, steps: int) -> "SkippingGrid":
+        return cls(*ode.skipping_grid(steps))
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -60,7 +58,7 @@ class ConsistencyMethod(Method):
         super().__init__(student, grid, config, teacher)
         if teacher is None:
             raise ConfigError(f"{self.name} calls the guided teacher: it needs the store's unconditional embeddings")
-        self.solver = SkippingGrid.make(config.peer.solver_steps, grid.num_train_timesteps)
+        self.solver = SkippingGrid.make(student.ode, config.peer.solver_steps)
         self.guidance_range = config.peer.teacher_guidance or (teacher.guidance, teacher.guidance)
         self.uncond = teacher.uncond.to(student.device, student.dtype)
 
@@ -75,10 +73,10 @@ class ConsistencyMethod(Method):
         low, high = self.guidance_range
         guidance = low + (high - low) * float(torch.rand((), generator=generator))
         t_plus, t = self.solver.timesteps[index], self.solver.previous[index]
-        a = alpha_bar(student.alphas_cumprod, t_plus)
-        x_plus = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_plus = student.ode.noise(x0, t_plus, noise)
         cond = example.cond.to(student.device, student.dtype)
         with torch.no_grad(), teacher_mode(student.unet), student.autocast():
-            out = guided_prediction(student.unet, x_plus.to(student.dtype), t_plus, cond, guidance, self.uncond).float()
-        x_teacher = ddim_step(x_plus, out, t_plus, t, student.alphas_cumprod, student.prediction_type)
+            out = guided_prediction(student.unet, x_plus.to(student.dtype), student.ode.network_time(t_plus), cond,
+                                    guidance, self.uncond).float()
+        x_teacher = student.ode.step(x_plus, out, t_plus, t)
         return ConsistencyDraw(index, t_plus, t, x_plus, x_teacher, guidance)

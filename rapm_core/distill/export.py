@@ -2,7 +2,8 @@
 
 The adapter is saved so that a stock ``pipe.load_lora_weights(dir)`` reproduces the student
 exactly (``save_diffusers_lora`` says how that silently fails otherwise), beside the scheduler the
-method samples with and ``inference.json`` (the step count, which a scheduler config cannot hold).
+method samples with and ``inference.json`` (the step count and any ``set_timesteps`` arguments such
+as a flow teacher's ``sigmas``, which a scheduler config cannot hold).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig
 
 from rapm_core.distill.student import lora_state_dict
+from rapm_core.ode import StockSampler
 
 
 def is_sdxl_unet(unet: torch.nn.Module) -> bool:
@@ -36,16 +38,17 @@ def save_diffusers_lora(unet: torch.nn.Module, config: LoraConfig, out_dir: str 
     return out_dir
 
 
-def write_model_card(out_dir: str | Path, teacher: str, num_steps: int, steps_per_slot: int, lora: LoraConfig,
-                     sdxl: bool, extra: Mapping[str, Any], method: str = "rapm", scheduler: str = "DDIMScheduler",
+def write_model_card(out_dir: str | Path, teacher: str, sampler: StockSampler, steps_per_slot: int,
+                     lora: LoraConfig, sdxl: bool, extra: Mapping[str, Any], method: str = "rapm",
                      title: str = "") -> None:
     """README.md (Hub-style card: teacher, N, M, how to sample) and ``inference.json`` (N, guidance,
-    method, scheduler class) beside the LoRA, because the scheduler config alone cannot record the
-    step count."""
+    method, scheduler class, ``set_timesteps`` arguments) beside the LoRA, because the scheduler
+    config alone cannot record the step count."""
     out_dir = Path(out_dir)
+    num_steps, scheduler = sampler.num_steps, sampler.class_name
     settings = {"num_inference_steps": num_steps, "guidance_scale": 1.0, "teacher": teacher, "method": method,
-                "scheduler": scheduler, "steps_per_slot": steps_per_slot, "lora_rank": lora.r,
-                "lora_alpha": lora.lora_alpha}
+                "scheduler": scheduler, "set_timesteps": sampler.timestep_kwargs, "steps_per_slot": steps_per_slot,
+                "lora_rank": lora.r, "lora_alpha": lora.lora_alpha}
     (out_dir / "inference.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     pipeline_cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     rows = [("teacher", teacher), ("steps N", num_steps), ("teacher steps per slot M", steps_per_slot),
@@ -62,8 +65,14 @@ def write_model_card(out_dir: str | Path, teacher: str, num_steps: int, steps_pe
     lines += ["## Use", "", "```python", f"from diffusers import {pipeline_cls}, {scheduler}",
               f'pipe = {pipeline_cls}.from_pretrained("{teacher}")', 'pipe.load_lora_weights("<this folder>")',
               f'pipe.scheduler = {scheduler}.from_pretrained("<this folder>", subfolder="scheduler")',
-              f'image = pipe("a prompt", num_inference_steps={num_steps}, guidance_scale=1.0).images[0]', "```", ""]
+              f'image = pipe("a prompt", num_inference_steps={num_steps}{call_arguments(sampler)}, '
+              'guidance_scale=1.0).images[0]', "```", ""]
     (out_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def call_arguments(sampler: StockSampler) -> str:
+    """The pipeline call's extra keywords (a flow student's ``sigmas=``), as Python source."""
+    return "".join(f", {k}={json.dumps(v)}" for k, v in sampler.timestep_kwargs.items())
 
 
 def _cell(value: Any) -> str:

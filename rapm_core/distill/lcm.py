@@ -13,14 +13,13 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from diffusers import LCMScheduler, SchedulerMixin
+from diffusers import LCMScheduler
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill.consistency import ConsistencyMethod
 from rapm_core.distill.losses import pointwise_loss
 from rapm_core.distill.method import Example, LossTerms
-from rapm_core.sampler import scheduler_sample
-from rapm_core.schedule import predict_x0_eps
+from rapm_core.ode import StockSampler
 
 SIGMA_DATA = 0.5  # diffusers' LCMScheduler fixes it
 
@@ -44,7 +43,7 @@ class Lcm(ConsistencyMethod):
 
     def consistency(self, x: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
         student = self.student
-        x0, _ = predict_x0_eps(x, student.predict(x, t, cond), t, student.alphas_cumprod, student.prediction_type)
+        x0 = student.ode.predict_x0(x, student.predict(x, t, cond), t)
         c_skip, c_out = self.boundary(t)
         return c_skip * x + c_out * x0
 
@@ -59,12 +58,7 @@ class Lcm(ConsistencyMethod):
         yield LossTerms(generator={"lcm_pointwise": p}, stats={"lcm_pointwise": float(p.detach()),
                                                                 "grid_index": float(draw.index)})
 
-    def sampling_scheduler(self) -> SchedulerMixin:
-        return lcm_scheduler(self.student.scheduler_config, self.config.peer.solver_steps,
-                             self.config.lcm.timestep_scaling)
-
-    @torch.no_grad()
-    def sample(self, latents: torch.Tensor, cond: Conditioning,
-               generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-        return scheduler_sample(self.student.unet, self.sampling_scheduler(), latents, cond, self.sampling_steps(),
-                                generator=generator)
+    def stock_sampler(self) -> StockSampler:
+        scheduler = lcm_scheduler(self.student.scheduler_config, self.config.peer.solver_steps,
+                                  self.config.lcm.timestep_scaling)
+        return StockSampler({"_class_name": "LCMScheduler", **scheduler.config}, self.grid.num_slots)

@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-from diffusers import SchedulerMixin
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import MethodConfig
 from rapm_core.distill.student import Student
-from rapm_core.sampler import ddim_sample
-from rapm_core.schedule import SlotGrid, inference_scheduler
+from rapm_core.ode import StockSampler, SlotGrid
+from rapm_core.sampler import sample_stock
 
 
 @dataclass
@@ -77,16 +76,15 @@ class Method(ABC):
         """Student forward+backward passes one iteration makes (the peers' equal-budget unit)."""
         return 1
 
-    def sampling_scheduler(self) -> SchedulerMixin:
-        """The scheduler the distilled student samples with (exported beside the LoRA)."""
-        return inference_scheduler(self.student.scheduler_config)
-
-    def sampling_steps(self) -> int:
-        return self.grid.num_slots
+    def stock_sampler(self) -> StockSampler:
+        """What the distilled student samples with, exported beside the LoRA: the stock scheduler
+        of the teacher's ODE on the student's N-step grid (trailing DDIM, or flow Euler with
+        ``sigmas=``), guidance 1."""
+        return self.student.ode.stock_sampler(self.grid.num_slots)
 
     @torch.no_grad()
     def sample(self, latents: torch.Tensor, cond: Conditioning,
                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-        """The distilled student's own sampler (what the exported scheduler reproduces): trailing
-        DDIM, N steps, guidance 1 (deterministic: ``generator`` is for stochastic samplers)."""
-        return ddim_sample(self.student.unet, self.student.scheduler_config, latents, cond, self.sampling_steps())
+        """The distilled student through the one path evaluation and the export use
+        (:func:`rapm_core.sampler.sample_stock`); ``generator`` feeds stochastic samplers."""
+        return sample_stock(self.student.unet, self.stock_sampler(), latents, cond, generator=generator)

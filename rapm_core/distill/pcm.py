@@ -22,7 +22,7 @@ from rapm_core.distill.consistency import ConsistencyMethod
 from rapm_core.distill.losses import pointwise_loss
 from rapm_core.distill.method import Example, GuidedTeacher, LossTerms
 from rapm_core.distill.student import Student
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 
 
 class Pcm(ConsistencyMethod):
@@ -54,7 +54,6 @@ class Pcm(ConsistencyMethod):
         terms = LossTerms(generator={"pcm_pointwise": p}, stats={"pcm_pointwise": float(p.detach()),
                                                                   "grid_index": float(draw.index)})
         if self.discriminators is not None:
-            span = self.grid.num_train_timesteps // self.grid.num_slots
-            self.discriminators.add_terms(terms, fake, {"pcm": target}, s, (s, s + span), cond, {"pcm": 1.0},
-                                          generator)
+            t_range = (s, student.ode.level_above(s, self.grid.num_slots))
+            self.discriminators.add_terms(terms, fake, {"pcm": target}, s, t_range, cond, {"pcm": 1.0}, generator)
         yield terms

@@ -21,7 +21,7 @@ from rapm_core.distill.losses import pointwise_loss
 from rapm_core.distill.method import Example, GuidedTeacher, LossTerms, Method
 from rapm_core.distill.student import Student
 from rapm_core.errors import ConfigError
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 
 KINDS = ("rel", "abs")
 
@@ -91,7 +91,7 @@ class Rapm(Method):
         terms = LossTerms(generator={}, slot=n)
         if self.discriminators is not None:
             # t′ ∈ [t_n, t_{n+1}): inside the slot the student just crossed.
-            self.discriminators.add_terms(terms, fake, real, t_end, (max(t_end, 0), t_start), cond,
+            self.discriminators.add_terms(terms, fake, real, t_end, (t_end, t_start), cond,
                                           {k: rapm.weight(k) for k in KINDS}, generator)
         for kind in KINDS:
             if rapm.pointwise_on(kind):

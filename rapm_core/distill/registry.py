@@ -8,7 +8,7 @@ from rapm_core.distill.method import GuidedTeacher, Method
 from rapm_core.distill.pcm import Pcm
 from rapm_core.distill.rapm import Rapm
 from rapm_core.distill.student import Student
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 
 METHODS: dict[str, type[Method]] = {"rapm": Rapm, "pcm": Pcm, "lcm": Lcm}
 

@@ -32,7 +32,7 @@ from rapm_core.distill.method import GuidedTeacher
 from rapm_core.distill.trainer import NonFiniteLossError, Trainer
 from rapm_core.errors import ConfigError
 from rapm_core.progress import Progress
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 from rapm_core.teacher import load_unet, resolve_device, resolve_dtype
 from storage.checkpoints import Checkpoint
 from storage.errors import StoreError

@@ -3,7 +3,7 @@
 No method holds a second UNet copy: wherever the teacher itself is needed (a discriminator
 backbone, a peer's teacher solver step), the same module runs with its adapters bypassed
 (:func:`teacher_mode`). :class:`Student` bundles what every method asks of the student: its
-deterministic DDIM jump under the run's autocast, the noise schedule and the trainable LoRA.
+deterministic jump on the teacher's ODE under the run's autocast, the ODE and the trainable LoRA.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import TrainingConfig
 from rapm_core.errors import ConfigError
 from rapm_core.sampler import guided_prediction
-from rapm_core.schedule import ddim_step, inference_scheduler
+from rapm_core.ode import Level, ode_for
 
 # PCM / LCM-LoRA's target set: every attention projection, feed-forward, ResNet conv and
 # time-embedding projection, so a rank-1 adapter can still move every block.
@@ -111,8 +111,8 @@ def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) 
 class Student:
     """The teacher UNet (adapted in place) with a fresh LoRA, on ``device``.
 
-    Holds the DDIM noise schedule of the teacher's scheduler config (RAPM's inference
-    scheduler: trailing, no clipping) and the autocast the run's ``mixed_precision`` asks for.
+    Holds the ODE of the teacher's scheduler config (VP-DDIM or rectified flow, see
+    ``rapm_core.ode``) and the autocast the run's ``mixed_precision`` asks for.
     """
 
     def __init__(self, unet: torch.nn.Module, scheduler_config: Mapping[str, Any] | Any, training: TrainingConfig,
@@ -122,10 +122,8 @@ class Student:
             raise ConfigError(
                 f"mixed_precision={training.mixed_precision!r} needs a CUDA device; use 'no' on {self.device.type}")
         self.training = training
-        scheduler = inference_scheduler(scheduler_config)
-        self.scheduler_config = dict(scheduler.config)
-        self.prediction_type = scheduler.config.prediction_type
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.ode = ode_for(scheduler_config, self.device)
+        self.scheduler_config = self.ode.scheduler_config
         self.unet = unet.to(self.device).eval()
         self.lora_config = lora_config(training.rank, training.lora_alpha)
         self.lora_params = attach_lora(self.unet, self.lora_config, seed=training.init_seed)
@@ -141,11 +139,11 @@ class Student:
         dtype = torch.bfloat16 if self.training.mixed_precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def predict(self, z: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
-        """The UNet's raw output at (z, t) with the LoRA enabled, guidance 1, in fp32."""
+    def predict(self, z: torch.Tensor, t: Level, cond: Conditioning) -> torch.Tensor:
+        """The network's raw output at (z, level t) with the LoRA enabled, guidance 1, in fp32."""
         with self.autocast():
-            return guided_prediction(self.unet, z.to(self.dtype), t, cond).float()
+            return guided_prediction(self.unet, z.to(self.dtype), self.ode.network_time(t), cond).float()
 
-    def jump(self, z: torch.Tensor, t_from: int, t_to: int, cond: Conditioning) -> torch.Tensor:
-        """One student DDIM jump t_from → t_to, ε- or v-prediction alike."""
-        return ddim_step(z, self.predict(z, t_from, cond), t_from, t_to, self.alphas_cumprod, self.prediction_type)
+    def jump(self, z: torch.Tensor, t_from: Level, t_to: Level, cond: Conditioning) -> torch.Tensor:
+        """One deterministic student step t_from → t_to on the teacher's ODE (any parameterisation)."""
+        return self.ode.step(z, self.predict(z, t_from, cond), t_from, t_to)

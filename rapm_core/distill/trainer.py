@@ -24,7 +24,7 @@ from rapm_core.distill.method import Example, GuidedTeacher, LossTerms, Method
 from rapm_core.distill.registry import build_method
 from rapm_core.distill.student import Student, load_lora_state_dict, lora_state_dict
 from rapm_core.errors import ConfigError
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 
 
 class NonFiniteLossError(RuntimeError):
@@ -203,10 +203,9 @@ class Trainer:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_diffusers_lora(self.unet, self.student.lora_config, out_dir)
-        scheduler = self.method.sampling_scheduler()
-        scheduler.save_pretrained(out_dir / "scheduler")
-        write_model_card(out_dir, teacher=teacher, num_steps=self.method.sampling_steps(),
-                         steps_per_slot=self.grid.steps_per_slot, lora=self.student.lora_config,
-                         sdxl=is_sdxl_unet(self.unet), extra=model_card, method=self.method.name,
-                         scheduler=type(scheduler).__name__, title=self.method.title)
+        sampler = self.method.stock_sampler()
+        sampler.scheduler().save_pretrained(out_dir / "scheduler")
+        write_model_card(out_dir, teacher=teacher, sampler=sampler, steps_per_slot=self.grid.steps_per_slot,
+                         lora=self.student.lora_config, sdxl=is_sdxl_unet(self.unet), extra=model_card,
+                         method=self.method.name, title=self.method.title)
         return out_dir

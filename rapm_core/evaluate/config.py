@@ -10,18 +10,18 @@ from pydantic import Field, field_validator, model_validator
 from rapm_core.config import StrictModel
 from rapm_core.execution import ExecutionConfig
 
-METHODS = ("teacher_ref", "teacher_ddim", "dpm_solver", "student")
+SAMPLERS = ("teacher_ref", "teacher_ddim", "dpm_solver", "student")
 REFERENCE = "teacher_ref"
 EVAL_DIR = "eval"  # the evaluation's directory inside a run dir
-Method = Literal["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
+Sampler = Literal["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
 
 
 class EvaluateOptions(StrictModel):
     """What is sampled and measured."""
 
-    num_images: int = Field(64, ge=2, description="images per method; the eval prompts repeat with fresh noise if fewer")
-    methods: list[Method] = Field(list(METHODS), description=f"methods to run ({', '.join(METHODS)}); "
-                                                             f"{REFERENCE} is always run: it is the fidelity reference")
+    num_images: int = Field(64, ge=2, description="images per sampler; the eval prompts repeat with fresh noise if fewer")
+    samplers: list[Sampler] = Field(list(SAMPLERS), description=f"samplers to run ({', '.join(SAMPLERS)}); "
+                                                                f"{REFERENCE} is always run: it is the fidelity reference")
     batch_size: int = Field(16, ge=1, description="images per sampling batch (speed only)")
     evaluator: str = Field("auto", description="shapes evaluator dir for domain FID and prompt adherence; "
                                                "auto: the embedded one when every prompt is a shapes caption; none: off")
@@ -51,19 +51,19 @@ class EvaluateOptions(StrictModel):
             raise ValueError("--backend other than in-process needs --feature-store")
         return self
 
-    @field_validator("methods")
+    @field_validator("samplers")
     @classmethod
-    def _reference_first(cls, methods: list[str]) -> list[str]:
-        return [REFERENCE] + [m for m in METHODS if m in methods and m != REFERENCE]
+    def _reference_first(cls, samplers: list[str]) -> list[str]:
+        return [REFERENCE] + [m for m in SAMPLERS if m in samplers and m != REFERENCE]
 
 
 class EvaluateConfig(EvaluateOptions):
-    """Stage C: sample the eval prompts with every method from the same noise and measure them."""
+    """Stage C: sample the eval prompts with every sampler from the same noise and measure them."""
 
     run: str = Field(description="run dir made by `rapm distill` (its export/ is the student)")
     trajectories: str | None = Field(None, description="trajectory store the run was distilled from "
                                                        "(default: the one run.json names)")
     prompts: str | None = Field(None, description="prompt store whose eval split is sampled "
                                                   "(default: the one the trajectory store was made from)")
-    seed: int = Field(0, ge=0, description="noise seed: image i gets sha256(seed, i), the same for every method")
+    seed: int = Field(0, ge=0, description="noise seed: image i gets sha256(seed, i), the same for every sampler")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")

@@ -18,7 +18,7 @@ import torch
 from rapm_core.errors import ConfigError
 from rapm_core.evaluate import report
 from rapm_core.evaluate.config import EVAL_DIR, EvaluateConfig
-from rapm_core.evaluate.samplers import MethodSpec, method_specs
+from rapm_core.evaluate.samplers import SamplerSpec, sampler_specs
 from rapm_core.evaluate.student import StudentExport, load_student_export
 from storage.errors import ConfigMismatchError, StoreError
 from storage.hashing import config_hash
@@ -97,7 +97,7 @@ def eval_prompts(config: EvaluateConfig, store: TrajectoryStore) -> tuple[str, l
 @dataclass
 class Prepared:
     """What an evaluation reads before any model loads: the finished run, its trajectory store,
-    the prompt of every image and the methods' sampler specs."""
+    the prompt of every image and the samplers' specs."""
 
     run: RunDir
     record: dict
@@ -107,7 +107,7 @@ class Prepared:
     texts: list[str]
     prompts: list[str]
     student: StudentExport
-    specs: list[MethodSpec]
+    specs: list[SamplerSpec]
 
 
 def prepare(config: EvaluateConfig) -> Prepared:
@@ -117,9 +117,9 @@ def prepare(config: EvaluateConfig) -> Prepared:
     prompt_source, texts = eval_prompts(config, store)
     prompts = [texts[i % len(texts)] for i in range(config.num_images)]
     student = load_student_export(run.export_dir)
-    specs = method_specs(schema.num_slots, schema.steps_per_slot, schema.guidance, student)
+    specs = sampler_specs(schema.scheduler_config, schema.num_slots, schema.steps_per_slot, schema.guidance, student)
     return Prepared(run, record, done, store, prompt_source, texts, prompts, student,
-                    [specs[m] for m in config.methods])
+                    [specs[m] for m in config.samplers])
 
 
 def already_evaluated(config: EvaluateConfig, log: Callable[[str], None], t_start: float) -> EvalResult | None:
@@ -129,7 +129,7 @@ def already_evaluated(config: EvaluateConfig, log: Callable[[str], None], t_star
         return None
     log(f"{config.run}/{EVAL_DIR}: already evaluated with this config at step {existing['run_step']}; nothing to do")
     publish_report(config, Path(config.run) / EVAL_DIR, log)
-    return EvalResult(str(Path(config.run) / EVAL_DIR), existing["methods"], True, time.perf_counter() - t_start)
+    return EvalResult(str(Path(config.run) / EVAL_DIR), existing["samplers"], True, time.perf_counter() - t_start)
 
 
 def write_eval_dir(config: EvaluateConfig, p: Prepared, rows: list[dict], notes: list[str],
@@ -146,13 +146,13 @@ def write_eval_dir(config: EvaluateConfig, p: Prepared, rows: list[dict], notes:
                                                          f"{schema.guidance:g}"),
                  ("distillation iterations", str(p.done["step"])),
                  ("eval prompts", f"{len(p.texts)} from {p.prompt_source}"),
-                 ("images per method", str(config.num_images)), ("device", device)]
+                 ("images per sampler", str(config.num_images)), ("device", device)]
         if config.feature_store:
             facts.append(("feature store", config.feature_store))
         (tmp / "report.md").write_text(report.report_markdown(f"Evaluation: {p.run.path.name}", rows, facts, notes),
                                        encoding="utf-8")
         payload = {**eval_identity(config, p.record, p.done), "config": config.model_dump(mode="json"),
-                   "methods": rows, "notes": notes, "prompts": p.prompts, "teacher": schema.teacher,
+                   "samplers": rows, "notes": notes, "prompts": p.prompts, "teacher": schema.teacher,
                    "device": device}
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     out = p.run.path / EVAL_DIR
@@ -161,9 +161,9 @@ def write_eval_dir(config: EvaluateConfig, p: Prepared, rows: list[dict], notes:
     return EvalResult(str(out), rows, False, time.perf_counter() - t_start)
 
 
-def method_row(spec: MethodSpec, images: int, seconds: float) -> dict:
-    """A method's facts, before its metrics."""
-    return {"method": spec.name, "label": spec.label, "steps": spec.num_steps, "guidance": spec.guidance,
+def sampler_row(spec: SamplerSpec, images: int, seconds: float) -> dict:
+    """A sampler's facts, before its metrics."""
+    return {"sampler": spec.name, "label": spec.label, "steps": spec.num_steps, "guidance": spec.guidance,
             "nfe": spec.nfe, "images_per_second": images / seconds if seconds > 0 else float("inf"),
             "seconds": seconds}
 

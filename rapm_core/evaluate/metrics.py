@@ -23,7 +23,7 @@ import torch
 
 from rapm_core.evaluate import features, measures
 from rapm_core.evaluate.config import REFERENCE, EvaluateConfig
-from rapm_core.evaluate.samplers import MethodSamples
+from rapm_core.evaluate.samplers import SamplerSamples
 from storage.eval_store import EvalStore
 from storage.hashing import file_sha256
 
@@ -47,11 +47,11 @@ class Metric(ABC):
 
     @classmethod
     @abstractmethod
-    def create(cls, config: EvaluateConfig, prompts: list[str], reference: MethodSamples) -> "Metric | None":
+    def create(cls, config: EvaluateConfig, prompts: list[str], reference: SamplerSamples) -> "Metric | None":
         """This metric for one evaluation (``prompts``: one per image), or None if it does not apply."""
 
     @abstractmethod
-    def measure(self, samples: MethodSamples) -> dict[str, float | None]:
+    def measure(self, samples: SamplerSamples) -> dict[str, float | None]:
         """One method's numbers, keyed by this metric's column keys."""
 
 
@@ -83,7 +83,7 @@ class Fidelity(Metric):
     name, order, distribution = "fidelity", 40, False
     columns = (Column("latent_mse", "latent MSE to ref ↓", "{:.4f}"), Column("psnr", "PSNR to ref (dB) ↑", "{:.2f}"))
 
-    def __init__(self, reference: MethodSamples):
+    def __init__(self, reference: SamplerSamples):
         self.reference = reference
 
     @classmethod

@@ -55,7 +55,7 @@ def _save(fig, out: Path) -> Path:
 
 
 def image_grid(columns: dict[str, torch.Tensor], row_labels: Sequence[str], out: str | Path) -> Path:
-    """Rows = prompts, columns = methods; ``columns`` maps a method label to (R, H, W, 3) images in [0, 1]."""
+    """Rows = prompts, columns = samplers; ``columns`` maps a sampler label to (R, H, W, 3) images in [0, 1]."""
     labels = list(columns)
     rows = len(row_labels)
     fig, axes = plt.subplots(rows, len(labels), figsize=(1.6 * len(labels) + 2.2, 1.6 * rows), squeeze=False)
@@ -74,13 +74,13 @@ def image_grid(columns: dict[str, torch.Tensor], row_labels: Sequence[str], out:
 
 
 def metrics_bar_chart(rows: Sequence[dict], out: str | Path) -> Path:
-    """One panel per metric present, one bar per method."""
+    """One panel per metric present, one bar per sampler."""
     charted = [c for c in present_columns(rows) if c.chart]
     keys, titles = [c.key for c in charted], {c.key: c.title for c in charted}
     cols = min(4, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
-    names = [r["method"] for r in rows]
+    names = [r["sampler"] for r in rows]
     colours = plt.get_cmap("tab10").colors
     for ax, key in zip(axes.flat, keys):
         values = [r.get(key) for r in rows]

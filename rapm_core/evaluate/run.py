@@ -1,6 +1,6 @@
 """Stage C's engine: run dir → RUN_DIR/eval/, the quality benchmark of one run.
 
-Every method samples the same eval prompts from the same per-image noise; the registered metrics
+Every sampler samples the same eval prompts from the same per-image noise; the registered metrics
 (:mod:`rapm_core.evaluate.metrics`) compare them with the teacher's N·M-step reference, with real
 renders (a domain's metric) or with Inception/CLIP (real teachers, weights supplied by the user).
 The eval dir is written whole (temp dir, rename) and names the config and the run step it
@@ -20,10 +20,10 @@ from rapm_core.conditioning import Conditioning
 from rapm_core.evaluate import scale
 from rapm_core.evaluate.config import REFERENCE, EvaluateConfig
 from rapm_core.evaluate.eval_dir import (
-    EvalResult, already_evaluated, distill_seconds, log_row, method_row, prepare, write_eval_dir,
+    EvalResult, already_evaluated, distill_seconds, log_row, prepare, sampler_row, write_eval_dir,
 )
 from rapm_core.evaluate.metrics import registered_metrics
-from rapm_core.evaluate.samplers import MethodSamples, eval_seed, run_method
+from rapm_core.evaluate.samplers import SamplerSamples, eval_seed, run_sampler
 from rapm_core.evaluate.trajectory_figure import trajectory_figure
 from rapm_core.progress import Progress
 from rapm_core.teacher import decode_latents, encode_prompts, encode_uncond, load_teacher, resolve_device, resolve_dtype
@@ -44,7 +44,7 @@ def evaluate_run(config: EvaluateConfig, progress: Callable[[Progress], None] | 
         return scale.evaluate_in_process(config, p, progress, log, t_start)
     schema, specs, student = p.store.schema, p.specs, p.student
     device = resolve_device(config.device)
-    log(f"evaluating {config.run}: {len(specs)} methods × {config.num_images} images "
+    log(f"evaluating {config.run}: {len(specs)} samplers × {config.num_images} images "
         f"({len(p.texts)} eval prompts from {p.prompt_source}) on {device}")
     check_teacher_unchanged(schema, p.store.path)
     teacher = load_teacher(schema.teacher, schema.teacher_revision, resolve_dtype(schema.compute_dtype), device)
@@ -66,15 +66,14 @@ def evaluate_run(config: EvaluateConfig, progress: Callable[[Progress], None] | 
         if progress is not None:
             progress(Progress(done_images, total, done_images / (time.perf_counter() - t_sampling), "images"))
 
-    samples: dict[str, MethodSamples] = {}
+    samples: dict[str, SamplerSamples] = {}
     for spec in specs:
         if spec.uses_student and not student.loaded:
             # From here on the UNet is the student, loaded the stock way a user of the export
             # loads it and fused as it would be deployed, so its speed is that of the bare UNet.
             student.load_into(teacher.pipe)
-        scheduler_config = student.scheduler_config if spec.uses_student else teacher.scheduler_config
-        samples[spec.name] = run_method(spec, teacher.unet, scheduler_config, decode, noise, cond, uncond,
-                                        config.batch_size, on_batch, step_seeds)
+        samples[spec.name] = run_sampler(spec, teacher.unet, teacher.scheduler_config, decode, noise, cond, uncond,
+                                         config.batch_size, on_batch, step_seeds)
         log(f"{spec.label}: {samples[spec.name].images_per_second:.3g} images/s")
 
     rows, notes = measure(config, samples, p.prompts, p.run, log)
@@ -87,9 +86,9 @@ def evaluate_run(config: EvaluateConfig, progress: Callable[[Progress], None] | 
     return write_eval_dir(config, p, rows, notes, grid, figure, str(device), log, t_start)
 
 
-def measure(config: EvaluateConfig, samples: dict[str, MethodSamples], prompts: list[str], run: RunDir,
+def measure(config: EvaluateConfig, samples: dict[str, SamplerSamples], prompts: list[str], run: RunDir,
             log: Callable[[str], None]) -> tuple[list[dict], list[str]]:
-    """One row per method: its facts and every registered metric that applies to this evaluation."""
+    """One row per sampler: its facts and every registered metric that applies to this evaluation."""
     notes = [f"images/s: sampling and VAE decoding, batch {config.batch_size}; NFE counts both CFG branches"]
     suite = [m for cls in registered_metrics() if (m := cls.create(config, prompts, samples[REFERENCE])) is not None]
     notes += [m.note for m in suite if m.note]
@@ -97,7 +96,7 @@ def measure(config: EvaluateConfig, samples: dict[str, MethodSamples], prompts: 
         notes.append("no distribution metrics: pass --fid-weights and --clip-model (local weights) for a real teacher")
     rows = []
     for name, s in samples.items():
-        row = method_row(s.spec, s.latents.shape[0], s.seconds)
+        row = sampler_row(s.spec, s.latents.shape[0], s.seconds)
         for metric in suite:
             row.update(metric.measure(s))
         if s.spec.uses_student:

@@ -1,15 +1,17 @@
-"""The quality benchmark's samplers: every method starts from the same noise for the same prompt,
+"""The quality benchmark's samplers: every sampler starts from the same noise for the same prompt,
 so their images can be compared one to one with the teacher's reference.
 
-Methods (N slots, M teacher steps per slot, teacher guidance w, as the trajectory store fixes):
+Samplers (N slots, M teacher steps per slot, teacher guidance w, as the trajectory store fixes):
 
-- ``teacher_ref``   teacher DDIM, N·M steps, CFG w: what the student was trained to mimic
-- ``teacher_ddim``  teacher DDIM, N steps, CFG w: the naive few-step baseline
+- ``teacher_ref``   the teacher's ODE, N·M steps, CFG w: what the student was trained to mimic
+- ``teacher_ddim``  the teacher's ODE, N steps, CFG w: the naive few-step baseline (DDIM for VP
+                    teachers, Euler for rectified flow)
 - ``dpm_solver``    teacher DPM-Solver++ (2nd order multistep), N steps, CFG w
-- ``student``       the distilled LoRA, N steps, guidance 1, with the scheduler it was exported with
+- ``student``       the distilled LoRA exactly as exported: its scheduler, steps and ``set_timesteps``
+                    arguments, guidance 1
 
-All DDIM methods go through :func:`rapm_core.sampler.ddim_sample`; DPM-Solver++ and LCM step
-diffusers' own schedulers exactly as a stock pipeline does (:func:`rapm_core.sampler.scheduler_sample`).
+The teacher's ODE rows go through :func:`rapm_core.sampler.ode_sample`, the others through
+:func:`rapm_core.sampler.sample_stock`, the one path the distilled student is sampled by anywhere.
 """
 
 from __future__ import annotations
@@ -20,21 +22,27 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, LCMScheduler
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.evaluate.measures import nfe_per_image
 from rapm_core.evaluate.student import StudentExport
-from rapm_core.sampler import ddim_sample, guided_prediction, scheduler_sample
+from rapm_core.ode import StockSampler, ode_for
+from rapm_core.sampler import guided_prediction, ode_sample, sample_stock
 
 
 @dataclass(frozen=True)
-class MethodSpec:
+class SamplerSpec:
     name: str
     num_steps: int
     guidance: float
-    solver: str  # "ddim", "dpmsolver++" or "lcm"
     label: str  # for figures and tables
+    # A stock scheduler setup (DPM-Solver++, the student's exported one); None: the teacher's ODE.
+    stock: StockSampler | None = None
+
+    @property
+    def solver(self) -> str:
+        """What steps it: ``ode`` (RAPM's arithmetic of the teacher's ODE) or a scheduler class."""
+        return "ode" if self.stock is None else self.stock.class_name
 
     @property
     def nfe(self) -> int:
@@ -45,63 +53,46 @@ class MethodSpec:
         return self.name == "student"
 
 
-def method_specs(num_slots: int, steps_per_slot: int, guidance: float, student: StudentExport) -> dict[str, MethodSpec]:
+def sampler_specs(scheduler_config: Mapping[str, Any] | Any, num_slots: int, steps_per_slot: int, guidance: float,
+                  student: StudentExport) -> dict[str, SamplerSpec]:
+    """Every sampler of the benchmark, for a teacher with ``scheduler_config`` (its ODE family names
+    the few-step baseline) and the exported ``student``."""
+    ode = ode_for(scheduler_config)
     n, nm, w, student_steps = num_slots, num_slots * steps_per_slot, guidance, student.num_steps
+    solver = "DDIM" if ode.family == "vp" else "Euler"
     return {
-        "teacher_ref": MethodSpec("teacher_ref", nm, w, "ddim", f"teacher DDIM {nm} steps, CFG {w:g}"),
-        "teacher_ddim": MethodSpec("teacher_ddim", n, w, "ddim", f"teacher DDIM {n} steps, CFG {w:g}"),
-        "dpm_solver": MethodSpec("dpm_solver", n, w, "dpmsolver++", f"DPM-Solver++ {n} steps, CFG {w:g}"),
-        "student": MethodSpec("student", student_steps, 1.0, student.solver,
-                              f"{student.method.upper()} student {student_steps} steps"),
+        "teacher_ref": SamplerSpec("teacher_ref", nm, w, f"teacher {solver} {nm} steps, CFG {w:g}"),
+        "teacher_ddim": SamplerSpec("teacher_ddim", n, w, f"teacher {solver} {n} steps, CFG {w:g}"),
+        "dpm_solver": SamplerSpec("dpm_solver", n, w, f"DPM-Solver++ {n} steps, CFG {w:g}", ode.dpm_solver(n)),
+        "student": SamplerSpec("student", student_steps, 1.0, f"{student.method.upper()} student {student_steps} steps",
+                               student.sampler),
     }
 
 
 def eval_seed(seed: int, index: int, stream: str = "rapm-eval") -> int:
-    """The noise seed of evaluation image ``index``: independent of the method, the batch size and
-    how many images are drawn, so every method and every re-run sees the same noise. A stochastic
+    """The noise seed of evaluation image ``index``: independent of the sampler, the batch size and
+    how many images are drawn, so every sampler and every re-run sees the same noise. A stochastic
     sampler's noise between steps comes from the ``rapm-eval-steps`` stream of the same image."""
     digest = hashlib.sha256(f"{stream}:{int(seed)}:{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def dpm_solver_scheduler(scheduler_config: Mapping[str, Any] | Any, num_steps: int) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ with the teacher's betas and parameterisation, on the same trailing grid as the
-    DDIM methods (the teacher's own spacing may be SD's "leading", which starts below t = 999)."""
-    cfg = {k: v for k, v in dict(getattr(scheduler_config, "config", scheduler_config)).items()
-           if not k.startswith("_")}
-    scheduler = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", timestep_spacing="trailing")
-    scheduler.set_timesteps(num_steps)
-    return scheduler
-
-
-def dpm_solver_sample(unet: torch.nn.Module, scheduler_config: Mapping[str, Any] | Any, latents: torch.Tensor,
-                      cond: Conditioning, num_steps: int, guidance: float = 1.0,
-                      uncond: Conditioning | None = None) -> torch.Tensor:
-    """The stock pipeline's denoising loop with DPM-Solver++, on already-encoded conditioning."""
-    return scheduler_sample(unet, dpm_solver_scheduler(scheduler_config, num_steps), latents, cond, num_steps,
-                            guidance, uncond)
-
-
-def sample_latents(spec: MethodSpec, unet: torch.nn.Module, scheduler_config: Mapping[str, Any] | Any,
+def sample_latents(spec: SamplerSpec, unet: torch.nn.Module, scheduler_config: Mapping[str, Any] | Any,
                    latents: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
                    step_seeds: list[int] | None = None, return_positions: bool = False) -> torch.Tensor:
-    """Final latents (or every position) of one method for one batch (``unet`` carries the LoRA
-    iff ``spec`` is the student); ``step_seeds``: one per image, for a sampler that draws noise."""
-    if spec.solver == "dpmsolver++":
-        scheduler = dpm_solver_scheduler(scheduler_config, spec.num_steps)
-    elif spec.solver == "lcm":
-        scheduler = LCMScheduler.from_config(scheduler_config)
-    else:
-        return ddim_sample(unet, scheduler_config, latents, cond, spec.num_steps, spec.guidance, uncond,
-                           return_positions=return_positions)
+    """Final latents (or every position) of one sampler for one batch (``unet`` carries the LoRA
+    iff ``spec`` is the student; ``scheduler_config`` is the teacher's); ``step_seeds``: one per
+    image, for a sampler that draws noise."""
+    if spec.stock is None:
+        return ode_sample(unet, scheduler_config, latents, cond, spec.num_steps, spec.guidance, uncond,
+                          return_positions=return_positions)
     generators = None if step_seeds is None else [torch.Generator().manual_seed(int(s)) for s in step_seeds]
-    return scheduler_sample(unet, scheduler, latents, cond, spec.num_steps, spec.guidance, uncond, generators,
-                            return_positions=return_positions)
+    return sample_stock(unet, spec.stock, latents, cond, spec.guidance, uncond, generators, return_positions)
 
 
 @dataclass
-class MethodSamples:
-    spec: MethodSpec
+class SamplerSamples:
+    spec: SamplerSpec
     latents: torch.Tensor  # (K, C, H, W) final latents
     images: torch.Tensor  # (K, H, W, 3) in [0, 1]
     seconds: float  # sampling and decoding, all batches
@@ -112,14 +103,14 @@ class MethodSamples:
 
 
 @torch.no_grad()
-def run_method(spec: MethodSpec, unet: torch.nn.Module, scheduler_config: Mapping[str, Any] | Any,
-               decode: Callable[[torch.Tensor], torch.Tensor], noise: torch.Tensor, cond: Conditioning,
-               uncond: Conditioning | None, batch_size: int,
-               on_batch: Callable[[int], None] | None = None, step_seeds: list[int] | None = None) -> MethodSamples:
-    """Sample and decode every image of one method in batches, timing the whole of it.
+def run_sampler(spec: SamplerSpec, unet: torch.nn.Module, scheduler_config: Mapping[str, Any] | Any,
+                decode: Callable[[torch.Tensor], torch.Tensor], noise: torch.Tensor, cond: Conditioning,
+                uncond: Conditioning | None, batch_size: int,
+                on_batch: Callable[[int], None] | None = None, step_seeds: list[int] | None = None) -> SamplerSamples:
+    """Sample and decode every image of one sampler in batches, timing the whole of it.
 
     One untimed UNet call at the batch shape first: CPU kernels and a freshly loaded LoRA pay a
-    one-off set-up cost on their first call that would otherwise be charged to whichever method
+    one-off set-up cost on their first call that would otherwise be charged to whichever sampler
     runs first.
     """
     b = min(batch_size, noise.shape[0])
@@ -134,4 +125,4 @@ def run_method(spec: MethodSpec, unet: torch.nn.Module, scheduler_config: Mappin
         images.append(decode(z))
         if on_batch is not None:
             on_batch(b - a)
-    return MethodSamples(spec, torch.cat(latents), torch.cat(images), time.perf_counter() - t0)
+    return SamplerSamples(spec, torch.cat(latents), torch.cat(images), time.perf_counter() - t0)

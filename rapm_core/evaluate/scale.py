@@ -1,9 +1,9 @@
 """Stage C at the paper's scale: sample into a resumable, shardable feature store, then measure.
 
-With ``--feature-store`` every method's images are made one batch at a time, each batch's
+With ``--feature-store`` every sampler's images are made one batch at a time, each batch's
 per-image features (every registered :class:`~rapm_core.evaluate.metrics.FeatureMetric`: Inception
 pool features, CLIP score terms) are written as one chunk of :class:`storage.eval_store.EvalStore`
-and then flagged complete, and the images themselves are dropped (30K images per method would be
+and then flagged complete, and the images themselves are dropped (30K images per sampler would be
 24 GB of uint8 at 512²), except the report grid's first few. A re-run skips complete batches; shards
 (:func:`evaluate_range` on Dask workers, ``flows.evaluate``) own batch-aligned index ranges. Image
 ``i``'s noise and prompt depend only on ``i`` and its batch is the one an uninterrupted run makes,
@@ -31,9 +31,9 @@ from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.measures import to_uint8
 from rapm_core.evaluate.metrics import feature_metrics, registered_metrics
 from rapm_core.evaluate.eval_dir import (
-    EvalResult, Prepared, distill_seconds, eval_config_hash, log_row, method_row, write_eval_dir,
+    EvalResult, Prepared, distill_seconds, eval_config_hash, log_row, sampler_row, write_eval_dir,
 )
-from rapm_core.evaluate.samplers import MethodSpec, eval_seed, sample_latents
+from rapm_core.evaluate.samplers import SamplerSpec, eval_seed, sample_latents
 from rapm_core.evaluate.trajectory_figure import trajectory_figure
 from rapm_core.execution import worker_cached
 from rapm_core.progress import Progress
@@ -76,13 +76,13 @@ def preflight(config: EvaluateConfig, p: Prepared) -> None:
         features.check_reference_source(config.fid_reference)
 
 
-def spec_record(spec: MethodSpec) -> dict:
+def spec_record(spec: SamplerSpec) -> dict:
     return {"num_steps": spec.num_steps, "guidance": spec.guidance, "solver": spec.solver, "label": spec.label}
 
 
 @dataclass
-class Sampler:
-    """What one worker process holds for one kind of method: the pipeline (its UNet fused with the
+class WorkerModels:
+    """What one worker process holds for one kind of sampler: the pipeline (its UNet fused with the
     student's LoRA for the student) and the feature extractors."""
 
     teacher: Teacher
@@ -95,32 +95,32 @@ class Sampler:
         return out
 
 
-def sampler(config: EvaluateConfig, p: Prepared, student: bool) -> Sampler:
-    """This process's sampler, loaded once per worker (``worker_cached``: one at a time, so the
-    teacher methods' shards run before the student's)."""
+def worker_models(config: EvaluateConfig, p: Prepared, student: bool) -> WorkerModels:
+    """This process's models, loaded once per worker (``worker_cached``: one at a time, so the
+    teacher samplers' shards run before the student's)."""
     schema = p.store.schema
     key = ("rapm-eval", schema.teacher, schema.teacher_fingerprint, schema.compute_dtype, config.device,
            config.fid_weights, config.clip_model, (p.record["config_hash"], p.done["step"]) if student else None)
 
-    def load() -> Sampler:
+    def load() -> WorkerModels:
         device = resolve_device(config.device)
         check_teacher_unchanged(schema, p.store.path)
         teacher = load_teacher(schema.teacher, schema.teacher_revision, resolve_dtype(schema.compute_dtype), device)
         if student:
             p.student.load_into(teacher.pipe)  # the stock diffusers way, fused as deployed
         extractors = [m.extractor(config, device) for m in feature_metrics() if m.feature_config(config) is not None]
-        return Sampler(teacher, extractors)
+        return WorkerModels(teacher, extractors)
 
     return worker_cached(key, load)
 
 
 def open_store(config: EvaluateConfig, p: Prepared) -> EvalStore:
-    """The feature store with a group for every method, created if absent (the first writer learns
+    """The feature store with a group for every sampler, created if absent (the first writer learns
     the image size and feature shapes from a probe batch); a store of another identity is refused."""
     preflight(config, p)
     wanted = wanted_identity(config, p)
     if not exists(config.feature_store):
-        s = sampler(config, p, student=False)
+        s = worker_models(config, p, student=False)
         h, w = (d * s.teacher.pipe.vae_scale_factor for d in p.store.schema.latent_shape[1:])
         probe = s.features(torch.zeros(1, 3, h, w, dtype=torch.uint8), [p.prompts[0]])
         schema = EvalStoreSchema(**wanted, image_size=(h, w), feature_shapes={k: list(v.shape[1:])
@@ -141,26 +141,25 @@ def pending_images(config: EvaluateConfig, p: Prepared, store: EvalStore) -> int
 @torch.no_grad()
 def evaluate_range(config: EvaluateConfig, p: Prepared, method: str, start: int, stop: int,
                    on_batch: Callable[[int], None] | None = None) -> int:
-    """Sample, decode and store the features of images [start, stop) of one method; returns how many
+    """Sample, decode and store the features of images [start, stop) of one sampler; returns how many
     were made (complete batches are skipped, and nothing is loaded when none is missing)."""
     store = EvalStore(config.feature_store, writable=True)
     pending = store.pending_batches(method, start, stop)
     if not pending:
         return 0
     spec = next(s for s in p.specs if s.name == method)
-    s = sampler(config, p, spec.uses_student)
+    s = worker_models(config, p, spec.uses_student)
     teacher = s.teacher
-    scheduler_config = p.student.scheduler_config if spec.uses_student else teacher.scheduler_config
     uncond = encode_uncond(teacher)
     grid_n, made = store.schema.grid_images, 0
     for i, (a, b) in enumerate(pending):
         cond = encode_prompts(teacher, p.prompts[a:b])
         noise = initial_noise([eval_seed(config.seed, j) for j in range(a, b)], teacher.latent_shape,
                               teacher.dtype, teacher.device)
-        if i == 0:  # untimed warm-up, as run_method does: first calls pay one-off set-up costs
+        if i == 0:  # untimed warm-up, as run_sampler does: first calls pay one-off set-up costs
             guided_prediction(teacher.unet, noise, 0, cond, spec.guidance, uncond)
         t0 = time.perf_counter()
-        z = sample_latents(spec, teacher.unet, scheduler_config, noise, cond, uncond,
+        z = sample_latents(spec, teacher.unet, teacher.scheduler_config, noise, cond, uncond,
                            [eval_seed(config.seed, j, "rapm-eval-steps") for j in range(a, b)])
         images = decode_latents(teacher.pipe.vae, z)
         seconds = time.perf_counter() - t0
@@ -175,7 +174,7 @@ def evaluate_range(config: EvaluateConfig, p: Prepared, method: str, start: int,
 
 def figure_png(config: EvaluateConfig, p: Prepared) -> bytes:
     """trajectory.png as bytes, drawn where the student is loaded (a worker, when sharded)."""
-    s = sampler(config, p, student=True)
+    s = worker_models(config, p, student=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "trajectory.png"
         trajectory_figure(p.store, s.teacher, p.student, lambda z: decode_latents(s.teacher.pipe.vae, z),
@@ -185,11 +184,11 @@ def figure_png(config: EvaluateConfig, p: Prepared) -> bytes:
 
 def finish(config: EvaluateConfig, p: Prepared, figure: bytes, log: Callable[[str], None],
            t_start: float) -> EvalResult:
-    """Measure every method from the complete store and write the eval dir."""
+    """Measure every sampler from the complete store and write the eval dir."""
     store = EvalStore(config.feature_store)
     missing = [s.name for s in p.specs if not store.complete_mask(s.name).all()]
     if missing:
-        raise RuntimeError(f"{config.feature_store}: methods {missing} are incomplete after sampling")
+        raise RuntimeError(f"{config.feature_store}: samplers {missing} are incomplete after sampling")
     measures = [(m, m.from_store(config, store, log)) for m in feature_metrics()
                 if m.name in store.schema.metrics]
     skipped = [m.name for m in registered_metrics() if m not in feature_metrics()]
@@ -200,7 +199,7 @@ def finish(config: EvaluateConfig, p: Prepared, figure: bytes, log: Callable[[st
              f"not measured at this scale: {', '.join(skipped)}"]
     rows = []
     for spec in p.specs:
-        row = method_row(spec, config.num_images, store.seconds(spec.name))
+        row = sampler_row(spec, config.num_images, store.seconds(spec.name))
         for _metric, measure in measures:
             row.update(measure(spec.name))
         if spec.uses_student:
@@ -214,11 +213,11 @@ def finish(config: EvaluateConfig, p: Prepared, figure: bytes, log: Callable[[st
 
 def evaluate_in_process(config: EvaluateConfig, p: Prepared, progress: Callable[[Progress], None] | None,
                         log: Callable[[str], None], t_start: float) -> EvalResult:
-    """The whole feature-store evaluation in this process, method after method (student last)."""
+    """The whole feature-store evaluation in this process, sampler after sampler (student last)."""
     with store_lock(config.feature_store):
         store = open_store(config, p)
         total, made, t0 = pending_images(config, p, store), 0, time.perf_counter()
-        log(f"evaluating {config.run} into {config.feature_store}: {len(p.specs)} methods × {config.num_images} "
+        log(f"evaluating {config.run} into {config.feature_store}: {len(p.specs)} samplers × {config.num_images} "
             f"images, {total} still to sample")
 
         def on_batch(n: int) -> None:

@@ -11,9 +11,9 @@ import torch
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
 from rapm_core.evaluate import report
-from rapm_core.evaluate.samplers import MethodSpec, sample_latents
+from rapm_core.evaluate.samplers import SamplerSpec, sample_latents
 from rapm_core.evaluate.student import StudentExport
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 from storage.trajectory_store import TrajectoryStore
 
 # Latents per VAE decode of the figure. The figure shows rows × (N+1) latents twice (teacher and
@@ -40,8 +40,8 @@ def trajectory_figure(store: TrajectoryStore, teacher, student: StudentExport,
     positions = torch.stack([torch.from_numpy(r.positions.astype("float32")) for r in recs]).to(device, dtype)
     cond = Conditioning.from_arrays([r.conditioning for r in recs], dtype=dtype, device=device)
     teacher_pos = positions[:, grid.boundary_indices()]
-    spec = MethodSpec("student", student.num_steps, 1.0, student.solver, "student")
-    student_pos = sample_latents(spec, teacher.unet, student.scheduler_config, positions[:, 0], cond, None,
+    spec = SamplerSpec("student", student.num_steps, 1.0, "student", student.sampler)
+    student_pos = sample_latents(spec, teacher.unet, schema.scheduler_config, positions[:, 0], cond, None,
                                  [r.seed for r in recs], return_positions=True)
     k = teacher_pos.shape[1]
     if student_pos.shape[1] != k:

@@ -21,7 +21,7 @@ import torch
 
 from rapm_core.errors import ConfigError
 from rapm_core.progress import Progress
-from rapm_core.schedule import SlotGrid
+from rapm_core.ode import SlotGrid
 from rapm_core.teacher import (
     Teacher, count_truncated, detect_kind, encode_prompts, encode_uncond, load_teacher, resolve_device,
     resolve_dtype, teacher_ref,

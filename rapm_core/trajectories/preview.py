@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from rapm_core.schedule import SlotGrid, inference_scheduler
+from rapm_core.ode import SlotGrid
 from rapm_core.teacher import decode_latents, load_vae
 from rapm_core.trajectories.chain import boundary_x0
 from storage.errors import StoreError
@@ -53,9 +53,8 @@ def trajectory_strip(store: TrajectoryStore, index: int, device: torch.device,
         raise StoreError(f"{store.path}: trajectory {index} is not complete (or out of range [0, {store.num}))")
     schema, record = store.schema, store.read(index)
     grid = SlotGrid.from_scheduler(schema.scheduler_config, schema.num_slots, schema.steps_per_slot)
-    alphas_cumprod = inference_scheduler(schema.scheduler_config).alphas_cumprod
     positions = torch.from_numpy(record.positions.astype(np.float32))
-    x0 = boundary_x0(positions, grid, alphas_cumprod)
+    x0 = boundary_x0(positions, grid)
     vae = load_vae(teacher or schema.teacher, None if teacher else schema.teacher_revision, torch.float32, device)
     images = decode_latents(vae, torch.cat([positions[grid.boundary_indices()], x0])).numpy()
     n, times, ks = grid.num_slots, grid.boundary_times(), grid.boundary_indices()
