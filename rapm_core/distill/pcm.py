@@ -51,10 +51,12 @@ class Pcm(ConsistencyMethod):
         with torch.no_grad():
             target = draw.x_teacher if draw.t == s else student.jump(draw.x_teacher, draw.t, s, cond)
         p = pointwise_loss(fake, target, self.config.pointwise.pointwise, self.config.pointwise.huber_c)
-        terms = LossTerms(generator={"pcm_pointwise": p}, stats={"pcm_pointwise": float(p.detach()),
-                                                                  "grid_index": float(draw.index)})
+        generator_terms, stats = {"pcm_pointwise": p}, {"pcm_pointwise": float(p.detach()), "grid_index": float(draw.index)}
+        discriminator_terms = {}
         if self.discriminators is not None:
             span = self.grid.num_train_timesteps // self.grid.num_slots
-            self.discriminators.add_terms(terms, fake, {"pcm": target}, s, (s, s + span), cond, {"pcm": 1.0},
-                                          generator)
-        yield terms
+            adv = self.discriminators.terms(fake=fake, reals={"pcm": target}, level=s, t_range=(s, s + span),
+                                            cond=cond, weights={"pcm": 1.0}, generator=generator)
+            generator_terms.update(adv.generator)
+            discriminator_terms, stats = adv.discriminator, {**stats, **adv.stats}
+        yield LossTerms(generator=generator_terms, discriminator=discriminator_terms, stats=stats)
