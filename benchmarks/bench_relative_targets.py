@@ -112,7 +112,8 @@ def main() -> int:
             make, examples = store_trainers(store, losses)
             s = summary(lockstep_seconds(make, examples, args.iterations))
             print(f"{label}: batched {s['batched_s']:.3f} s/iter, per slot {s['per_slot_s']:.3f} s/iter, "
-                  f"ratio {s['batched_over_per_slot']:.3f} (median per-iteration {s['median_batched_over_per_slot']:.3f}) over "
+                  f"ratio {s['batched_over_per_slot']:.3f} "
+                  f"(median per-iteration {s['median_batched_over_per_slot']:.3f}) over "
                   f"{s['iterations']} iterations each, N×M = {args.slots}×{args.steps_per_slot} (goal <= 0.85)",
                   flush=True)
     return 0

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from distill_run_support import make_store
-from distill_support import LATENT, grid_for, load_unet, method_config, random_cond, scheduler_config, teacher_trajectory
+from distill_support import (LATENT, grid_for, load_unet, method_config, random_cond, scheduler_config,
+                             teacher_trajectory)
 from rapm_core.conditioning import Conditioning
 from flows.cli import build_parser
 from flows.cli_model import model_from_args
@@ -86,7 +87,7 @@ def test_pcms_layout_reads_the_up_blocks_with_four_heads_per_map(tiny_sd15_dir):
     assert all(torch.equal(a, b) and a.shape[1] == c for a, b, c in zip(ours, feats, taps.channels))
     heads = HeadSet(taps.channels, 8, per_map=4)
     assert len(heads(ours)) == 4 * len(blocks) == len(heads.heads)
-    assert [tuple(h.block1[0].weight.shape[1:2]) for h in heads.heads] == [(c,) for c in taps.channels for _ in range(4)]
+    assert [h.block1[0].in_channels for h in heads.heads] == [c for c in taps.channels for _ in range(4)]
 
 
 @pytest.mark.parametrize("method", ["pcm", "rapm"])

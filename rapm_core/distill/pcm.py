@@ -51,7 +51,8 @@ class Pcm(ConsistencyMethod):
         with torch.no_grad():
             target = draw.x_teacher if draw.t == s else student.jump(draw.x_teacher, draw.t, s, cond)
         p = pointwise_loss(fake, target, self.config.pointwise.pointwise, self.config.pointwise.huber_c)
-        generator_terms, stats = {"pcm_pointwise": p}, {"pcm_pointwise": float(p.detach()), "grid_index": float(draw.index)}
+        generator_terms = {"pcm_pointwise": p}
+        stats = {"pcm_pointwise": float(p.detach()), "grid_index": float(draw.index)}
         discriminator_terms = {}
         if self.discriminators is not None:
             span = self.grid.num_train_timesteps // self.grid.num_slots

@@ -4,8 +4,9 @@ Per slot n (N−1 → 0) the student jumps once, z^φ_n = DDIM(z_{n+1}, t_{n+1} 
 compared with two targets from the stored teacher trajectory Z: the absolute position
 z̃_n = Z[(N−n)·M] and the relative position ẑ_n, the student's own (detached) jump from the
 teacher's point d fine steps into the slot. The relative targets start from stored positions, not
-from the student's chain, so all of an iteration's are computed before the slot loop, in one batch. The student's position is detached before the next
-slot, so each slot's graph is freed by its own backward. Each target is matched pointwise, by a
+from the student's chain, so all of an iteration's are computed before the slot loop, in one
+batch. The student's position is detached before the next slot, so each slot's graph is freed by
+its own backward. Each target is matched pointwise, by a
 discriminator head set on the frozen teacher's features, or both.
 """
 
@@ -81,7 +82,8 @@ class Rapm(Method):
             z = z_next.detach()  # z_n = detach(z^φ_n): no gradient crosses a slot boundary
 
     @torch.no_grad()
-    def relative_targets(self, positions: torch.Tensor, cond: Conditioning, slots: list[int]) -> list[torch.Tensor | None]:
+    def relative_targets(self, positions: torch.Tensor, cond: Conditioning,
+                         slots: list[int]) -> list[torch.Tensor | None]:
         """ẑ_n of every slot in ``slots``, in one batched student call (``None`` when ℓ_rel is off).
 
         They start from stored teacher positions, not from the student's chain, so they are known
