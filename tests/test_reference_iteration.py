@@ -39,6 +39,10 @@ def test_the_reference_iteration_is_the_trainers_bit_for_bit(case, tiny_sd15_dir
         a, b = trainer.trainable_state_dict(), twin.trainable_state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"iteration {it}"
     assert torch.equal(ours.get_state(), reference.get_state())
+    for opt, twin_opt in ((trainer.g_optimizer, twin.g_optimizer), (trainer.d_optimizer, twin.d_optimizer)):
+        if opt is not None:  # AdamW's moments: the gradients of every step were the same
+            a, b = opt.state_dict()["state"], twin_opt.state_dict()["state"]
+            assert a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
     moved = trainer.trainable_state_dict()
     assert any(moved[k].abs().sum() > 0 for k in moved if ".lora_B." in k)  # it trained: B left zero
 
