@@ -92,11 +92,11 @@ def rapm_iteration(student: Student, grid: SlotGrid, config: MethodConfig, examp
         total += float(g_loss.detach())
         z = fake.detach()  # z_n = detach(z^φ_n): no gradient crosses a slot boundary
 
+    # Clip each optimizer's gradients (global norm), then step: once per iteration.
     clip = training.grad_clip if training.grad_clip is not None else math.inf
-    for on, opt, params in ((g_steps, g_opt, lora), (d_steps, d_opt, disc)):
-        if on:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-    for on, opt in ((g_steps, g_opt), (d_steps, d_opt)):
-        if on:
-            opt.step()
+    stepping = [(opt, params) for on, opt, params in ((g_steps, g_opt, lora), (d_steps, d_opt, disc)) if on]
+    for _, params in stepping:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    for opt, _ in stepping:
+        opt.step()
     return total
