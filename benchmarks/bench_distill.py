@@ -3,10 +3,11 @@
 "Ours" is ``run_distillation`` (what ``rapm distill`` runs): trajectories read from the Zarr
 store on a prefetch thread, the ``Trainer`` step (``bench_common.ADVERSARIAL``: adversarial
 relative and absolute losses, all slots), a metrics line per iteration. "Bare" is the same computation
-written as one plain loop over examples already in memory: per slot the relative jump
-(no grad), the student jump, the frozen backbone's down/mid features of the re-noised fake and
-reals through forward hooks, two head sets, hinge losses, two backwards; AdamW on LoRA and heads
-once per iteration. Same UNet, LoRA (peft, rank 1), heads, optimizers and data.
+as the one-screen reference iteration (``rapm_core/distill/reference.py``, which a test holds
+bit-identical to the ``Trainer``) over examples already in memory: the batched relative jumps
+(no grad), per slot the student jump, the frozen backbone's down/mid features of the re-noised
+fake and reals, two head sets, hinge losses, two backwards; AdamW on LoRA and heads once per
+iteration. Same UNet, LoRA (peft, rank 1), heads, optimizers and data.
 
 Speed: both loops run at once in one process, in two threads taking turns one iteration each
 (``bench_common.Lockstep``), so a busy spell on a shared machine slows both alike. Each side's
@@ -33,16 +34,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from bench_common import ADVERSARIAL, Lockstep, PeakRSS, build_bench_teacher, machine, prompt_store
 from rapm_core.distill.config import DistillRunConfig, MethodConfig
 from rapm_core.distill.data import load_example
-from rapm_core.distill.discriminator import HeadSet
+from rapm_core.distill.discriminator import FeatureTaps, HeadSet
+from rapm_core.distill.reference import rapm_iteration
 from rapm_core.distill.run import run_distillation
-from rapm_core.distill.student import attach_lora, lora_config
+from rapm_core.distill.student import Student
 from rapm_core.ode import SlotGrid
-from rapm_core.ode.vp import ddim_step, inference_scheduler, renoise
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories
 from rapm_core.teacher import load_unet
@@ -57,96 +57,25 @@ def method() -> MethodConfig:
 
 def bare_loop(store_path: str, iterations: int, after_iteration: Callable[[], None] = lambda: None,
               seed: int = 0) -> None:
-    """The same passes as ``Trainer.train_step`` (RAPM, adversarial) in one plain loop."""
+    """The same passes as ``Trainer.train_step`` (RAPM, adversarial): the one-screen reference
+    iteration (``rapm_core/distill/reference.py``) over examples in memory."""
     store = TrajectoryStore(store_path)
-    schema, full = store.schema, method()
-    cfg = {**dict(full.training), **dict(full.adversarial), **dict(full.rapm)}
-    cfg = type("Options", (), cfg)
+    schema, config = store.schema, method()
+    training, adv = config.training, config.adversarial
     examples = [load_example(store, i) for i in store.complete_indices()]  # in memory before timing
     grid = SlotGrid.from_scheduler(schema.scheduler_config, schema.num_slots, schema.steps_per_slot)
-    ac = inference_scheduler(schema.scheduler_config).alphas_cumprod.float()
-    unet = load_unet(schema.teacher)
-    lora = attach_lora(unet, lora_config(cfg.rank), seed=cfg.init_seed)
-    adapters = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-    widths = list(unet.config.block_out_channels)
-    heads = torch.nn.ModuleDict({k: HeadSet(widths + [widths[-1]], cfg.disc_channels) for k in ("rel", "abs")})
-    g_opt = torch.optim.AdamW(lora, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    d_opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr_disc, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    student = Student(load_unet(schema.teacher), schema.scheduler_config, training)
+    taps = FeatureTaps(student.unet)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(training.init_seed)
+        heads = torch.nn.ModuleDict({k: HeadSet(taps.channels, adv.disc_channels) for k in ("rel", "abs")})
+    g_opt = torch.optim.AdamW(student.lora_params, lr=training.lr, betas=training.betas,
+                              weight_decay=training.weight_decay)
+    d_opt = torch.optim.AdamW(heads.parameters(), lr=adv.lr_disc, betas=adv.disc_betas or training.betas,
+                              weight_decay=training.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    features: list[torch.Tensor] = []
-    tapping = False
-
-    class Stop(Exception):
-        pass
-
-    def keep(_m, _i, out):
-        if tapping:
-            features.append(out[0] if isinstance(out, tuple) else out)
-
-    def keep_and_stop(m, i, out):
-        keep(m, i, out)
-        if tapping:
-            raise Stop
-
-    for block in unet.down_blocks:
-        block.register_forward_hook(keep)
-    unet.mid_block.register_forward_hook(keep_and_stop)
-
-    def taps(x, t, emb):
-        nonlocal tapping
-        features.clear()
-        tapping = True
-        for layer in adapters:
-            layer.enable_adapters(False)
-        try:
-            unet(x, t, encoder_hidden_states=emb)
-        except Stop:
-            pass
-        finally:
-            tapping = False
-            for layer in adapters:
-                layer.enable_adapters(True)
-        return list(features)
-
-    def jump(z, t_from, t_to, emb):
-        return ddim_step(z, unet(z, t_from, encoder_hidden_states=emb).sample, t_from, t_to, ac)
-
-    def hinge_g(logits):
-        return torch.stack([torch.relu(1 - f).mean() for f in logits]).mean()
-
-    def hinge_d(real, fake):
-        return torch.stack([torch.relu(1 - r).mean() + torch.relu(1 + f).mean() for r, f in zip(real, fake)]).mean()
-
-    n_slots, m, d = grid.num_slots, grid.steps_per_slot, cfg.relative_offset
     for it in range(iterations):
-        ex = examples[it % len(examples)]
-        Z, emb = ex.positions, ex.cond.prompt_embeds
-        g_opt.zero_grad(set_to_none=True)
-        d_opt.zero_grad(set_to_none=True)
-        z = Z[0:1]
-        for n in range(n_slots - 1, -1, -1):
-            t_s, t_e = grid.slot_start(n), grid.slot_end(n)
-            a, r = (n_slots - n) * m, (n_slots - 1 - n) * m + d
-            with torch.no_grad():
-                rel = jump(Z[r:r + 1], grid.fine[r], t_e, emb)
-            student = jump(z, t_s, t_e, emb)
-            t_p = int(torch.randint(max(t_e, 0), t_s, (1,), generator=gen))
-            noise = torch.randn(student.shape, generator=gen)
-            fake = taps(renoise(student, t_e, t_p, noise, ac), t_p, emb)
-            with torch.no_grad():
-                real = taps(renoise(torch.cat([rel, Z[a:a + 1]]), t_e, t_p, noise, ac), t_p, emb.repeat(2, 1, 1))
-            g_loss = d_loss = 0
-            for row, kind in enumerate(("rel", "abs")):
-                g_loss = g_loss + hinge_g(heads[kind](fake))
-                d_loss = d_loss + hinge_d(heads[kind]([f[row:row + 1] for f in real]),
-                                          heads[kind]([f.detach() for f in fake]))
-            g_loss.backward(inputs=lora)
-            d_loss.backward(inputs=list(heads.parameters()))
-            z = student.detach()
-        torch.nn.utils.clip_grad_norm_(lora, cfg.grad_clip)
-        torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.grad_clip)
-        g_opt.step()
-        d_opt.step()
+        rapm_iteration(student, grid, config, examples[it % len(examples)], gen, heads, taps, g_opt, d_opt, it)
         after_iteration()
 
 

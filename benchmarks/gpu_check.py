@@ -9,6 +9,8 @@ cannot hold it:
    SDXL-sized one at 1024² (random weights built from the published configs on the GPU, bf16
    weights as ``rapm distill --weights-dtype bf16`` holds them, fp32 LoRA), next to
    ``rapm plan``'s prediction for the same setting;
+   then RAPM's relative targets in one batched call against one call per slot (s/iteration of
+   both, in turns, ``bench_relative_targets.py``'s comparison) at SD 1.5 size;
 2. UNet call times at bf16 and fp16, batch 1 (what ``rapm plan --seconds-per-call`` takes) and
    the CFG batch of a 4-prompt trajectory batch, and trajectories/s;
 3. Stage A's peak (text encoders and UNet on the GPU, N·M guided steps) vs the planner;
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_common and gpu_check_machi
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench_relative_targets import lockstep_seconds, summary  # noqa: E402
 from gpu_check_machine import Budget, Machine  # noqa: E402
 from rapm_core.conditioning import Conditioning  # noqa: E402
 from planner import PlanConfig  # noqa: E402
@@ -64,7 +67,7 @@ LOSSES = {"pointwise": dict(loss_relative="pointwise", loss_absolute="pointwise"
           "pcm adversarial": dict(method="pcm", pcm_adversarial=True)}
 # Rough seconds per item on an A100/H100-class GPU (GPU work only; the planner's predictions
 # run beforehand in parallel), used only to skip what the budget cannot hold.
-COST_S = {"distill": {"sd15": 20, "sdxl": 45}, "calls": {"sd15": 15, "sdxl": 30}, "stage_a": {"sd15": 20, "sdxl": 45},
+COST_S = {"distill": {"sd15": 20, "sdxl": 45}, "relative_targets": {"sd15": 40}, "calls": {"sd15": 15, "sdxl": 30}, "stage_a": {"sd15": 20, "sdxl": 45},
           "store": 40, "tests": 120}
 
 
@@ -141,6 +144,23 @@ def distill_item(machine: Machine, arch: Architecture, config: PlanConfig, steps
     del trainer, unet
     machine.free()
     return {"measured_peak_bytes": box["peak_bytes"], "seconds_per_iteration": seconds}
+
+
+def relative_targets_item(machine: Machine, arch: Architecture, config: PlanConfig, steps: int) -> dict:
+    """s/iteration of ``Trainer.train_step`` with batched relative targets and with one call per slot."""
+    method, device = config.distill_method(), machine.device
+    scheduler = arch.scheduler_config()
+    grid = SlotGrid.from_scheduler(scheduler, config.slots, config.steps_per_slot)
+    example, teacher = training_inputs(arch, config, torch.randn)
+
+    def make() -> Trainer:
+        torch.manual_seed(0)
+        unet = arch.build_unet(DTYPES[method.training.weights_dtype], device)
+        return Trainer(unet, scheduler, grid, method, device=device, teacher=teacher)
+
+    out = summary(lockstep_seconds(make, [example], steps + 1, machine.sync))
+    machine.free()
+    return {**out, "seconds_per_iteration": out["batched_s"]}
 
 
 def unet_call_item(machine: Machine, arch: Architecture, precision: str, resolution: int, steps: int) -> dict:
@@ -302,6 +322,11 @@ def run(args: argparse.Namespace) -> dict:
             record(label, COST_S["distill"].get(spec["kind"], 5),
                    lambda arch=arch, cfg=cfg: distill_item(machine, arch, plan_config(cfg), 1 if args.smoke else 3))
     kinds = ["smoke"] if args.smoke else ["sd15", "sdxl"]
+    for kind in kinds[:1]:
+        spec, cfg = items[f"distill {kind} pointwise"]
+        arch = _architecture(spec)
+        record(f"batched relative targets {kind} pointwise", COST_S["relative_targets"].get(kind, 10),
+               lambda arch=arch, cfg=cfg: relative_targets_item(machine, arch, plan_config(cfg), 2 if args.smoke else 6))
     for kind in kinds:
         arch = _architecture({"kind": kind})
         for precision in (["fp32"] if args.smoke else ["bf16", "fp16"]):

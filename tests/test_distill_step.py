@@ -27,11 +27,15 @@ def setup3(tiny_sd15_dir):
 
 
 def _record_unet_calls(unet):
-    """(t, input sample, grad enabled) of every UNet call the step makes."""
+    """(t, input sample, grad enabled) of every UNet call the step makes; a batched call with
+    one time per row counts as one call per row."""
     calls = []
-    unet.register_forward_pre_hook(
-        lambda m, args, kwargs: calls.append((int(args[1]), args[0].detach().clone(), torch.is_grad_enabled())),
-        with_kwargs=True)
+
+    def record(_module, args, _kwargs):
+        sample, times = args[0].detach().clone(), torch.as_tensor(args[1]).reshape(-1).expand(args[0].shape[0])
+        calls.extend((int(t), sample[i:i + 1], torch.is_grad_enabled()) for i, t in enumerate(times))
+
+    unet.register_forward_pre_hook(record, with_kwargs=True)
     return calls
 
 
@@ -64,6 +68,8 @@ def test_student_starts_from_teacher_noise_and_jumps_from_stored_points(tiny_sd1
     chain = _student_positions(tiny_sd15_dir, grid, example)
     student_calls = [(t, x) for t, x, grad in calls if grad]
     relative_calls = [(t, x) for t, x, grad in calls if not grad]
+    # all relative jumps first, in one call: they start from stored positions, not the student's
+    assert [grad for *_, grad in calls] == [False] * grid.num_slots + [True] * grid.num_slots
     assert [t for t, _ in student_calls] == [grid.slot_start(n) for n in (2, 1, 0)]
     assert torch.equal(student_calls[0][1], example.positions[:1])  # z_N = Z[0], the teacher's own noise
     for (_, x), k in zip(student_calls, range(grid.num_slots)):
@@ -77,7 +83,7 @@ def test_random_slot_mode_rolls_the_student_out_without_grad(tiny_sd15_dir, setu
     grid, example = setup3
     seed = next(s for s in range(100) if int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(s))) == 0)
     dist = make_distiller(tiny_sd15_dir, grid, slots_per_iteration="random", loss_absolute="pointwise",
-                          loss_relative="off")
+                          loss_relative="pointwise")
     calls = _record_unet_calls(dist.unet)
     metrics = dist.accumulate_gradients(example, torch.Generator().manual_seed(seed))
 
@@ -87,18 +93,19 @@ def test_random_slot_mode_rolls_the_student_out_without_grad(tiny_sd15_dir, setu
         (grid.slot_start(2), False), (grid.slot_start(1), False), (grid.relative_time(0, 1), False),
         (grid.slot_start(0), True)]
     torch.testing.assert_close(calls[-1][1], chain[2:3], rtol=0, atol=1e-5)
-    assert set(metrics) == {"total", "abs_pointwise"}
+    assert set(metrics) == {"total", "abs_pointwise", "rel_pointwise"}
 
 
 def test_no_gradient_crosses_a_slot_boundary(tiny_sd15_dir, setup3):
     grid, example = setup3
     dist = make_distiller(tiny_sd15_dir, grid, loss_relative="both", loss_absolute="both")
     cond, gen = example.cond, torch.Generator().manual_seed(0)
-    _, first = dist.method.slot_losses(example.positions[:1], example.positions, cond, 2, gen)
+    relative = dist.method.relative_targets(example.positions, cond, [2, 1])
+    _, first = dist.method.slot_losses(example.positions[:1], example.positions, relative[0], cond, 2, gen)
     assert first.grad_fn is not None
 
     # feed slot 1 the un-detached student output of slot 2: its losses still do not depend on it
-    second, _ = dist.method.slot_losses(first, example.positions, cond, 1, gen)
+    second, _ = dist.method.slot_losses(first, example.positions, relative[1], cond, 1, gen)
     loss = sum(second.generator.values()) + sum(second.discriminator.values())
     assert torch.autograd.grad(loss, first, allow_unused=True) == (None,)
     assert set(second.generator) == {"rel_adv", "abs_adv", "rel_pointwise", "abs_pointwise"}

@@ -12,7 +12,7 @@ import torch
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import AdversarialConfig
-from rapm_core.distill.discriminator import FeatureTaps, HeadSet
+from rapm_core.distill.discriminator import LAYOUTS, FeatureTaps, HeadSet
 from rapm_core.distill.losses import discriminator_accuracy, discriminator_hinge_loss, generator_adversarial_loss
 from rapm_core.distill.method import LossTerms
 from rapm_core.distill.student import Student
@@ -23,22 +23,23 @@ class Discriminators:
 
     def __init__(self, student: Student, kinds: list[str], config: AdversarialConfig, init_seed: int):
         self.student, self.kinds, self.config = student, kinds, config
-        self.taps = FeatureTaps(student.unet)
+        up_blocks, per_map = LAYOUTS[config.disc_layout]
+        self.taps = FeatureTaps(student.unet, up_blocks=up_blocks)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             self.heads = torch.nn.ModuleDict({
-                kind: HeadSet(self.taps.channels, config.disc_channels) for kind in kinds}).to(student.device)
+                kind: HeadSet(self.taps.channels, config.disc_channels, per_map) for kind in kinds}).to(student.device)
 
     def features(self, sample: torch.Tensor, t, cond: Conditioning) -> list[torch.Tensor]:
         """The backbone's features at level ``t``."""
         with self.student.autocast():
             return self.taps(sample.to(self.student.dtype), self.student.ode.network_time(t), cond)
 
-    def add_terms(self, terms: LossTerms, fake: torch.Tensor, reals: dict[str, torch.Tensor], level: int,
-                  t_range: tuple[int, int], cond: Conditioning, weights: dict[str, float],
-                  generator: torch.Generator) -> None:
-        """G, D terms and stats of every head set into ``terms``; samples sit at noise ``level``,
-        t′ is drawn from [t_range) and one noise is drawn for all of them."""
+    def terms(self, *, fake: torch.Tensor, reals: dict[str, torch.Tensor], level: int, t_range: tuple[int, int],
+              cond: Conditioning, weights: dict[str, float], generator: torch.Generator) -> LossTerms:
+        """The G and D terms (and stats) of every head set: ``fake`` and ``reals[kind]`` sit at
+        noise ``level``; one t′ is drawn from [t_range) and one noise for all of them. G terms are
+        weighted by ``weights[kind]``·λ_adv."""
         student = self.student
         ode = student.ode
         t_prime = ode.draw_level(t_range[0], t_range[1], generator)
@@ -47,6 +48,7 @@ class Discriminators:
         with torch.no_grad():
             real = torch.cat([reals[k] for k in self.kinds])
             real_feats = self.features(ode.renoise(real, level, t_prime, noise), t_prime, cond[[0] * real.shape[0]])
+        terms = LossTerms(generator={})
         for row, kind in enumerate(self.kinds):
             heads = self.heads[kind]
             with student.autocast():
@@ -60,3 +62,4 @@ class Discriminators:
             terms.stats.update({f"{kind}_adv": float(g.detach()), f"d_loss_{kind}": float(d.detach()),
                                 f"d_acc_real_{kind}": discriminator_accuracy(d_real, real=True),
                                 f"d_acc_fake_{kind}": discriminator_accuracy(d_fake, real=False)})
+        return terms

@@ -73,10 +73,18 @@ class PointwiseConfig(FrozenModel):
     huber_c: float = Field(0.001, gt=0, description="pseudo-Huber c (PCM's 0.001)")
 
 
+# PCM's adversarial SD 1.5 script (train_pcm_lora_sd15_adv.py): what ``--method pcm
+# --pcm-adversarial`` runs with unless an option says otherwise.
+PCM_PUBLISHED_ADVERSARIAL = {"lambda_adv": 0.1, "lr_disc": 1e-5, "disc_betas": (0.0, 0.999),
+                             "disc_schedule": "alternate"}
+
+
 class AdversarialConfig(FrozenModel):
     """Discriminator heads on the frozen teacher's features (used only by adversarial losses).
 
-    PCM's published settings are λ_adv 0.1, lr 1e-5, betas (0, 0.999) and alternating steps.
+    The defaults are RAPM's; ``--method pcm --pcm-adversarial`` defaults to PCM's published
+    settings instead (λ_adv 0.1, lr 1e-5, betas (0, 0.999), alternating steps); options given
+    explicitly win either way.
     """
 
     lambda_adv: float = Field(1.0, ge=0, description="λ_adv: weight of each adversarial G term")
@@ -87,6 +95,9 @@ class AdversarialConfig(FrozenModel):
         "simultaneous", description="both optimizers step every iteration, or D on even and G on odd iterations")
     gen_loss: Literal["hinge", "linear"] = Field("hinge", description="G loss: relu(1 − D(fake)) or −D(fake)")
     disc_channels: int = Field(256, ge=1, description="inner width of every discriminator head")
+    disc_layout: Literal["down-mid", "pcm"] = Field(
+        "down-mid", description="feature maps the heads read: the teacher's down and mid blocks with one head each, "
+                                "or PCM's layout (down, mid and up blocks, four heads per feature map)")
 
     @model_validator(mode="after")
     def _check(self) -> "AdversarialConfig":
@@ -133,7 +144,8 @@ class PeerConfig(FrozenModel):
                              "renders of the prompts through the VAE (a domain that renders, e.g. the shapes)")
     teacher_guidance: tuple[float, float] | None = Field(
         None, description="CFG scale range of the teacher's online solver step, drawn per iteration "
-                          "(default: the store's guidance; PCM's script uses 5 6, LCM's 6 16)")
+                          "(default: the store's guidance; PCM's SD 1.5 script draws "
+                          "CFG scale 1 + w with w ~ U[4, 5], i.e. 5 6, LCM's w ~ U[5, 15], i.e. 6 16)")
     solver_steps: int = Field(50, ge=2, le=1000, description="steps of the DDIM teacher grid the peers skip along")
 
     @model_validator(mode="after")
@@ -146,7 +158,9 @@ class PeerConfig(FrozenModel):
 class PcmConfig(FrozenModel):
     """PCM's own option (Wang et al., arXiv 2405.18407)."""
 
-    pcm_adversarial: bool = Field(False, description="add PCM's adversarial term (the discriminator section)")
+    pcm_adversarial: bool = Field(False, description="add PCM's adversarial term (the discriminator section; "
+                                                     "its options default to PCM's published ones: lambda_adv 0.1, "
+                                                     "lr_disc 1e-5, disc_betas 0 0.999, disc_schedule alternate)")
 
 
 class LcmConfig(FrozenModel):
@@ -167,6 +181,19 @@ class MethodConfig(FrozenModel):
     peer: PeerConfig = Field(default_factory=PeerConfig, description="PCM and LCM-LoRA's data and teacher step")
     pcm: PcmConfig = Field(default_factory=PcmConfig, description="PCM's options")
     lcm: LcmConfig = Field(default_factory=LcmConfig, description="LCM-LoRA's options")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pcm_published_adversarial(cls, data):
+        """PCM's adversarial run defaults to its published discriminator settings; the options
+        given (or a recorded config, which holds them all) keep theirs."""
+        if isinstance(data, dict) and data.get("method") == "pcm":
+            pcm = data.get("pcm") or {}
+            on = pcm.get("pcm_adversarial", False) if isinstance(pcm, dict) else pcm.pcm_adversarial
+            adversarial = data.get("adversarial") or {}
+            if on and isinstance(adversarial, dict):
+                data = {**data, "adversarial": {**PCM_PUBLISHED_ADVERSARIAL, **adversarial}}
+        return data
 
     @classmethod
     def from_options(cls, **options) -> "MethodConfig":
@@ -190,6 +217,8 @@ class MethodConfig(FrozenModel):
         # weights_dtype came after runs existed: at its default it stays out, so their run dirs keep their hash.
         if dump["training"]["weights_dtype"] == "fp32":
             del dump["training"]["weights_dtype"]
+        if dump.get("adversarial", {}).get("disc_layout") == "down-mid":  # likewise disc_layout
+            del dump["adversarial"]["disc_layout"]
         return dump
 
 

@@ -1,9 +1,11 @@
 """PCM-style latent discriminators: the frozen teacher UNet as backbone, small trainable heads.
 
 The backbone is read, not rebuilt: forward hooks collect every down-block output and the
-mid-block output of the teacher (adapters bypassed), and the mid-block hook aborts the forward
-so the up path is never computed. Each feature map gets its own patch head; RAPM keeps two
-head sets, one judging relative positions and one judging absolute positions.
+mid-block output of the teacher (adapters bypassed), and the last tapped block's hook aborts the
+forward so nothing after it is computed. Two layouts: "down-mid" (the default: one head per
+down/mid feature map, the up path never runs) and "pcm" (PCM's published discriminator: the
+up-block outputs too, four heads per feature map). RAPM keeps two head sets, one judging
+relative positions and one judging absolute positions.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from rapm_core.errors import ConfigError
 from rapm_core.distill.student import teacher_mode
 
 
+# Feature maps read and heads per map of each layout (PCM: discriminator_sd15.py's nine maps, four heads each).
+LAYOUTS: dict[str, tuple[bool, int]] = {"down-mid": (False, 1), "pcm": (True, 4)}
+
+
 class _FeaturesCollected(Exception):
-    """Raised from the mid-block hook to skip the up path; never leaves ``FeatureTaps``."""
+    """Raised from the last tapped block's hook to skip the rest; never leaves ``FeatureTaps``."""
 
 
 @contextmanager
@@ -42,18 +48,20 @@ def _no_gradient_checkpointing(unet: nn.Module) -> Iterator[None]:
 
 
 class FeatureTaps:
-    """The teacher's down-block and mid-block outputs for a (sample, t, c), via forward hooks.
+    """The teacher's down-block and mid-block outputs (with ``up_blocks``, the up-block outputs
+    too) for a (sample, t, c), via forward hooks.
 
     Gradients flow from the features back to ``sample`` (the generator's path), while the
     backbone's own weights stay frozen.
     """
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, up_blocks: bool = False):
         if getattr(unet, "mid_block", None) is None:
             raise ConfigError("the discriminator reads the teacher UNet's mid block, and this UNet has none")
         self.unet = unet
+        self.blocks = [*unet.down_blocks, unet.mid_block, *(unet.up_blocks if up_blocks else [])]
         widths = list(unet.config.block_out_channels)
-        self.channels: tuple[int, ...] = tuple(widths + [widths[-1]])
+        self.channels: tuple[int, ...] = tuple(widths + [widths[-1]] + (widths[::-1] if up_blocks else []))
 
     def __call__(self, sample: torch.Tensor, t: int, cond: Conditioning) -> list[torch.Tensor]:
         features: list[torch.Tensor] = []
@@ -65,8 +73,8 @@ class FeatureTaps:
             keep(module, inputs, output)
             raise _FeaturesCollected
 
-        handles = [block.register_forward_hook(keep) for block in self.unet.down_blocks]
-        handles.append(self.unet.mid_block.register_forward_hook(keep_and_stop))
+        handles = [block.register_forward_hook(keep) for block in self.blocks[:-1]]
+        handles.append(self.blocks[-1].register_forward_hook(keep_and_stop))
         try:
             with teacher_mode(self.unet), _no_gradient_checkpointing(self.unet):
                 self.unet(sample, t, **cond.unet_kwargs())
@@ -102,11 +110,13 @@ class PatchHead(nn.Module):
 
 
 class HeadSet(nn.Module):
-    """One patch head per tapped feature map; returns their logits in tap order."""
+    """``per_map`` patch heads per tapped feature map; returns their logits in tap order."""
 
-    def __init__(self, channels: Sequence[int], width: int):
+    def __init__(self, channels: Sequence[int], width: int, per_map: int = 1):
         super().__init__()
-        self.heads = nn.ModuleList(PatchHead(c, width) for c in channels)
+        self.per_map = per_map
+        self.heads = nn.ModuleList(PatchHead(c, width) for c in channels for _ in range(per_map))
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [head(f) for head, f in zip(self.heads, features, strict=True)]
+        each = [f for f in features for _ in range(self.per_map)]
+        return [head(f) for head, f in zip(self.heads, each, strict=True)]

@@ -51,9 +51,13 @@ class Pcm(ConsistencyMethod):
         with torch.no_grad():
             target = draw.x_teacher if draw.t == s else student.jump(draw.x_teacher, draw.t, s, cond)
         p = pointwise_loss(fake, target, self.config.pointwise.pointwise, self.config.pointwise.huber_c)
-        terms = LossTerms(generator={"pcm_pointwise": p}, stats={"pcm_pointwise": float(p.detach()),
-                                                                  "grid_index": float(draw.index)})
+        generator_terms = {"pcm_pointwise": p}
+        stats = {"pcm_pointwise": float(p.detach()), "grid_index": float(draw.index)}
+        discriminator_terms = {}
         if self.discriminators is not None:
             t_range = (s, student.ode.level_above(s, self.grid.num_slots))
-            self.discriminators.add_terms(terms, fake, {"pcm": target}, s, t_range, cond, {"pcm": 1.0}, generator)
-        yield terms
+            adv = self.discriminators.terms(fake=fake, reals={"pcm": target}, level=s, t_range=t_range,
+                                            cond=cond, weights={"pcm": 1.0}, generator=generator)
+            generator_terms.update(adv.generator)
+            discriminator_terms, stats = adv.discriminator, {**stats, **adv.stats}
+        yield LossTerms(generator=generator_terms, discriminator=discriminator_terms, stats=stats)
