@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 
 from flows.cli_model import add_model_arguments, model_from_args
 from flows.common import ProgressArtifact
-from flows.scale import ShardRunner
+from flows.sharding import ShardRunner
 from rapm_core.evaluate import report, scale
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.eval_dir import (
@@ -36,7 +36,7 @@ def evaluate_store(config: EvaluateConfig) -> int:
     """Open or create the feature store (on a worker, whose cached teacher the shards then reuse);
     returns the images still to sample."""
     p = prepare(config)
-    return scale.pending_images(config, p, scale.open_store(config, p))
+    return scale.pending_images(config, p, scale.open_feature_store(config, p))
 
 
 @task(name="evaluate-shard", retries=1)

@@ -12,10 +12,10 @@ from prefect.runtime import flow_run
 
 from flows.cli_model import add_model_arguments, model_from_args
 from flows.common import ProgressArtifact
-from flows.scale import ShardRunner
+from flows.sharding import ShardRunner
 from rapm_core.execution import default_shard_size, shard_ranges, worker_cached
 from rapm_core.progress import Progress
-from rapm_core.teacher import Teacher, load_teacher, resolve_device, resolve_dtype, teacher_ref
+from rapm_core.teacher import Teacher, load_teacher, resolve_device, resolve_dtype, teacher_identifier
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import (
     GenerationReport, generate_trajectories, preflight, select_prompts, store_lock, wanted_identity,
@@ -34,7 +34,7 @@ SUMMARY_FIELDS = ("teacher", "kind", "num_slots", "steps_per_slot", "guidance", 
 def trajectory_shard(config: TrajectoriesConfig, start: int, stop: int) -> GenerationReport:
     """Trajectories [start, stop) on whichever process runs this; the teacher stays loaded there."""
     def teacher() -> Teacher:
-        key = ("teacher", teacher_ref(config.teacher), config.revision, config.dtype, config.device)
+        key = ("teacher", teacher_identifier(config.teacher), config.revision, config.dtype, config.device)
         return worker_cached(key, lambda: load_teacher(config.teacher, config.revision, resolve_dtype(config.dtype),
                                                        resolve_device(config.device)))
 
@@ -83,7 +83,7 @@ def _fan_out(config: TrajectoriesConfig, progress: Callable[[Progress], None],
 
 def _run_name() -> str:
     config = TrajectoriesConfig.model_validate(flow_run.parameters["config"])
-    teacher = teacher_ref(config.teacher).rstrip("/").split("/")[-1]
+    teacher = teacher_identifier(config.teacher).rstrip("/").split("/")[-1]
     return f"trajectories-{teacher}-{config_hash(config.model_dump(mode='json'))[:8]}"
 
 

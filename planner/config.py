@@ -17,11 +17,10 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, Field
 
-from rapm_core.config import FrozenModel
+from rapm_core.config import FrozenModel, Precision
 from planner.engine import EvaluateOptions, MethodConfig, TrajectoriesOptions
 from planner.presets import PRESETS
 
-Precision = Literal["fp32", "bf16", "fp16"]
 
 # The stages' own defaults.
 TRAJECTORY_BATCH = TrajectoriesOptions.model_fields["batch_size"].default

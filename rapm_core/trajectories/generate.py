@@ -24,7 +24,7 @@ from rapm_core.progress import Progress
 from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import (
     Teacher, count_truncated, detect_kind, encode_prompts, encode_uncond, load_teacher, resolve_device,
-    resolve_dtype, teacher_ref,
+    resolve_dtype, teacher_identifier,
 )
 from rapm_core.trajectories.chain import initial_noise, teacher_trajectories, trajectory_seed
 from rapm_core.trajectories.config import TrajectoriesConfig
@@ -66,7 +66,7 @@ def select_prompts(config: TrajectoriesConfig) -> list[PromptRecord]:
 def wanted_identity(config: TrajectoriesConfig, records: list[PromptRecord]) -> dict[str, Any]:
     """The identity fields known before the teacher loads (its kind and shapes come later)."""
     return {
-        "teacher": teacher_ref(config.teacher), "teacher_revision": config.revision, "num_slots": config.slots,
+        "teacher": teacher_identifier(config.teacher), "teacher_revision": config.revision, "num_slots": config.slots,
         "steps_per_slot": config.steps_per_slot, "guidance": config.guidance, "seed": config.seed,
         "compute_dtype": config.dtype, "store_dtype": config.store_dtype,
         "prompts_hash": config_hash({"prompt_ids": [r.id for r in records]}), "num": len(records),
@@ -77,7 +77,7 @@ def preflight(config: TrajectoriesConfig) -> None:
     """The cheap checks (prompt store, existing store, teacher config) before any weights load."""
     records = select_prompts(config)
     check_compatible(config.out, wanted_identity(config, records))
-    detect_kind(teacher_ref(config.teacher), config.revision)
+    detect_kind(teacher_identifier(config.teacher), config.revision)
     resolve_device(config.device)
 
 
@@ -87,7 +87,7 @@ def store_schema(config: TrajectoriesConfig, records: list[PromptRecord], teache
     return StoreSchema(
         **wanted_identity(config, records), kind=teacher.kind, scheduler_config=teacher.scheduler_config,
         latent_shape=teacher.latent_shape, embed_dtype="float16" if config.dtype == "fp16" else "float32",
-        teacher_fingerprint=teacher_fingerprint(teacher_ref(config.teacher)),
+        teacher_fingerprint=teacher_fingerprint(teacher_identifier(config.teacher)),
         fine_timesteps=list(grid.fine), coarse_timesteps=list(grid.coarse),
         prompt_store=PromptSource(path=config.prompts, split=config.split, limit=config.limit,
                                   samples_per_prompt=config.samples_per_prompt,
