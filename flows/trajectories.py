@@ -18,13 +18,12 @@ from rapm_core.progress import Progress
 from rapm_core.teacher import Teacher, load_teacher, resolve_device, resolve_dtype, teacher_identifier
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import (
-    GenerationReport, generate_trajectories, preflight, select_prompts, store_lock, wanted_identity,
+    GenerationReport, generate_trajectories, open_existing, preflight, store_lock,
 )
 from rapm_shapes.demo import demo_config
-from storage.errors import StoreError
 from storage.hashing import config_hash
 from storage.trajectory_inspect import inspect_store
-from storage.trajectory_store import TrajectoryStore, check_compatible
+from storage.trajectory_store import TrajectoryStore
 
 SUMMARY_FIELDS = ("teacher", "kind", "num_slots", "steps_per_slot", "guidance", "seed", "compute_dtype", "store_dtype",
                   "complete", "total", "bytes_on_disk", "compression_ratio", "config_hash")
@@ -55,18 +54,15 @@ def generate_sharded(config: TrajectoriesConfig, progress: Callable[[Progress], 
 
 def _fan_out(config: TrajectoriesConfig, progress: Callable[[Progress], None],
              log: Callable[[str], None]) -> list[GenerationReport]:
-    num = len(records := select_prompts(config))
-    check_compatible(config.out, wanted_identity(config, records))
-    try:
-        pending = TrajectoryStore(config.out).pending_batches(0, num, config.batch_size)
-    except StoreError:
-        pending = [(0, num)]
+    opened = open_existing(config)
+    num = len(opened.records)
+    pending = opened.store.pending_batches(0, num, config.batch_size) if opened.store else [(0, num)]
     if not pending:
         log(f"{config.out}: all {num} trajectories already complete; nothing to do")
         return []
     with ShardRunner(config.execution) as runner:
         runner.run(trajectory_shard, [{"config": config, "start": 0, "stop": 0}])
-        total = num - len(TrajectoryStore(config.out).complete_indices())
+        total = num - len((opened.store or TrajectoryStore(config.out)).complete_indices())
         size = config.execution.shard_size or default_shard_size(total, runner.workers, config.batch_size)
         shards = shard_ranges(0, num, size, config.batch_size)
         log(f"{total} trajectories to generate in {len(shards)} shards on {runner.workers} workers")
