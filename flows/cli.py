@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "flows.store_cli",
     "flows.evaluate",
     "flows.pipeline",
+    "flows.demo",
     "flows.distill",
     "flows.recipe",
     "flows.plan",

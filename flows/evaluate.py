@@ -24,7 +24,6 @@ from rapm_core.evaluate.run import evaluate_run
 from rapm_core.execution import default_shard_size, shard_ranges
 from rapm_core.progress import Progress
 from rapm_core.teacher import resolve_device
-from rapm_shapes.demo import demo_config
 
 
 def run_name(config: EvaluateConfig) -> str:
@@ -86,7 +85,7 @@ def evaluate_sharded(config: EvaluateConfig, progress: Callable[[Progress], None
 
 
 @flow(name="evaluate", flow_run_name=lambda: run_name(EvaluateConfig.model_validate(flow_run.parameters["config"])))
-def evaluate_flow(config: EvaluateConfig = demo_config().evaluate_config()) -> dict:
+def evaluate_flow(config: EvaluateConfig) -> dict:
     """Stage C: sample every method, measure, write the eval dir and publish it as artifacts."""
     logger = get_run_logger()
     progress = ProgressArtifact(f"evaluate {config.run}: images sampled")

@@ -16,7 +16,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.cli_model import add_model_arguments, model_from_args
-from rapm_shapes.demo import demo_config
 from rapm_core.ingest.config import IngestConfig
 from rapm_core.ingest.engine import IngestCounts, IngestPlan, ingest_config_hash, ingest_prompts, plan_ingest
 from storage.prompt_store import PromptStore
@@ -50,7 +49,7 @@ def _publish(plan: IngestPlan) -> None:
 
 
 @flow(name="ingest", flow_run_name=_flow_run_name)
-def ingest_flow(config: IngestConfig = demo_config().ingest_config()) -> IngestCounts:
+def ingest_flow(config: IngestConfig) -> IngestCounts:
     plan = ingest_prompts(config)
     get_run_logger().info(summary(plan))
     _publish(plan)

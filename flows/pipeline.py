@@ -1,9 +1,6 @@
-"""The pipeline as a Prefect flow (``rapm pipeline``, ``rapm demo``): each stage a subflow, the
-stages' completeness checks deciding what runs (:mod:`rapm_core.pipeline`), a table of what ran.
-
-``rapm demo`` is the pipeline on the embedded default (``rapm_shapes.demo.DemoConfig``, the one
-place its values live); it is also this flow's default parameter, so the ``embedded-demo``
-deployment needs none.
+"""The pipeline as a Prefect flow (``rapm pipeline``): each stage a subflow, the stages'
+completeness checks deciding what runs (:mod:`rapm_core.pipeline`), a table of what ran.
+``rapm demo`` (:mod:`flows.demo`) runs this flow on the demo's config.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from flows.trajectories import trajectories_flow
 from rapm_core.evaluate.eval_dir import finished
 from rapm_core.pipeline import STAGES, PipelineConfig, all_complete, run_pipeline
 from rapm_core.teacher import resolve_device
-from rapm_shapes.demo import DemoConfig, demo_config, write_builtin_prompts
+from rapm_shapes.shapes import write_builtin_prompts
 from storage.hashing import config_hash
 
 RUNNERS = {"ingest": ingest_flow, "trajectories": trajectories_flow, "distill": distill_flow,
@@ -47,7 +44,7 @@ def run_name(config: PipelineConfig) -> str:
 
 
 @flow(name="pipeline", flow_run_name=lambda: run_name(PipelineConfig.model_validate(flow_run.parameters["config"])))
-def pipeline_flow(config: PipelineConfig = demo_config()) -> dict:
+def pipeline_flow(config: PipelineConfig) -> dict:
     """ingest → trajectories → distill → evaluate in one work dir, each stage a subflow."""
     logger = get_run_logger()
     if config.threads is not None:
@@ -62,7 +59,8 @@ def pipeline_flow(config: PipelineConfig = demo_config()) -> dict:
     return {"stages": [asdict(o) for o in outcomes], "eval_dir": str(eval_dir)}
 
 
-def _cli(model: type[PipelineConfig]) -> Callable:
+def pipeline_command(model: type[PipelineConfig]) -> Callable:
+    """The CLI of a pipeline config model: runs the flow, or nothing when every stage is complete."""
     def run(args) -> int:
         config = model_from_args(model, args)
         resolve_device(config.device)
@@ -87,8 +85,7 @@ def _cli(model: type[PipelineConfig]) -> Callable:
 
 
 def register(subparsers) -> None:
-    for name, model, text in (("pipeline", PipelineConfig, "ingest → trajectories → distill → evaluate in one work dir"),
-                              ("demo", DemoConfig, "the whole pipeline on the embedded shapes teacher, sized for a CPU")):
-        parser = subparsers.add_parser(name, help=text, description=model.__doc__)
-        add_model_arguments(parser, model, demo_config() if model is DemoConfig else None)
-        parser.set_defaults(func=_cli(model))
+    parser = subparsers.add_parser("pipeline", help="ingest → trajectories → distill → evaluate in one work dir",
+                                   description=PipelineConfig.__doc__)
+    add_model_arguments(parser, PipelineConfig)
+    parser.set_defaults(func=pipeline_command(PipelineConfig))

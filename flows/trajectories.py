@@ -20,7 +20,6 @@ from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import (
     GenerationReport, generate_trajectories, open_existing, preflight, store_lock,
 )
-from rapm_shapes.demo import demo_config
 from storage.hashing import config_hash
 from storage.trajectory_inspect import inspect_store
 from storage.trajectory_store import TrajectoryStore
@@ -84,7 +83,7 @@ def _run_name() -> str:
 
 
 @flow(name="trajectories", flow_run_name=_run_name)
-def trajectories_flow(config: TrajectoriesConfig = demo_config().trajectories_config()) -> dict:
+def trajectories_flow(config: TrajectoriesConfig) -> dict:
     """Stage A: progress artifact while generating, summary table artifact at the end."""
     logger = get_run_logger()
     progress = ProgressArtifact(f"trajectories → {config.out}", log=logger.info)
