@@ -99,11 +99,6 @@ class Fidelity(Metric):
                                                            ref.images.permute(0, 3, 1, 2)))}
 
 
-def load_reference_images(folder: str, size: tuple[int, int]) -> torch.Tensor:
-    arrays = [features.real_image(f, size) for f in features.image_files(folder)]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
 class FeatureMetric(ABC):
     """The feature-store side of a metric (``--feature-store``, the paper's 30K images per method).
 
