@@ -17,7 +17,6 @@ from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.plots import plot_loss_curves
 from rapm_core.distill.run import run_config_hash, run_distillation
 from rapm_core.evaluate.report import inline_images
-from rapm_shapes.demo import demo_config
 from storage.errors import StoreError
 from storage.run_dir import RunDir
 from storage.trajectory_store import TrajectoryStore
@@ -55,7 +54,7 @@ def publish_loss_curves(run: RunDir, key: str) -> None:
 
 
 @flow(name="distill", flow_run_name=lambda: run_name(DistillRunConfig.model_validate(flow_run.parameters["config"])))
-def distill_flow(config: DistillRunConfig = demo_config().distill_config()) -> dict:
+def distill_flow(config: DistillRunConfig) -> dict:
     """Stage B: train (or resume, or extend) a run dir, then export the student."""
     logger = run_logger()
     key = f"distill-{run_config_hash(config)[:12]}"

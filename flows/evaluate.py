@@ -14,14 +14,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.common import ProgressArtifact, publish, run_logger
-from flows.scale import ShardRunner
+from flows.sharding import ShardRunner
 from rapm_core.evaluate import report, scale
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.eval_dir import EvalResult, already_evaluated, eval_config_hash, prepare
 from rapm_core.evaluate.run import evaluate_run
 from rapm_core.execution import default_shard_size, shard_ranges
 from rapm_core.progress import Progress
-from rapm_shapes.demo import demo_config
 
 
 def run_name(config: EvaluateConfig) -> str:
@@ -33,7 +32,7 @@ def evaluate_store(config: EvaluateConfig) -> int:
     """Open or create the feature store (on a worker, whose cached teacher the shards then reuse);
     returns the images still to sample."""
     p = prepare(config)
-    return scale.pending_images(config, p, scale.open_store(config, p))
+    return scale.pending_images(config, p, scale.open_feature_store(config, p))
 
 
 @task(name="evaluate-shard", retries=1)
@@ -83,8 +82,8 @@ def evaluate_sharded(config: EvaluateConfig, progress: Callable[[Progress], None
 
 
 @flow(name="evaluate", flow_run_name=lambda: run_name(EvaluateConfig.model_validate(flow_run.parameters["config"])))
-def evaluate_flow(config: EvaluateConfig = demo_config().evaluate_config()) -> dict:
-    """Stage C: sample every method, measure, write the eval dir and publish it as artifacts."""
+def evaluate_flow(config: EvaluateConfig) -> dict:
+    """Stage C: sample every sampler, measure, write the eval dir and publish it as artifacts."""
     logger = run_logger()
     progress = ProgressArtifact(f"evaluate {config.run}: images sampled")
     if config.execution.backend == "in-process":

@@ -8,12 +8,11 @@ plus the image count, the feature network's sha256 and the image size, which ``r
 
 from __future__ import annotations
 
-from typing import Literal
 
 from pydantic import Field
 
 from flows.cli_model import add_model_arguments, model_from_args
-from rapm_core.config import StrictModel
+from rapm_core.config import Device, StrictModel
 from rapm_core.errors import ConfigError
 
 
@@ -27,7 +26,7 @@ class FidStatsConfig(StrictModel):
     size: int = Field(ge=1, description="the generated images' size: real images are centre-cropped square and "
                                         "resized to SIZE×SIZE, as evaluation resizes them")
     batch_size: int = Field(50, ge=1, description="images per feature batch (speed only)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
+    device: Device = Field("auto", description="compute device")
 
 
 def compute(config: FidStatsConfig):

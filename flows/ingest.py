@@ -16,7 +16,6 @@ from prefect.runtime import flow_run
 
 from flows.common import publish, run_logger
 from flows.stage_commands import ingest_summary
-from rapm_shapes.demo import demo_config
 from rapm_core.ingest.config import IngestConfig
 from rapm_core.ingest.engine import IngestCounts, IngestPlan, ingest_config_hash, ingest_prompts
 from storage.prompt_store import PromptStore
@@ -43,7 +42,7 @@ def _publish(plan: IngestPlan) -> None:
 
 
 @flow(name="ingest", flow_run_name=_flow_run_name)
-def ingest_flow(config: IngestConfig = demo_config().ingest_config()) -> IngestCounts:
+def ingest_flow(config: IngestConfig) -> IngestCounts:
     plan = ingest_prompts(config)
     run_logger().info(ingest_summary(plan))
     _publish(plan)

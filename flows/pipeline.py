@@ -1,10 +1,6 @@
-"""The pipeline as a Prefect flow (``rapm pipeline``, ``rapm demo``): each stage a subflow, the
-stages' completeness checks deciding what runs (:mod:`rapm_core.pipeline`), a table of what ran
-(the commands are in :mod:`flows.stage_commands`).
-
-``rapm demo`` is the pipeline on the embedded default (``rapm_shapes.demo.DemoConfig``, the one
-place its values live); it is also this flow's default parameter, so the ``embedded-demo``
-deployment needs none.
+"""The pipeline as a Prefect flow (``rapm pipeline``): each stage a subflow, the stages'
+completeness checks deciding what runs (:mod:`rapm_core.pipeline`), a table of what ran (the
+commands are in :mod:`flows.stage_commands`; ``rapm demo`` runs this flow on the demo's config).
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.trajectories import trajectories_flow
 from rapm_core.pipeline import PipelineConfig, run_pipeline
-from rapm_shapes.demo import demo_config, write_builtin_prompts
+from rapm_shapes.shapes import write_builtin_prompts
 from storage.hashing import config_hash
 
 # Each stage a subflow inside a Prefect flow run; outside one its body, called directly (flows.common).
@@ -45,7 +41,7 @@ def run_name(config: PipelineConfig) -> str:
 
 
 @flow(name="pipeline", flow_run_name=lambda: run_name(PipelineConfig.model_validate(flow_run.parameters["config"])))
-def pipeline_flow(config: PipelineConfig = demo_config()) -> dict:
+def pipeline_flow(config: PipelineConfig) -> dict:
     """ingest → trajectories → distill → evaluate in one work dir, each stage a subflow."""
     logger = run_logger()
     if config.threads is not None:

@@ -12,19 +12,17 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.common import ProgressArtifact, publish, run_logger
-from flows.scale import ShardRunner
+from flows.sharding import ShardRunner
 from rapm_core.execution import default_shard_size, shard_ranges, worker_cached
 from rapm_core.progress import Progress
-from rapm_core.teacher import Teacher, load_teacher, resolve_device, resolve_dtype, teacher_ref
+from rapm_core.teacher import Teacher, load_teacher, resolve_device, resolve_dtype, teacher_identifier
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import (
-    GenerationReport, generate_trajectories, select_prompts, store_lock, wanted_identity,
+    GenerationReport, generate_trajectories, open_existing, store_lock,
 )
-from rapm_shapes.demo import demo_config
-from storage.errors import StoreError
 from storage.hashing import config_hash
 from storage.trajectory_inspect import inspect_store
-from storage.trajectory_store import TrajectoryStore, check_compatible
+from storage.trajectory_store import TrajectoryStore
 
 SUMMARY_FIELDS = ("teacher", "kind", "num_slots", "steps_per_slot", "guidance", "seed", "compute_dtype", "store_dtype",
                   "complete", "total", "bytes_on_disk", "compression_ratio", "config_hash")
@@ -34,7 +32,7 @@ SUMMARY_FIELDS = ("teacher", "kind", "num_slots", "steps_per_slot", "guidance", 
 def trajectory_shard(config: TrajectoriesConfig, start: int, stop: int) -> GenerationReport:
     """Trajectories [start, stop) on whichever process runs this; the teacher stays loaded there."""
     def teacher() -> Teacher:
-        key = ("teacher", teacher_ref(config.teacher), config.revision, config.dtype, config.device)
+        key = ("teacher", teacher_identifier(config.teacher), config.revision, config.dtype, config.device)
         return worker_cached(key, lambda: load_teacher(config.teacher, config.revision, resolve_dtype(config.dtype),
                                                        resolve_device(config.device)))
 
@@ -55,18 +53,15 @@ def generate_sharded(config: TrajectoriesConfig, progress: Callable[[Progress], 
 
 def _fan_out(config: TrajectoriesConfig, progress: Callable[[Progress], None],
              log: Callable[[str], None]) -> list[GenerationReport]:
-    num = len(records := select_prompts(config))
-    check_compatible(config.out, wanted_identity(config, records))
-    try:
-        pending = TrajectoryStore(config.out).pending_batches(0, num, config.batch_size)
-    except StoreError:
-        pending = [(0, num)]
+    opened = open_existing(config)
+    num = len(opened.records)
+    pending = opened.store.pending_batches(0, num, config.batch_size) if opened.store else [(0, num)]
     if not pending:
         log(f"{config.out}: all {num} trajectories already complete; nothing to do")
         return []
     with ShardRunner(config.execution) as runner:
         runner.run(trajectory_shard, [{"config": config, "start": 0, "stop": 0}])
-        total = num - len(TrajectoryStore(config.out).complete_indices())
+        total = num - len((opened.store or TrajectoryStore(config.out)).complete_indices())
         size = config.execution.shard_size or default_shard_size(total, runner.workers, config.batch_size)
         shards = shard_ranges(0, num, size, config.batch_size)
         log(f"{total} trajectories to generate in {len(shards)} shards on {runner.workers} workers")
@@ -83,12 +78,12 @@ def _fan_out(config: TrajectoriesConfig, progress: Callable[[Progress], None],
 
 def _run_name() -> str:
     config = TrajectoriesConfig.model_validate(flow_run.parameters["config"])
-    teacher = teacher_ref(config.teacher).rstrip("/").split("/")[-1]
+    teacher = teacher_identifier(config.teacher).rstrip("/").split("/")[-1]
     return f"trajectories-{teacher}-{config_hash(config.model_dump(mode='json'))[:8]}"
 
 
 @flow(name="trajectories", flow_run_name=_run_name)
-def trajectories_flow(config: TrajectoriesConfig = demo_config().trajectories_config()) -> dict:
+def trajectories_flow(config: TrajectoriesConfig) -> dict:
     """Stage A: progress artifact while generating, summary table artifact at the end."""
     logger = run_logger()
     progress = ProgressArtifact(f"trajectories → {config.out}", log=logger.info)

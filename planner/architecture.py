@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import transformers
@@ -19,16 +18,16 @@ from transformers import CLIPTextConfig, PretrainedConfig
 
 from rapm_core.errors import ConfigError
 from planner.presets import preset_configs
-from rapm_core.teacher import detect_kind, teacher_ref
+from rapm_core.teacher import detect_kind, teacher_identifier
+from storage.trajectory_schema import TeacherKind
 
-Kind = Literal["sd15", "sdxl"]
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 
 @dataclass(frozen=True)
 class Architecture:
     source: str  # what was read: "preset sd15 (hub id)", a directory, or a hub id
-    kind: Kind
+    kind: TeacherKind
     unet: dict
     vae: dict
     scheduler: dict
@@ -111,7 +110,7 @@ def from_teacher(source: str, revision: str | None = None) -> Architecture:
     path = Path(source).expanduser()
     if (source.startswith(("/", ".", "~")) or path.exists()) and not path.is_dir():
         raise ConfigError(f"teacher {source!r}: no such directory")
-    ref = teacher_ref(source)
+    ref = teacher_identifier(source)
     kind, _ = detect_kind(ref, revision)
     index = _read(ref, "model_index.json", lambda: dict(DiffusionPipeline.load_config(ref, revision=revision)))
     unet = _read(ref, "unet/config.json",

@@ -17,15 +17,14 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, Field
 
-from rapm_core.config import FrozenModel
+from rapm_core.config import FrozenModel, Precision
 # The stage configs themselves, not through planner.engine: ``rapm plan --help`` builds its
 # options from this module, and the engine brings torch, diffusers and peft.
 from rapm_core.distill.config import MethodConfig
 from rapm_core.evaluate.config import EvaluateOptions
-from rapm_core.trajectories.config import TrajectoriesOptions
+from rapm_core.trajectories.config import SlotOptions, TrajectoriesOptions
 from planner.presets import PRESETS
 
-Precision = Literal["fp32", "bf16", "fp16"]
 
 # The stages' own defaults.
 TRAJECTORY_BATCH = TrajectoriesOptions.model_fields["batch_size"].default
@@ -68,15 +67,14 @@ def pointwise_instead(method: MethodConfig) -> dict[str, Any]:
             if getattr(method.rapm, key) in swap}
 
 
-class PlanConfig(FrozenModel):
+class PlanConfig(FrozenModel, SlotOptions):
     """Predict each stage's peak accelerator memory (and the paper recipe's wall time) without weights or a GPU."""
+
+    # N, M and the guidance are the trajectories' own options (SlotOptions): same flags, bounds and defaults.
 
     teacher: str | None = Field(None, description="local diffusers directory or hub id: only its config files are read")
     preset: str | None = Field(None, description=f"published architecture instead of a teacher: {', '.join(PRESETS)}")
     resolution: int | None = Field(None, ge=8, description="image side in pixels (default: the teacher's native one)")
-    slots: int = Field(4, ge=1, le=50, description="N: slots = student steps")
-    steps_per_slot: int = Field(10, ge=1, le=100, description="M: teacher DDIM steps per slot")
-    guidance: float = Field(7.5, ge=1.0, description="teacher CFG scale; > 1 doubles the teacher's UNet batch")
     batch_size: int | None = Field(
         None, ge=1, description=f"prompts per trajectory batch and images per eval batch "
                                 f"(default: the stages' own, {TRAJECTORY_BATCH} and {EVAL_BATCH})")

@@ -14,9 +14,9 @@ from rapm_core.distill.trainer import Trainer
 from rapm_core.evaluate.config import EvaluateOptions
 from rapm_core.evaluate.trajectory_figure import decode_in_batches
 from rapm_core.trajectories.chain import teacher_trajectories
-from rapm_core.trajectories.config import TrajectoriesOptions
+from rapm_core.trajectories.config import SlotOptions, TrajectoriesOptions
 
 __all__ = [
     "EvaluateOptions", "Example", "GuidedTeacher", "MethodConfig", "TARGET_MODULES",
-    "TrajectoriesOptions", "Trainer", "build_trainer", "decode_in_batches", "teacher_trajectories",
+    "SlotOptions", "TrajectoriesOptions", "Trainer", "build_trainer", "decode_in_batches", "teacher_trajectories",
 ]

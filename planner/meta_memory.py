@@ -199,15 +199,6 @@ def optimizer_tensors(*optimizers: torch.optim.Optimizer | None) -> Iterator[tor
             yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
 
-def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        seen.setdefault(s._cdata, s.nbytes())
-    return sum(seen.values())
-
-
 @contextmanager
 def efficient_attention(enabled: bool = True) -> Iterator[None]:
     """Fused (flash) attention for every unmasked SDPA call inside, on any device.

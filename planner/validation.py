@@ -22,7 +22,6 @@ from typing import Callable, Iterator
 import torch
 from diffusers import UNet2DConditionModel
 
-from rapm_core.conditioning import Conditioning
 from planner.architecture import Architecture
 from planner.config import PlanConfig
 from rapm_core.distill.config import DistillRunConfig
@@ -96,10 +95,6 @@ class PeakRSS:
 def _real_unet(arch: Architecture, dtype: torch.dtype, seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return arch.build_unet(dtype, "cpu")
-
-
-def _random_cond(arch: Architecture, dtype: torch.dtype, batch: int, g: torch.Generator) -> Conditioning:
-    return Conditioning(torch.randn(batch, arch.text_length, arch.embed_dim, generator=g).to(dtype))
 
 
 def _trim_heap() -> None:

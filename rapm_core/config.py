@@ -8,7 +8,12 @@ minutes later (``--guidance inf`` would otherwise reach the sampler).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]  # "auto": CUDA when present
+Precision = Literal["fp32", "bf16", "fp16"]  # a dtype weights are held or computed in
 
 
 class StrictModel(BaseModel):

@@ -2,7 +2,7 @@
 
 A stage that splits by index range (trajectory generation; evaluation sampling) cuts its range
 with :func:`shard_ranges`, and each shard loads its model through :func:`worker_cached`, so a
-worker process that runs many shards loads it once. ``flows.scale.ShardRunner`` sends the shards
+worker process that runs many shards loads it once. ``flows.sharding.ShardRunner`` sends the shards
 to the backend :class:`ExecutionConfig` names.
 """
 

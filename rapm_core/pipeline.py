@@ -17,11 +17,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from pydantic import Field
 
-from rapm_core.config import StrictModel
+from rapm_core.config import Device, StrictModel
 from rapm_core.distill.config import DistillOptions, DistillRunConfig
 from rapm_core.evaluate.config import EVAL_DIR, EvaluateConfig, EvaluateOptions
 from rapm_core.ingest.config import IngestConfig, IngestOptions
@@ -41,7 +41,7 @@ class PipelineConfig(StrictModel):
                                                   "default: the built-in shapes captions, written to WORK/prompts.txt")
     revision: str | None = Field(None, description="teacher revision (hub branch, tag or commit)")
     seed: int = Field(0, ge=0, description="seed of the split, the trajectories' noise, the data order and the eval noise")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device for every stage")
+    device: Device = Field("auto", description="compute device for every stage")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     ingest: IngestOptions = Field(default_factory=IngestOptions, json_schema_extra=_SECTION["ingest"],
                                   description="prompt ingestion")

@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -30,10 +30,10 @@ from diffusers import (
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
+from storage.trajectory_schema import TeacherKind
 
-Kind = Literal["sd15", "sdxl"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_PIPELINE_CLASSES: dict[str, tuple[Kind, type[DiffusionPipeline]]] = {
+_PIPELINE_CLASSES: dict[str, tuple[TeacherKind, type[DiffusionPipeline]]] = {
     "StableDiffusionPipeline": ("sd15", StableDiffusionPipeline),
     "StableDiffusionXLPipeline": ("sdxl", StableDiffusionXLPipeline),
 }
@@ -55,7 +55,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def teacher_ref(source: str | Path) -> str:
+def teacher_identifier(source: str | Path) -> str:
     """The string a teacher is recorded under: local directories absolute, hub ids as given."""
     p = Path(source).expanduser()
     return str(p.resolve()) if p.is_dir() else str(source)
@@ -130,7 +130,7 @@ def _cannot_load(source: str, err: Exception) -> ConfigError:
     return ConfigError(f"cannot load teacher {source!r}: {first} (offline? pass a local diffusers directory)")
 
 
-def detect_kind(source: str, revision: str | None = None) -> tuple[Kind, type[DiffusionPipeline]]:
+def detect_kind(source: str, revision: str | None = None) -> tuple[TeacherKind, type[DiffusionPipeline]]:
     """Read only ``model_index.json`` to learn the pipeline class, before any weights load."""
     if (problem := _path_problem(source)) is not None:  # no hub lookup for what cannot be a hub id
         raise ConfigError(f"cannot load teacher {source!r}: {problem}")
@@ -150,7 +150,7 @@ def detect_kind(source: str, revision: str | None = None) -> tuple[Kind, type[Di
 @dataclass
 class Teacher:
     pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
-    kind: Kind
+    kind: TeacherKind
     source: str
     revision: str | None
 
@@ -184,7 +184,7 @@ def load_teacher(
     device: torch.device | str = "cpu",
 ) -> Teacher:
     """Load a whole stock pipeline (text encoders included) from a hub id or a local directory."""
-    source = teacher_ref(source)
+    source = teacher_identifier(source)
     kind, cls = detect_kind(source, revision)
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
     try:
@@ -200,9 +200,10 @@ def load_teacher(
 def load_unet(source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu") -> UNet2DConditionModel:
     try:
+        source_id = teacher_identifier(source)
         with _hub_quiet():
-            unet = UNet2DConditionModel.from_pretrained(teacher_ref(source), subfolder="unet", revision=revision,
-                                                        dtype=dtype, **_hub_options(teacher_ref(source)))
+            unet = UNet2DConditionModel.from_pretrained(source_id, subfolder="unet", revision=revision, dtype=dtype,
+                                                        **_hub_options(source_id))
     except Exception as err:
         raise _cannot_load(str(source), err) from err
     return unet.to(device).eval().requires_grad_(False)
@@ -211,9 +212,10 @@ def load_unet(source: str | Path, revision: str | None = None, dtype: torch.dtyp
 def load_vae(source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> AutoencoderKL:
     try:
+        source_id = teacher_identifier(source)
         with _hub_quiet():
-            vae = AutoencoderKL.from_pretrained(teacher_ref(source), subfolder="vae", revision=revision, dtype=dtype,
-                                                **_hub_options(teacher_ref(source)))
+            vae = AutoencoderKL.from_pretrained(source_id, subfolder="vae", revision=revision, dtype=dtype,
+                                                **_hub_options(source_id))
     except Exception as err:
         raise _cannot_load(str(source), err) from err
     return vae.to(device).eval().requires_grad_(False)

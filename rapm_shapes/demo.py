@@ -1,19 +1,17 @@
 """The main job on the embedded default (``rapm demo``, ``make demo``, the ``embedded-demo``
 deployments): the pipeline on the committed shapes teacher and evaluator with the built-in
-prompts, sized to finish on a 2-core CPU in minutes. Its values live here and only here.
+prompts, sized to finish on a 2-core CPU in minutes. Its values live here and only here; only
+the demo command (flows/demo.py) and the deployments (rapm_shapes/deployments.py) read them.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from rapm_core.pipeline import PipelineConfig
 from rapm_shapes.assets import EMBEDDED_TEACHER
-from rapm_shapes.shapes import all_prompts
-from storage.atomic import write_text_atomic
 
 # Measured on a 2-core CPU (README, "Two commands"; RESULTS.md): the embedded teacher's 4-step
 # DDIM is clearly worse than its 4×8-step reference there, and this many iterations on all
@@ -49,12 +47,5 @@ class DemoConfig(PipelineConfig):
 
 
 def demo_config() -> DemoConfig:
-    """The demo exactly (also each stage flow's default parameters, so a deployment needs none)."""
+    """The demo exactly (``rapm demo`` with no options; the deployments' parameters, rapm_shapes/deployments.py)."""
     return DemoConfig()
-
-
-def write_builtin_prompts(path: Path) -> None:
-    """Every shapes caption, one a line; rewritten only if different, so the ingest stays complete."""
-    text = "\n".join(all_prompts()) + "\n"
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        write_text_atomic(path, text)

@@ -116,25 +116,3 @@ def prompt_adherence(model: ShapesClassifier, images: torch.Tensor, prompts: lis
     if len(prompts) != images.shape[0]:
         raise ConfigError(f"{images.shape[0]} images but {len(prompts)} prompts")
     return attribute_accuracy(predict_attributes(model, images), [parse_caption(p) for p in prompts])["all"]
-
-
-def _sym_sqrt(mat: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh(mat)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor | np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (rows are samples).
-
-    tr((Σa Σb)^½) is computed as tr((Σa^½ Σb Σa^½)^½), whose argument is symmetric PSD, so a
-    symmetric eigendecomposition suffices (no scipy, no complex round-off).
-    """
-    a = np.asarray(feats_a, dtype=np.float64)
-    b = np.asarray(feats_b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ConfigError(f"need two (n ≥ 2, d) feature sets of equal d, got {a.shape} and {b.shape}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root_a = _sym_sqrt(cov_a)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)

@@ -17,8 +17,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from rapm_core.conditioning import Conditioning
+from rapm_core.evaluate.features import frechet_distance, gaussian_stats
 from rapm_shapes.evaluator import (
-    features, frechet_distance, images_from_uint8, images_to_uint8, load_evaluator, prompt_adherence,
+    features, images_from_uint8, images_to_uint8, load_evaluator, prompt_adherence,
 )
 from rapm_shapes.shapes import all_prompts, render_prompts
 from rapm_core.sampler import ode_sample
@@ -71,7 +72,7 @@ def measure_teacher(teacher_dir: str | Path, evaluator_dir: str | Path, *, n_pro
     judge = load_evaluator(evaluator_dir)
     prompts = prompt_cycle(n_prompts)
     real = images_from_uint8(render_prompts(prompts, seed + REAL_SEED_OFFSET))
-    real_feats = features(judge, real)
+    real_stats = gaussian_stats([features(judge, real)])
     real2_feats = features(judge, images_from_uint8(render_prompts(prompts, seed + 2 * REAL_SEED_OFFSET)))
     latents = initial_latents(pipe, n_prompts, seed)
     with torch.no_grad():  # the VAE alone bounds what any sampler can reach
@@ -82,7 +83,7 @@ def measure_teacher(teacher_dir: str | Path, evaluator_dir: str | Path, *, n_pro
         images = generate(pipe, prompts, latents, steps, guidance)
         return {"sampler": "DDIM", "steps": steps, "guidance": guidance,
                 "adherence": prompt_adherence(judge, images, prompts),
-                "domain_fid": frechet_distance(features(judge, images), real_feats),
+                "domain_fid": frechet_distance(real_stats, [features(judge, images)]),
                 "wall_s": round(time.perf_counter() - t, 1)}, images
 
     full = [row(num_slots * steps_per_slot, g) for g in guidances]
@@ -93,7 +94,7 @@ def measure_teacher(teacher_dir: str | Path, evaluator_dir: str | Path, *, n_pro
                                              images_to_uint8(few_images)])
     return {"n_prompts": n_prompts, "seed": seed, "num_slots": num_slots, "steps_per_slot": steps_per_slot,
             "guidance": guidances[best], "guidances_tried": list(guidances),
-            "real_vs_real_fid": frechet_distance(real2_feats, real_feats),
+            "real_vs_real_fid": frechet_distance(real_stats, [real2_feats]),
             "vae_roundtrip_adherence": prompt_adherence(judge, roundtrip, prompts),
-            "vae_roundtrip_fid": frechet_distance(features(judge, roundtrip), real_feats),
+            "vae_roundtrip_fid": frechet_distance(real_stats, [features(judge, roundtrip)]),
             "rows": [r for r, _ in full] + [few]}

@@ -10,11 +10,13 @@ from __future__ import annotations
 import colorsys
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from rapm_core.errors import ConfigError
+from storage.atomic import write_text_atomic
 
 RESOLUTION = 32
 _SUPERSAMPLE = 4  # draw at 4× and box-filter down: anti-aliased edges without a raster library
@@ -110,3 +112,10 @@ def make_dataset(n: int, seed: int, resolution: int = RESOLUTION) -> tuple[np.nd
         attrs.append(a)
         images.append(render(a, rng, resolution))
     return np.stack(images), attrs
+
+
+def write_builtin_prompts(path: Path) -> None:
+    """Every shapes caption, one a line; rewritten only if different, so the ingest stays complete."""
+    text = "\n".join(all_prompts()) + "\n"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text_atomic(path, text)

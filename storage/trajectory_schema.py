@@ -26,6 +26,7 @@ STORE_DTYPES = ("float16", "float32")
 POSITIONS_CODEC = {"cname": "zstd", "clevel": 5, "shuffle": "shuffle"}
 SEED_RULE = "seed_i = sha256('rapm-trajectory:{seed}:{i}')[:8] little-endian & (2**63-1)"
 # Readable names for identity fields in mismatch messages.
+TeacherKind = Literal["sd15", "sdxl"]  # the pipeline family a teacher belongs to
 _FIELD_NAMES = {"prompts_hash": "prompt set", "num": "number of trajectories", "teacher_revision": "teacher revision"}
 
 
@@ -49,7 +50,7 @@ class StoreIdentity(BaseModel):
     schema_version: int = SCHEMA_VERSION
     teacher: str
     teacher_revision: str | None
-    kind: Literal["sd15", "sdxl"]
+    kind: TeacherKind
     scheduler_config: dict[str, Any]
     num_slots: int
     steps_per_slot: int

@@ -77,9 +77,11 @@ def _parse_schema(path: str, attrs: dict) -> StoreSchema:
         raise StoreError(f"{path}: trajectory store attributes are malformed ({str(err).splitlines()[0]})") from err
 
 
-def check_compatible(path: str, wanted: dict[str, Any]) -> None:
+def check_compatible(path: str, wanted: dict[str, Any]) -> "TrajectoryStore | None":
     """Fail fast (before loading a teacher) if ``path`` holds a store whose identity differs on a
-    given field, or is a non-empty directory that is not a trajectory store at all."""
+    given field, or is a non-empty directory that is not a trajectory store at all. Returns the
+    store found there, opened (read-only), for the caller to pass on instead of opening it again;
+    None when there is none yet."""
     group = _existing_group(path)
     if group is None:
         from storage.urls import is_url, require_local  # local import: urls imports fsspec lazily
@@ -88,21 +90,26 @@ def check_compatible(path: str, wanted: dict[str, Any]) -> None:
             local = require_local(path, "a trajectory store")
             if local.is_dir() and any(local.iterdir()):
                 raise StoreError(f"{path}: exists, is not empty and is not a trajectory store; choose another --out")
-        return
-    message = identity_mismatch(str(path), _parse_schema(str(path), dict(group.attrs)), wanted)
+        return None
+    store = TrajectoryStore(path, group=group)
+    message = identity_mismatch(str(path), store.schema, wanted)
     if message:
         raise ConfigMismatchError(message)
+    return store
 
 
 class TrajectoryStore:
     """Reader (and, with ``writable=True``, batch writer) of an existing trajectory store."""
 
-    def __init__(self, path: str, writable: bool = False):
+    def __init__(self, path: str, writable: bool = False, *, group: zarr.Group | None = None,
+                 schema: StoreSchema | None = None):
+        """Open the store at ``path``; ``group`` (opened already) and ``schema`` (parsed already) are
+        reused rather than read again."""
         self.path = str(path)
-        self._group = _open_group(self.path, "r+" if writable else "r")
+        self._group = group if group is not None else _open_group(self.path, "r+" if writable else "r")
         if "positions" not in self._group:
             raise StoreError(f"{self.path}: not a RAPM trajectory store of schema {SCHEMA_VERSION}")
-        self.schema = _parse_schema(self.path, dict(self._group.attrs))
+        self.schema = schema if schema is not None else _parse_schema(self.path, dict(self._group.attrs))
         self.num: int = self.schema.num
         self.is_sdxl = "pooled_prompt_embeds" in self._group
         self._texts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -136,16 +143,27 @@ class TrajectoryStore:
         group.create_array("prompt_id", shape=(n,), chunks=(n,), dtype=str)[:] = np.asarray(prompt_ids, dtype=str)
         group.create_array("seed", data=np.asarray(seeds, dtype=np.int64), chunks=(n,))
         group.create_array("complete", shape=(n,), chunks=(1,), dtype=bool, fill_value=False)
-        return cls(path, writable=True)
+        return cls(path, group=group, schema=schema)
 
     @classmethod
     def open_or_create(cls, path: str, schema: StoreSchema, prompts: list[str], prompt_ids: list[str],
-                       seeds: list[int], uncond: dict[str, np.ndarray | None]) -> "TrajectoryStore":
-        """Resume the store at ``path`` if it has this identity, create it if absent, refuse otherwise."""
-        check_compatible(path, schema.identity())
-        if _existing_group(path) is None:
+                       seeds: list[int], uncond: dict[str, np.ndarray | None],
+                       existing: "TrajectoryStore | None" = None) -> "TrajectoryStore":
+        """Resume the store at ``path`` if it has this identity, create it if absent, refuse otherwise.
+        ``existing``: the store as :func:`check_compatible` found it already (checked, not reopened)."""
+        if existing is None:
+            existing = check_compatible(path, schema.identity())
+        else:
+            message = identity_mismatch(str(path), existing.schema, schema.identity())
+            if message:
+                raise ConfigMismatchError(message)
+        if existing is None:
             return cls.create(path, schema, prompts, prompt_ids, seeds, uncond)
-        return cls(path, writable=True)
+        return existing.writable()
+
+    def writable(self) -> "TrajectoryStore":
+        """This store opened for writing, its parsed schema reused."""
+        return TrajectoryStore(self.path, group=_open_group(self.path, "r+"), schema=self.schema)
 
     # -- reading ------------------------------------------------------------------------------
     def complete_mask(self) -> np.ndarray:

@@ -20,7 +20,7 @@ import zarr
 from prefect import task
 from s3_server import s3_bucket  # noqa: F401  (fixture)
 
-from flows.scale import ShardRunner, local_worker_envs
+from flows.sharding import ShardRunner, local_worker_envs
 from rapm_core.execution import ExecutionConfig, default_shard_size, shard_ranges, worker_cached
 from flows.trajectories import trajectories_flow
 from rapm_core.trajectories.config import TrajectoriesConfig
@@ -108,7 +108,7 @@ def test_in_process_runner_runs_shards_in_order():
 def test_local_cluster_gives_workers_their_environment(tmp_path, monkeypatch):
     from distributed import Client
 
-    from flows.scale import local_cluster
+    from flows.sharding import local_cluster
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU layout, also on a GPU machine
     execution = ExecutionConfig(backend="local-cluster", workers=2, torch_threads=1,

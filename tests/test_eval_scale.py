@@ -84,21 +84,35 @@ def _assert_same_store(a: Path, b: Path) -> None:
 
 
 def _metric_rows(result) -> dict[str, dict]:
-    return {r["sampler"]: {k: r.get(k) for k in ("inception_fid", "clip_score")} for r in result.rows}
+    return {r["sampler"]: {k: r.get(k) for k in ("inception_fid", "inception_fid_to_teacher", "clip_score")}
+            for r in result.rows}
 
 
 # -- the statistics, against torchmetrics ------------------------------------------------------
+def _torchmetrics_fid(real: torch.Tensor, fake: torch.Tensor, net: torch.nn.Module, batch_size: int = 7) -> float:
+    """The oracle: torchmetrics' FrechetInceptionDistance run on the images, as its docs show."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=net, input_img_size=tuple(real.shape[1:]))
+    for images, is_real in ((real, True), (fake, False)):
+        for i in range(0, images.shape[0], batch_size):
+            metric.update(images[i:i + batch_size], real=is_real)
+    return float(metric.compute())
+
+
 def test_fid_from_accumulated_features_equals_torchmetrics():
     net = TinyFeatures()
     real, fake = _images(0, 40), _images(1, 33)
-    expected = measures.frechet_inception_distance(real, fake, net, batch_size=7)
-    acc_real, acc_fake = features.StatsAccumulator(), features.StatsAccumulator()
-    for acc, images in ((acc_real, real), (acc_fake, fake)):
-        for a in range(0, len(images), 5):  # other batches than torchmetrics saw: sums commute
-            acc.update(features.image_features(net, images[a:a + 5]))
-    ours = features.frechet_distance(acc_real.stats(), acc_fake.stats())
+    expected = _torchmetrics_fid(real, fake, net)
+    # other batches than torchmetrics saw: sums commute
+    reference = features.gaussian_stats(features.image_features(net, real[a:a + 5]) for a in range(0, 40, 5))
+    ours = features.frechet_distance(reference, (features.image_features(net, fake[a:a + 4]) for a in range(0, 33, 4)))
     assert expected > 0
     assert ours == pytest.approx(expected, rel=1e-5)
+    # a foreign reference (mu and sigma only, no count) gives the same distance
+    foreign = features.GaussianStats(reference.mu, reference.sigma)
+    assert features.frechet_distance(foreign, [features.image_features(net, fake)]) == pytest.approx(expected, rel=1e-5)
+    assert features.frechet_distance(reference, [features.image_features(net, real)]) == pytest.approx(0, abs=1e-6)
 
 
 def test_clip_score_from_terms_equals_torchmetrics(assets):
@@ -131,10 +145,8 @@ def test_npz_and_folder_references_agree(assets, tmp_path, capsys):
     # The folder's statistics are torchmetrics' own over the same (cropped, resized) real images.
     real = torch.from_numpy(np.stack([features.real_image(f, (32, 32)) for f in features.image_files(assets["real"])]))
     fake = _images(9, 6)
-    acc = features.StatsAccumulator()
-    acc.update(features.image_features(net, fake))
-    assert features.frechet_distance(from_npz, acc.stats()) == pytest.approx(
-        measures.frechet_inception_distance(real.permute(0, 3, 1, 2).contiguous(), fake, net), rel=1e-5)
+    assert features.frechet_distance(from_npz, [features.image_features(net, fake)]) == pytest.approx(
+        _torchmetrics_fid(real.permute(0, 3, 1, 2).contiguous(), fake, net), rel=1e-5)
     # A foreign .npz (only mu and sigma, as pytorch-fid writes it) is accepted; another size is refused.
     np.savez(tmp_path / "foreign.npz", mu=from_npz.mu, sigma=from_npz.sigma)
     assert features.reference_stats(str(tmp_path / "foreign.npz"), lambda: net, sha, (32, 32)).count is None
@@ -174,8 +186,15 @@ def test_resume_after_interruption_is_bit_identical(assets, tmp_path):
     in_memory = evaluate_run(_config(assets, _copy_run(assets, tmp_path / "run-c"), None), log=lambda _: None)
     for method, row in _metric_rows(in_memory).items():
         assert row["inception_fid"] == pytest.approx(_metric_rows(whole)[method]["inception_fid"], rel=1e-5, abs=1e-9)
+        assert row["inception_fid_to_teacher"] == pytest.approx(
+            _metric_rows(whole)[method]["inception_fid_to_teacher"], rel=1e-5, abs=1e-9)
         assert row["clip_score"] == pytest.approx(_metric_rows(whole)[method]["clip_score"], rel=1e-6)
+    # FID to the teacher: the reference samples against themselves are at distance 0, every other sampler not
+    to_teacher = {m: r["inception_fid_to_teacher"] for m, r in _metric_rows(whole).items()}
+    itself = to_teacher.pop("teacher_ref")
+    assert abs(itself) < 0.01 * min(to_teacher.values()), (itself, to_teacher)  # float32 features: 0 up to rounding
     report = (tmp_path / "run-a" / "eval" / "report.md").read_text()
+    assert "Inception FID to teacher" in report
     assert "not measured at this scale: shapes, fidelity" in report and "(grid.png)" in report
     assert EvalStore(str(uninterrupted)).grid("student").shape == (3, 32, 32, 3)
 

@@ -87,6 +87,11 @@ def test_evaluate_writes_every_output(tiny_run, tiny_evaluator):
         assert np.isfinite(r["domain_fid"]) and r["domain_fid"] >= 0
         assert 0.0 <= r["prompt_adherence"] <= 1.0
         assert r["images_per_second"] > 0
+    # FID to the teacher: the same evaluator features, the N·M-step reference samples as the reference set (this
+    # random tiny evaluator's features hardly vary, so its distances are tiny; test_eval_scale.py has real ones)
+    assert rows["teacher_ref"]["domain_fid_to_teacher"] == pytest.approx(0.0, abs=1e-12)
+    for name in ("teacher_ddim", "dpm_solver", "student"):
+        assert rows[name]["domain_fid_to_teacher"] > 0
     assert rows["student"]["distill_seconds"] > 0
     eval_prompts = {json.loads(line)["text"] for line in (prompts / "prompts.jsonl").read_text().splitlines()
                     if json.loads(line)["split"] == "eval"}
@@ -97,7 +102,7 @@ def test_evaluate_writes_every_output(tiny_run, tiny_evaluator):
     report = (eval_dir / "report.md").read_text()
     for link in ("grid.png", "metrics.png", "trajectory.png"):
         assert f"({link})" in report
-    assert "| RAPM student 2 steps |" in report
+    assert "| RAPM student 2 steps |" in report and "domain FID to teacher" in report
 
     # The same config on the same finished run is already done, whatever the batch size.
     again = evaluate_run(config.model_copy(update={"batch_size": 2}), log=lambda _: None)

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from rapm_shapes.evaluator import (
-    attribute_accuracy, features, frechet_distance, images_from_uint8, images_to_uint8, load_evaluator,
+    attribute_accuracy, features, images_from_uint8, images_to_uint8, load_evaluator,
     predict_attributes, prompt_adherence,
 )
 from rapm_shapes.shapes import all_prompts, caption, make_dataset, render_prompts
 from rapm_shapes.train_evaluator import train_evaluator
 from rapm_core.errors import ConfigError
+from rapm_core.evaluate.features import frechet_distance, gaussian_stats
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "shapes-evaluator"
 
@@ -49,8 +50,8 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     a = mu_a + sd_a * rng.standard_normal((200_000, 3))
     b = mu_b + sd_b * rng.standard_normal((200_000, 3))
     expected = ((mu_a - mu_b) ** 2).sum() + ((sd_a - sd_b) ** 2).sum()
-    assert frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
-    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(gaussian_stats([a]), [b]) == pytest.approx(expected, rel=0.02)
+    assert frechet_distance(gaussian_stats([a]), [a]) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_domain_fid_separates_real_from_degraded(judge):
@@ -58,8 +59,8 @@ def test_domain_fid_separates_real_from_degraded(judge):
     real_a = images_from_uint8(render_prompts(prompts, seed=1))
     real_b = images_from_uint8(render_prompts(prompts, seed=2))
     blurred = torch.nn.functional.avg_pool2d(real_b, 5, 1, 2, count_include_pad=False)
-    fa = features(judge, real_a)
-    assert frechet_distance(features(judge, blurred), fa) > 3 * frechet_distance(features(judge, real_b), fa)
+    fa = gaussian_stats([features(judge, real_a)])
+    assert frechet_distance(fa, [features(judge, blurred)]) > 3 * frechet_distance(fa, [features(judge, real_b)])
 
 
 def test_evaluator_recipe_runs_end_to_end_at_toy_size(tmp_path):

@@ -7,14 +7,14 @@ from torch import nn
 from rapm_core.errors import ConfigError
 from rapm_core.evaluate.measures import (
     clip_score,
+    feature_network,
     finite_mean,
-    frechet_inception_distance,
     latent_mse,
     nfe_per_image,
     psnr,
     to_uint8,
 )
-from eval_support import TinyFeatures, build_tiny_clip
+from eval_support import build_tiny_clip
 
 
 def test_mse_and_psnr_known_values():
@@ -47,21 +47,9 @@ def _images(seed, n=24, shift=0):
     return (torch.randint(0, 200, (n, 3, 16, 16), generator=g) + shift).clamp(0, 255).to(torch.uint8)
 
 
-def test_fid_with_custom_feature_net():
-    feats = TinyFeatures()
-    real = _images(0)
-    assert frechet_inception_distance(real, real.clone(), feats, batch_size=7) == pytest.approx(0.0, abs=1e-3)
-    other = frechet_inception_distance(real, _images(1), feats)
-    shifted = frechet_inception_distance(real, _images(1, shift=60), feats)
-    assert 0 < other < shifted
-
-
-def test_fid_without_weights_says_what_to_pass(tmp_path):
-    real = _images(0, n=4)
-    with pytest.raises(ConfigError, match="Inception FID needs local weights"):
-        frechet_inception_distance(real, real, None)
-    with pytest.raises(ConfigError, match="torch-fidelity|not found"):
-        frechet_inception_distance(real, real, tmp_path / "missing.pth")
+def test_missing_inception_weights_say_what_to_pass(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        feature_network(tmp_path / "missing.pth")
 
 
 @pytest.fixture(scope="module")

@@ -39,32 +39,47 @@ def _deployments() -> dict[str, dict]:
     return {d["entrypoint"]: d for d in spec["deployments"]}
 
 
-def test_demo_deployments_take_their_values_from_the_demo_config():
-    """prefect.yaml passes no parameters: each deployment runs its flow's default config, which is
-    the demo (rapm_shapes.demo, the one place its values live) or the stage config it derives."""
+def test_demo_deployments_carry_the_demo_configs():
+    """The flows take a required config and know nothing of the shapes domain; prefect.yaml's
+    deployments pass the demo's config for each flow (rapm_shapes/demo.py, the one place its values
+    live; rapm_shapes/deployments.py writes them), paths relative to the project dir they run in."""
     import importlib
     import inspect
+    import os
+    import subprocess
+    import sys
+    import typing
 
-    from prefect.utilities.callables import parameter_schema
-
+    from rapm_shapes.deployments import FLOW_CONFIGS, _relative, deployment_parameters, with_parameters
     from rapm_shapes.demo import demo_config
 
+    text = (ROOT / "prefect.yaml").read_text()
+    assert with_parameters(text, deployment_parameters()) == text  # up to date: the generator changes nothing
+    made = subprocess.run([sys.executable, "-m", "rapm_shapes.deployments"], cwd=ROOT, capture_output=True, text=True)
+    assert made.returncode == 0 and (ROOT / "prefect.yaml").read_text() == text, made.stderr[-2000:]
     deployments = _deployments()
+    assert set(deployments) == set(FLOW_CONFIGS)
     demo = demo_config()
-    expected = {"flows/pipeline.py:pipeline_flow": demo, "flows/ingest.py:ingest_flow": demo.ingest_config(),
-                "flows/trajectories.py:trajectories_flow": demo.trajectories_config(),
-                "flows/distill.py:distill_flow": demo.distill_config(),
-                "flows/evaluate.py:evaluate_flow": demo.evaluate_config()}
-    assert set(deployments) == set(expected)
-    for entrypoint, config in expected.items():
-        assert "parameters" not in deployments[entrypoint], entrypoint
-        assert deployments[entrypoint]["work_pool"]["name"] == "rapm-local"
+    cwd = os.getcwd()
+    for entrypoint, deployment in deployments.items():
+        assert deployment["work_pool"]["name"] == "rapm-local"
         path, name = entrypoint.split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
-        assert inspect.signature(flow.fn).parameters["config"].default == config, entrypoint
-        # The UI's parameter form shows it as the default.
-        assert parameter_schema(flow.fn).model_dump()["properties"]["config"]["default"] == \
-            config.model_dump(mode="json"), entrypoint
+        assert inspect.signature(flow.fn).parameters["config"].default is inspect.Parameter.empty, entrypoint
+        model = typing.get_type_hints(flow.fn)["config"]
+        os.chdir(ROOT)  # where the deployment's runs start (prefect.yaml's pull step)
+        try:
+            given = model.model_validate(deployment["parameters"]["config"])
+        finally:
+            os.chdir(cwd)
+        wanted = FLOW_CONFIGS[entrypoint](demo)
+        assert _relative(given.model_dump(mode="json")) == _relative(wanted.model_dump(mode="json")), entrypoint
+    # No stage flow (nor the pipeline) imports the demo.
+    modules = ", ".join(path.removesuffix(".py").replace("/", ".") for path, _ in
+                        (e.split(":") for e in FLOW_CONFIGS))
+    probe = f"import sys, {modules}; print('rapm_shapes.demo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.fixture(scope="session")

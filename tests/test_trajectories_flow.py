@@ -19,10 +19,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from distill_support import perturb_unet_weights
 from flows.cli import main as rapm_main
 from rapm_core.trajectories.config import TrajectoriesConfig
-from rapm_core.trajectories.generate import generate_trajectories
+from rapm_core.trajectories.generate import generate_trajectories, preflight
 from storage.errors import ConfigMismatchError
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 from storage.teacher_fingerprint import teacher_fingerprint
+from storage.trajectory_schema import StoreSchema
 from storage.trajectory_store import TrajectoryStore
 
 PROMPTS = ["a red circle", "a small blue square at the top", "green triangle", "a large yellow star on the left side"]
@@ -233,3 +234,20 @@ def test_out_into_a_directory_of_other_files_is_refused_and_left_alone(tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is not empty and is not a trajectory store" in err and "delete" not in err
     assert sorted(p.name for p in mine.iterdir()) == ["holiday.jpg"]
+
+
+def test_a_run_reads_its_store_schema_once(tmp_path, tiny_sd15_dir, monkeypatch):
+    """The store is opened once and the object passed on (preflight → lock → checks → writer), not
+    looked up again at each step: count how often its attributes are parsed into a schema."""
+    config = _config(tmp_path, tiny_sd15_dir, steps_per_slot=2, limit=2, batch_size=1)
+    generate_trajectories(config, stop=1, log=_quiet)  # a store to resume: trajectory 1 missing
+    real = StoreSchema.model_validate
+    parses = []
+    monkeypatch.setattr(StoreSchema, "model_validate", lambda *a, **k: parses.append(a) or real(*a, **k))
+
+    opened = preflight(config)  # what the CLI runs before the flow
+    report = generate_trajectories(config, opened=opened, log=_quiet)
+    assert report.generated == 1 and len(parses) == 1
+    parses.clear()
+    again = generate_trajectories(config, log=_quiet)  # without preflight: the engine opens it itself, once
+    assert again.already_complete == 2 and len(parses) == 1

@@ -19,11 +19,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rapm_core.config import FrozenModel
+from rapm_core.config import Device, FrozenModel, Precision
 
 LossMode = Literal["adversarial", "pointwise", "both", "off"]
-Kind = Literal["rel", "abs"]
-Method = Literal["rapm", "pcm", "lcm"]
+TargetKind = Literal["rel", "abs"]  # the relative or the absolute target
+MethodName = Literal["rapm", "pcm", "lcm"]
 # The sections each method reads besides ``training``; the others cannot change what it computes
 # and stay out of its run's hash.
 METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -49,7 +49,7 @@ class TrainingConfig(FrozenModel):
     # Holding the frozen teacher in bf16 halves the largest resident tensor set (the UNet's
     # weights; rapm plan shows by how much) and computes in bf16 without autocast, so it works on
     # CPU too; peft runs the fp32 LoRA on an fp32 copy of each input and casts its output back.
-    weights_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+    weights_dtype: Precision = Field(
         "fp32", description="dtype of the frozen teacher UNet's weights, which it computes in (LoRA and heads stay "
                             "fp32); bf16 works on CPU and CUDA; fp16 needs --mixed-precision fp16 (loss scaling)")
     max_consecutive_nonfinite: int = Field(5, ge=1, description="the run aborts after this many skipped iterations in a row")
@@ -123,16 +123,16 @@ class RapmConfig(FrozenModel):
             raise ValueError("loss_relative and loss_absolute are both 'off': nothing to train")
         return self
 
-    def mode(self, kind: Kind) -> str:
+    def mode(self, kind: TargetKind) -> str:
         return self.loss_relative if kind == "rel" else self.loss_absolute
 
-    def adversarial(self, kind: Kind) -> bool:
+    def adversarial(self, kind: TargetKind) -> bool:
         return self.mode(kind) in ("adversarial", "both")
 
-    def pointwise_on(self, kind: Kind) -> bool:
+    def pointwise_on(self, kind: TargetKind) -> bool:
         return self.mode(kind) in ("pointwise", "both")
 
-    def weight(self, kind: Kind) -> float:
+    def weight(self, kind: TargetKind) -> float:
         return self.lambda_rel if kind == "rel" else self.lambda_abs
 
 
@@ -173,7 +173,7 @@ class LcmConfig(FrozenModel):
 class MethodConfig(FrozenModel):
     """What one iteration computes: the method, its section and the shared sections."""
 
-    method: Method = Field("rapm", description=f"distillation method ({', '.join(METHOD_NAMES)})")
+    method: MethodName = Field("rapm", description=f"distillation method ({', '.join(METHOD_NAMES)})")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="LoRA and optimizer")
     pointwise: PointwiseConfig = Field(default_factory=PointwiseConfig, description="pointwise distance")
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig, description="discriminator heads")
@@ -240,7 +240,7 @@ class DistillRunConfig(DistillOptions):
     trajectories: str = Field(description="trajectory store (made by `rapm trajectories`)")
     out: str = Field(description="run dir to create, or to resume/extend if it was made with the same config")
     seed: int = Field(0, ge=0, description="seed of the data order and of all training noise (weights init: --init-seed)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
+    device: Device = Field("auto", description="compute device")
 
     def hashed(self) -> dict:
         """What names the run: the method and the seed (not where, how long or how often it saves)."""

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rapm_core.config import StrictModel
+from rapm_core.config import Device, StrictModel
 from rapm_core.execution import ExecutionConfig
 
 SAMPLERS = ("teacher_ref", "teacher_ddim", "dpm_solver", "student")
@@ -66,4 +66,4 @@ class EvaluateConfig(EvaluateOptions):
     prompts: str | None = Field(None, description="prompt store whose eval split is sampled "
                                                   "(default: the one the trajectory store was made from)")
     seed: int = Field(0, ge=0, description="noise seed: image i gets sha256(seed, i), the same for every sampler")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
+    device: Device = Field("auto", description="compute device")

@@ -54,7 +54,7 @@ def read_run(config: EvaluateConfig) -> tuple[RunDir, dict, dict]:
     return run, record, done
 
 
-def open_store(config: EvaluateConfig, record: dict) -> TrajectoryStore:
+def distilled_from_store(config: EvaluateConfig, record: dict) -> TrajectoryStore:
     """The store the run was distilled from: ``--trajectories``, else the one run.json names."""
     path = config.trajectories or record.get("trajectory_store")
     if path is None:
@@ -112,7 +112,7 @@ class Prepared:
 
 def prepare(config: EvaluateConfig) -> Prepared:
     run, record, done = read_run(config)
-    store = open_store(config, record)
+    store = distilled_from_store(config, record)
     schema = store.schema
     prompt_source, texts = eval_prompts(config, store)
     prompts = [texts[i % len(texts)] for i in range(config.num_images)]

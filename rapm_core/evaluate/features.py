@@ -3,9 +3,9 @@
 At COCO-30K scale the images of a method are never held at once: each batch's Inception pool
 features are written to the evaluation's feature store and FID is computed from statistics of
 the stored features. The statistics are torchmetrics' own (:class:`FrechetInceptionDistance`
-keeps a float64 feature sum and sum of outer products, then takes the unbiased covariance, and
-:func:`torchmetrics.image.fid._compute_fid` the distance), so FID from stored features is the
-FID torchmetrics gives on the same images (tests/test_eval_scale.py checks it).
+keeps a float64 feature sum and sum of outer products, then takes the unbiased covariance) and
+the distance is that metric's own ``compute`` (:func:`frechet_distance`), so FID from stored
+features is the FID torchmetrics gives on the same images (tests/test_eval_scale.py checks it).
 
 The real side is reference statistics (mu, sigma), computed once from a folder of real images by
 ``rapm fid-stats`` with the same feature network and the same resize as the generated images,
@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -121,14 +121,53 @@ def load_stats(path: str) -> GaussianStats:
     return GaussianStats(mu, sigma, count, sha, size)
 
 
-def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
-    """torchmetrics' FID between two Gaussians (its own function, so the formula is the same)."""
-    from torchmetrics.image.fid import _compute_fid
+class _GivenFeatures(nn.Module):
+    """The "feature network" of a torchmetrics FID whose inputs are features already extracted."""
 
-    if a.mu.shape != b.mu.shape:
-        raise ConfigError(f"FID reference has {b.mu.shape[0]} features, the feature network gives {a.mu.shape[0]}")
-    return float(_compute_fid(torch.from_numpy(a.mu), torch.from_numpy(a.sigma), torch.from_numpy(b.mu),
-                              torch.from_numpy(b.sigma)).float())
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def gaussian_stats(blocks: Iterable[torch.Tensor | np.ndarray]) -> GaussianStats:
+    """Statistics of one feature set given in blocks (rows are samples)."""
+    acc = StatsAccumulator()
+    for block in blocks:
+        acc.update(block)
+    return acc.stats()
+
+
+def frechet_distance(reference: GaussianStats, generated: Iterable[torch.Tensor | np.ndarray]) -> float:
+    """The project's one Fréchet distance: torchmetrics' :class:`FrechetInceptionDistance` between
+    a reference (its real side, merged in as the feature sums its statistics come from) and the
+    generated features, fed in blocks (its fake side). Domain FID, Inception FID in memory and from
+    a feature store, and FID to the teacher all come from here."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    dim = reference.mu.shape[0]
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(dim))
+    count = reference.count or 2  # compute() divides by the same count: any n ≥ 2 gives back mu and sigma
+    mu, sigma = torch.from_numpy(reference.mu).double(), torch.from_numpy(reference.sigma).double()
+    metric.merge_state({
+        "real_features_sum": count * mu, "real_features_cov_sum": (count - 1) * sigma + count * torch.outer(mu, mu),
+        "real_features_num_samples": torch.tensor(count),
+        "fake_features_sum": torch.zeros(dim, dtype=torch.float64),
+        "fake_features_cov_sum": torch.zeros(dim, dim, dtype=torch.float64),
+        "fake_features_num_samples": torch.tensor(0)})
+    images = 0
+    for block in generated:
+        block = torch.as_tensor(block)
+        if block.ndim != 2 or block.shape[1] != dim:
+            raise ConfigError(f"FID reference has {dim} features, the feature network gives "
+                              f"{block.shape[-1] if block.ndim else 0}")
+        metric.update(block, real=False)
+        images += block.shape[0]
+    if images < 2:
+        raise ConfigError(f"FID needs at least 2 images per set, got {images}")
+    return float(metric.compute())
 
 
 @torch.no_grad()

@@ -78,24 +78,6 @@ def feature_network(weights: str | Path) -> nn.Module:
                               feature_extractor_weights_path=str(path))
 
 
-@torch.no_grad()
-def frechet_inception_distance(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | str | Path | None,
-                               batch_size: int = 64) -> float:
-    """torchmetrics' FID between uint8 image sets, with Inception weights from a local file or any
-    feature network mapping uint8 (B, 3, H, W) to (B, D)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    if feature is None:
-        raise ConfigError("Inception FID needs local weights: pass the path of torch-fidelity's "
-                          "pt_inception-2015-12-05 .pth file (or a feature network)")
-    net = feature if isinstance(feature, nn.Module) else feature_network(feature)
-    metric = FrechetInceptionDistance(feature=net, input_img_size=tuple(real.shape[1:]))
-    for images, is_real in ((real, True), (fake, False)):
-        for i in range(0, images.shape[0], batch_size):
-            metric.update(images[i:i + batch_size], real=is_real)
-    return float(metric.compute())
-
-
 class _TensorFeatures(nn.Module):
     """transformers ≥ 5 returns model outputs from ``get_*_features``; torchmetrics 1.9 expects the
     projected tensor (the output's ``pooler_output``). This hands it that tensor."""

@@ -16,7 +16,7 @@ import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -99,11 +99,6 @@ class Fidelity(Metric):
                                                            ref.images.permute(0, 3, 1, 2)))}
 
 
-def load_reference_images(folder: str, size: tuple[int, int]) -> torch.Tensor:
-    arrays = [features.real_image(f, size) for f in features.image_files(folder)]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
 class FeatureMetric(ABC):
     """The feature-store side of a metric (``--feature-store``, the paper's 30K images per method).
 
@@ -136,45 +131,47 @@ def feature_metrics() -> tuple[type, ...]:
 
 
 def _stored_stats(store: EvalStore, method: str, feature: str) -> features.GaussianStats:
-    acc = features.StatsAccumulator()
-    for block in store.feature_chunks(method, feature):
-        acc.update(block)
-    return acc.stats()
+    return features.gaussian_stats(store.feature_chunks(method, feature))
 
 
 class InceptionFID(Metric, FeatureMetric):
-    """FID with the user's local Inception weights (real SD teachers), torchmetrics' statistics."""
+    """FID with the user's local Inception weights (real SD teachers), torchmetrics' statistics: to
+    the real images of ``--fid-reference`` (without it, to the teacher's reference samples), and
+    always to the teacher's N·M-step reference samples (distillation's own measure)."""
 
     name, order = "inception_fid", 20
-    columns = (Column("inception_fid", "Inception FID ↓", "{:.2f}"),)
+    columns = (Column("inception_fid", "Inception FID ↓", "{:.2f}"),
+               Column("inception_fid_to_teacher", "Inception FID to teacher ↓", "{:.2f}"))
     FEATURE = "inception"
 
-    def __init__(self, net: torch.nn.Module, reference: features.GaussianStats, note: str):
-        self.net, self.reference, self.note = net, reference, note
+    def __init__(self, net: torch.nn.Module, reference: features.GaussianStats, teacher: features.GaussianStats,
+                 note: str):
+        self.net, self.reference, self.teacher, self.note = net, reference, teacher, note
 
     @staticmethod
-    def _source(config) -> str:
-        return f"real images in {config.fid_reference}" if config.fid_reference else REFERENCE
+    def _note(config) -> str:
+        data = f"real images in {config.fid_reference}" if config.fid_reference else REFERENCE
+        return f"Inception FID vs {data}; FID to teacher vs {REFERENCE}"
 
-    @classmethod
-    def _stats(cls, net: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> features.GaussianStats:
-        acc = features.StatsAccumulator()
+    @staticmethod
+    def _features(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> Iterator[np.ndarray]:
         for i in range(0, images.shape[0], batch_size):
-            acc.update(features.image_features(net, images[i:i + batch_size]))
-        return acc.stats()
+            yield features.image_features(net, images[i:i + batch_size])
 
     @classmethod
     def create(cls, config, prompts, reference):
         if config.fid_weights is None:
             return None
         net, size = measures.feature_network(config.fid_weights), tuple(reference.images.shape[1:3])
-        ref = (features.reference_stats(config.fid_reference, lambda: net, file_sha256(config.fid_weights), size)
-               if config.fid_reference else cls._stats(net, measures.to_uint8(reference.images)))
-        return cls(net, ref, f"Inception FID vs {cls._source(config)}")
+        teacher = features.gaussian_stats(cls._features(net, measures.to_uint8(reference.images)))
+        data = (features.reference_stats(config.fid_reference, lambda: net, file_sha256(config.fid_weights), size)
+                if config.fid_reference else teacher)
+        return cls(net, data, teacher, cls._note(config))
 
     def measure(self, samples):
-        stats = self._stats(self.net, measures.to_uint8(samples.images))
-        return {"inception_fid": features.frechet_distance(self.reference, stats)}
+        generated = list(self._features(self.net, measures.to_uint8(samples.images)))
+        return {"inception_fid": features.frechet_distance(self.reference, generated),
+                "inception_fid_to_teacher": features.frechet_distance(self.teacher, generated)}
 
     @classmethod
     def feature_config(cls, config):
@@ -189,14 +186,16 @@ class InceptionFID(Metric, FeatureMetric):
 
     @classmethod
     def from_store(cls, config, store, log):
+        teacher = _stored_stats(store, REFERENCE, cls.FEATURE)
         if config.fid_reference:
             reference = features.reference_stats(config.fid_reference,
                                                  lambda: measures.feature_network(config.fid_weights), store.schema.metrics[cls.name]["sha256"],
                                                  store.schema.image_size, cache=store.path, log=log)
         else:
-            reference = _stored_stats(store, REFERENCE, cls.FEATURE)
-        return lambda method: {"inception_fid": features.frechet_distance(
-            reference, _stored_stats(store, method, cls.FEATURE))}
+            reference = teacher
+        return lambda method: {
+            "inception_fid": features.frechet_distance(reference, store.feature_chunks(method, cls.FEATURE)),
+            "inception_fid_to_teacher": features.frechet_distance(teacher, store.feature_chunks(method, cls.FEATURE))}
 
 
 class ClipScore(Metric, FeatureMetric):

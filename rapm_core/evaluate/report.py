@@ -99,7 +99,7 @@ def metrics_bar_chart(rows: Sequence[dict], out: str | Path) -> Path:
     return _save(fig, Path(out))
 
 
-def trajectory_figure(teacher: torch.Tensor, student: torch.Tensor, prompts: Sequence[str],
+def plot_trajectories(teacher: torch.Tensor, student: torch.Tensor, prompts: Sequence[str],
                       times: Sequence[int], out: str | Path) -> Path:
     """Decoded positions at the slot boundaries, teacher (stored) above student (its own chain),
     one pair of rows per prompt; ``teacher``/``student`` are (P, N+1, H, W, 3) in [0, 1]."""

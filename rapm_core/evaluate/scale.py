@@ -114,7 +114,7 @@ def worker_models(config: EvaluateConfig, p: Prepared, student: bool) -> WorkerM
     return worker_cached(key, load)
 
 
-def open_store(config: EvaluateConfig, p: Prepared) -> EvalStore:
+def open_feature_store(config: EvaluateConfig, p: Prepared) -> EvalStore:
     """The feature store with a group for every sampler, created if absent (the first writer learns
     the image size and feature shapes from a probe batch); a store of another identity is refused."""
     preflight(config, p)
@@ -215,7 +215,7 @@ def evaluate_in_process(config: EvaluateConfig, p: Prepared, progress: Callable[
                         log: Callable[[str], None], t_start: float) -> EvalResult:
     """The whole feature-store evaluation in this process, sampler after sampler (student last)."""
     with store_lock(config.feature_store):
-        store = open_store(config, p)
+        store = open_feature_store(config, p)
         total, made, t0 = pending_images(config, p, store), 0, time.perf_counter()
         log(f"evaluating {config.run} into {config.feature_store}: {len(p.specs)} samplers × {config.num_images} "
             f"images, {total} still to sample")

@@ -51,5 +51,5 @@ def trajectory_figure(store: TrajectoryStore, teacher, student: StudentExport,
         flat = decode_in_batches(decode, pos.flatten(0, 1))
         return flat.reshape(pos.shape[0], k, *flat.shape[1:])
 
-    report.trajectory_figure(decoded(teacher_pos), decoded(student_pos), [r.prompt for r in recs],
+    report.plot_trajectories(decoded(teacher_pos), decoded(student_pos), [r.prompt for r in recs],
                              grid.boundary_times(), out)

@@ -7,14 +7,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from rapm_core.config import StrictModel
+from rapm_core.config import Device, Precision, StrictModel
 from rapm_core.execution import ExecutionConfig
 
-Device = Literal["auto", "cpu", "cuda"]
 
-
-class TrajectoriesOptions(StrictModel):
-    """How the teacher's trajectories are made and stored."""
+class SlotOptions(StrictModel):
+    """N, M and the guidance: what the teacher's trajectories are (and what a plan is asked)."""
 
     slots: int = Field(4, ge=1, le=50, description="N: coarse slots = student sampling steps")
     # M = 10 gives N·M = 40 teacher steps at N = 4, inside the step range where guided DDIM is
@@ -22,8 +20,13 @@ class TrajectoriesOptions(StrictModel):
     steps_per_slot: int = Field(10, ge=1, le=100, description="M: teacher DDIM steps per slot (N·M in all)")
     # The stock SD pipelines' default, inside RAPM's SD-typical 4.5–8.
     guidance: float = Field(7.5, ge=1.0, description="teacher classifier-free guidance scale (1 = no CFG)")
+
+
+class TrajectoriesOptions(SlotOptions):
+    """How the teacher's trajectories are made and stored."""
+
     batch_size: int = Field(4, ge=1, description="prompts per teacher batch (speed only; not part of the store's identity)")
-    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="teacher compute dtype")
+    dtype: Precision = Field("fp32", description="teacher compute dtype")
     store_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of stored positions (float16 halves the store; float32 is exact)")
     limit: int | None = Field(None, ge=1, description="use only the first LIMIT prompts of the split")

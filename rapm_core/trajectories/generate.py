@@ -24,7 +24,7 @@ from rapm_core.progress import Progress
 from rapm_core.ode import SlotGrid
 from rapm_core.teacher import (
     Teacher, count_truncated, detect_kind, encode_prompts, encode_uncond, load_teacher, resolve_device,
-    resolve_dtype, teacher_ref,
+    resolve_dtype, teacher_identifier,
 )
 from rapm_core.trajectories.chain import initial_noise, teacher_trajectories, trajectory_seed
 from rapm_core.trajectories.config import TrajectoriesConfig
@@ -38,6 +38,15 @@ from storage.trajectory_store import TrajectoryStore, check_compatible
 from storage.urls import is_url
 
 CREATED_BY = f"rapm {version('rapm')}"
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What a command learns before any weights load, found once and passed on: every trajectory's
+    prompt, and the store already at ``config.out`` (checked against the config; None if absent)."""
+
+    records: list[PromptRecord]
+    store: TrajectoryStore | None
 
 
 @dataclass(frozen=True)
@@ -66,19 +75,25 @@ def select_prompts(config: TrajectoriesConfig) -> list[PromptRecord]:
 def wanted_identity(config: TrajectoriesConfig, records: list[PromptRecord]) -> dict[str, Any]:
     """The identity fields known before the teacher loads (its kind and shapes come later)."""
     return {
-        "teacher": teacher_ref(config.teacher), "teacher_revision": config.revision, "num_slots": config.slots,
+        "teacher": teacher_identifier(config.teacher), "teacher_revision": config.revision, "num_slots": config.slots,
         "steps_per_slot": config.steps_per_slot, "guidance": config.guidance, "seed": config.seed,
         "compute_dtype": config.dtype, "store_dtype": config.store_dtype,
         "prompts_hash": config_hash({"prompt_ids": [r.id for r in records]}), "num": len(records),
     }
 
 
-def preflight(config: TrajectoriesConfig) -> None:
-    """The cheap checks (prompt store, existing store, teacher config) before any weights load."""
+def open_existing(config: TrajectoriesConfig) -> Opened:
+    """The prompts and the store at ``config.out``, opened once; a store of another identity is refused."""
     records = select_prompts(config)
-    check_compatible(config.out, wanted_identity(config, records))
-    detect_kind(teacher_ref(config.teacher), config.revision)
+    return Opened(records, check_compatible(config.out, wanted_identity(config, records)))
+
+
+def preflight(config: TrajectoriesConfig) -> Opened:
+    """The cheap checks (prompt store, existing store, teacher config) before any weights load."""
+    opened = open_existing(config)
+    detect_kind(teacher_identifier(config.teacher), config.revision)
     resolve_device(config.device)
+    return opened
 
 
 def store_schema(config: TrajectoriesConfig, records: list[PromptRecord], teacher: Teacher,
@@ -87,7 +102,7 @@ def store_schema(config: TrajectoriesConfig, records: list[PromptRecord], teache
     return StoreSchema(
         **wanted_identity(config, records), kind=teacher.kind, scheduler_config=teacher.scheduler_config,
         latent_shape=teacher.latent_shape, embed_dtype="float16" if config.dtype == "fp16" else "float32",
-        teacher_fingerprint=teacher_fingerprint(teacher_ref(config.teacher)),
+        teacher_fingerprint=teacher_fingerprint(teacher_identifier(config.teacher)),
         fine_timesteps=list(grid.fine), coarse_timesteps=list(grid.coarse),
         prompt_store=PromptSource(path=config.prompts, split=config.split, limit=config.limit,
                                   samples_per_prompt=config.samples_per_prompt,
@@ -118,6 +133,7 @@ def generate_trajectories(
     teacher: Teacher | Callable[[], Teacher] | None = None,
     log: Callable[[str], None] = print,
     lock: bool = True,
+    opened: Opened | None = None,
 ) -> GenerationReport:
     """Create or resume the store at ``config.out`` and fill trajectories [start, stop).
 
@@ -125,10 +141,11 @@ def generate_trajectories(
     is not even loaded. Pass ``teacher`` to reuse one already loaded (e.g. across shards), or a
     function returning it, called only if something is missing. A local store is locked for the
     call (one writer per store); a shard passes ``lock=False``, its coordinator holding the lock
-    for all of its shards, which write disjoint chunks.
+    for all of its shards, which write disjoint chunks. ``opened``: what :func:`preflight` found,
+    if the caller has it (the store is then not opened again).
     """
     with store_lock(config.out) if lock else nullcontext():
-        return _generate(config, start, stop, progress, teacher, log)
+        return _generate(config, opened or open_existing(config), start, stop, progress, teacher, log)
 
 
 def store_lock(path: str):
@@ -137,18 +154,14 @@ def store_lock(path: str):
     return nullcontext() if is_url(path) else DirLock.beside(path, what="trajectory store")
 
 
-def _generate(config: TrajectoriesConfig, start: int, stop: int | None, progress: Callable[[Progress], None] | None,
-              teacher: Teacher | Callable[[], Teacher] | None, log: Callable[[str], None]) -> GenerationReport:
+def _generate(config: TrajectoriesConfig, opened: Opened, start: int, stop: int | None,
+              progress: Callable[[Progress], None] | None, teacher: Teacher | Callable[[], Teacher] | None,
+              log: Callable[[str], None]) -> GenerationReport:
     t0 = time.perf_counter()
-    records = select_prompts(config)
+    records, existing = opened.records, opened.store
     stop = len(records) if stop is None else stop
     if not 0 <= start <= stop <= len(records):
         raise ConfigError(f"index range [{start}, {stop}) is outside the {len(records)} trajectories of this config")
-    check_compatible(config.out, wanted_identity(config, records))
-    try:
-        existing = TrajectoryStore(config.out)
-    except StoreError:
-        existing = None
     if existing is not None and not existing.pending_batches(start, stop, config.batch_size):
         log(f"{config.out}: trajectories [{start}, {stop}) already complete; nothing to do")
         return GenerationReport(config.out, 0, stop - start, (start, stop), time.perf_counter() - t0, 0.0, 0.0, 0)
@@ -175,6 +188,7 @@ def _generate(config: TrajectoriesConfig, start: int, stop: int | None, progress
     store = TrajectoryStore.open_or_create(
         config.out, schema, texts, [r.id for r in records],
         [trajectory_seed(config.seed, i) for i in range(len(records))], uncond.to_arrays(schema.embed_dtype),
+        existing=existing,
     )
     seeds = store.seeds()
     batches = store.pending_batches(start, stop, config.batch_size)

@@ -20,13 +20,6 @@ LABEL_HEIGHT = 14
 MIN_TILE = 128  # small decoded images are upscaled (nearest) to at least this for readable strips
 
 
-def strip_size(num_slots: int, image_hw: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) of the PNG ``show`` writes: N+1 columns, rows "position" and "x̂0"."""
-    scale = max(1, math.ceil(MIN_TILE / max(image_hw)))
-    h, w = image_hw[0] * scale, image_hw[1] * scale
-    return (num_slots + 1) * w, 2 * (LABEL_HEIGHT + h)
-
-
 def render_strip(rows: list[list[tuple[str, np.ndarray | None]]]) -> Image.Image:
     """Labelled grid of (label, HxWx3 float image in [0, 1] or None for an empty cell)."""
     first = next(img for row in rows for _, img in row if img is not None)
