@@ -18,7 +18,7 @@ from flows.scale import ShardRunner
 from rapm_core.evaluate import report, scale
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.eval_dir import (
-    EVAL_DIR, EvalResult, already_evaluated, eval_config_hash, finished, prepare, publish_report,
+    EVAL_DIR, EvalResult, already_evaluated, eval_config_hash, finished, prepare, publish_report, writing_eval_dir,
 )
 from rapm_core.evaluate.run import evaluate_run
 from rapm_core.execution import default_shard_size, shard_ranges
@@ -90,10 +90,11 @@ def evaluate_flow(config: EvaluateConfig = demo_config().evaluate_config()) -> d
     """Stage C: sample every method, measure, write the eval dir and publish it as artifacts."""
     logger = get_run_logger()
     progress = ProgressArtifact(f"evaluate {config.run}: images sampled")
-    if config.execution.backend == "in-process":
-        result = evaluate_run(config, progress=progress, log=logger.info)
-    else:
-        result = evaluate_sharded(config, progress, logger.info)
+    with writing_eval_dir(config):
+        if config.execution.backend == "in-process":
+            result = evaluate_run(config, progress=progress, log=logger.info)
+        else:
+            result = evaluate_sharded(config, progress, logger.info)
     progress.finish()
     key = f"rapm-eval-{eval_config_hash(config)[:12]}"
     create_table_artifact(report.table_artifact_rows(result.rows), key=key, description=f"metrics of {config.run}")
@@ -124,8 +125,9 @@ def _cli(args) -> int:
         print_summary(Path(config.run) / EVAL_DIR, existing["methods"])
         return 0
     resolve_device(config.device)
-    if config.feature_store is not None:  # the cheap checks before Prefect starts: files, store identity
-        scale.preflight(config, prepare(config))
-    result = evaluate_flow(config)
+    with writing_eval_dir(config):  # a second evaluation of this run is refused before Prefect starts
+        if config.feature_store is not None:  # the cheap checks before Prefect starts: files, store identity
+            scale.preflight(config, prepare(config))
+        result = evaluate_flow(config)
     print_summary(result["eval_dir"], result["rows"])
     return 0

@@ -26,14 +26,22 @@ def save_diffusers_lora(unet: torch.nn.Module, config: LoraConfig, out_dir: str 
     """Write ``pytorch_lora_weights.safetensors`` as stock ``load_lora_weights`` expects it.
 
     The raw peft keys (not ``convert_state_dict_to_diffusers``, whose old-style attention keys the
-    loader skips) and the adapter metadata (without it a lora_alpha ≠ rank silently becomes 1).
+    loader skips) and the adapter metadata (without it a lora_alpha ≠ rank silently becomes 1), in an
+    order that does not depend on the process.
     """
     pipeline_cls = StableDiffusionXLPipeline if is_sdxl_unet(unet) else StableDiffusionPipeline
     out_dir = Path(out_dir)
     pipeline_cls.save_lora_weights(
-        out_dir, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=config.to_dict(),
+        out_dir, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=adapter_metadata(config),
     )
     return out_dir
+
+
+def adapter_metadata(config: LoraConfig) -> dict[str, Any]:
+    """The adapter config as the export records it: sets (``target_modules``) as sorted lists, since
+    diffusers writes them in set order, which changes with the process's hash seed, and identical
+    runs must export identical bytes."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
 
 
 def write_model_card(out_dir: str | Path, teacher: str, num_steps: int, steps_per_slot: int, lora: LoraConfig,
