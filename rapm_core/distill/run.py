@@ -83,8 +83,10 @@ def run_record(config: DistillRunConfig, store: TrajectoryStore) -> dict:
 
 def already_done(config: DistillRunConfig) -> dict | None:
     """The run's ``done.json`` if it already reached ``config.iterations`` and its export checks out;
-    raises on a foreign run dir. A damaged ``done.json`` or export is work for the run loop (None)."""
+    raises on a foreign run dir or a method the store cannot train (the checks a command makes before
+    Prefect starts). A damaged ``done.json`` or export is work for the run loop (None)."""
     store = TrajectoryStore(config.trajectories)
+    check_method_fits(config, store)
     run = RunDir(config.out)
     if run.check(run_record(config, store)) is None:
         return None
