@@ -5,17 +5,20 @@ done.json, metrics.jsonl) are rebuilt or continued from the checkpoints, what ca
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
 from eval_support import build_tiny_run
-from hardening_support import rapm_env, run_rapm
+from hardening_support import rapm_env, run_rapm, start_rapm, wait_until
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.run import run_distillation
 from storage.checkpoints import CheckpointStore
 from storage.run_dir import RunDir
+from test_hardening_cli import _without_dac_override
 
 LORA = "pytorch_lora_weights.safetensors"
 ITERATIONS = 3
@@ -127,3 +130,39 @@ def test_a_deleted_metrics_log_keeps_the_checkpoints_and_the_log_goes_on(tmp_pat
     assert any("metrics.jsonl holds 0 of the 3 lines" in line for line in said), said
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [ITERATIONS + 1, ITERATIONS + 2]
+
+
+@pytest.mark.slow
+def test_a_second_evaluate_of_the_same_run_is_refused_at_once(tmp_path, run_copy):
+    _store, run = run_copy
+    env = rapm_env(tmp_path / "prefect")
+    args = ["evaluate", "--run", str(run), "--num-images", "100000", "--device", "cpu"]
+    first = start_rapm(args, env, tmp_path / "first")
+    try:
+        wait_until(lambda: getattr(RunDir(run).lock().holder(), "pid", None) == first.pid, 180, first,
+                   "the first evaluate to hold the run dir")
+        code, _, err = run_rapm(args, env, tmp_path / "second", timeout=120)
+        assert code == 2, err
+        assert _one_line("evaluate", err).startswith(
+            f"rapm evaluate: error: {run}: run dir is in use by another rapm process (pid {first.pid}")
+        assert first.poll() is None  # the first one carries on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_evaluate_on_a_read_only_run_dir_fails_before_sampling(tmp_path, run_copy):
+    _store, run = run_copy
+    run.chmod(0o555)
+    try:
+        code, out, err = _evaluate(run, tmp_path, preexec_fn=_without_dac_override)
+        if code == 0:
+            pytest.skip("cannot make a directory unwritable for a child process here")
+    finally:
+        run.chmod(0o755)
+    assert code == 2, out + err
+    # One line before any flow started (the old code sampled every image, then failed to write).
+    assert _one_line("evaluate", err) == (f"rapm evaluate: error: {run}: permission denied; "
+                                          f"choose another path or make it writable")
+    assert "evaluating" not in out + err
+    assert not (run / "eval").exists()
