@@ -8,6 +8,7 @@ method samples with and ``inference.json`` (the step count, which a scheduler co
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +17,8 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig
 
 from rapm_core.distill.student import lora_state_dict
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name stock ``load_lora_weights`` looks for
 
 
 def is_sdxl_unet(unet: torch.nn.Module) -> bool:
@@ -34,6 +37,7 @@ def save_diffusers_lora(unet: torch.nn.Module, config: LoraConfig, out_dir: str 
     pipeline_cls.save_lora_weights(
         out_dir, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=adapter_metadata(config),
     )
+    sort_safetensors_metadata(out_dir / LORA_WEIGHTS)
     return out_dir
 
 
@@ -42,6 +46,23 @@ def adapter_metadata(config: LoraConfig) -> dict[str, Any]:
     diffusers writes them in set order, which changes with the process's hash seed, and identical
     runs must export identical bytes."""
     return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the header of the safetensors file at ``path`` with its ``__metadata__`` keys sorted.
+
+    safetensors writes that map in the order of a Rust HashMap, which is seeded per process: two
+    identical exports would otherwise differ in their first bytes. The tensors, their order and
+    the data are left as they are (offsets are relative to the data, which does not move).
+    """
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads its header to 8 bytes with spaces
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size:])
 
 
 def write_model_card(out_dir: str | Path, teacher: str, num_steps: int, steps_per_slot: int, lora: LoraConfig,
