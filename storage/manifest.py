@@ -32,6 +32,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 def manifest_problem(directory: str | Path, required: Iterable[str] = ()) -> str | None:
     """Why ``directory`` does not match its manifest (or lacks one), or None if every file checks out."""
     directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        return f"no {MANIFEST} (written by an earlier rapm, or deleted)"
     try:
         listed = read_manifest(directory)["files"]
     except (OSError, ValueError, TypeError) as err:

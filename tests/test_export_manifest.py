@@ -62,7 +62,7 @@ def _export_like(root: Path) -> Path:
     (lambda e: (e / "scheduler" / "scheduler_config.json").write_text("[]"),
      "scheduler/scheduler_config.json does not match its sha256"),
     (lambda e: (e / MANIFEST).write_text("{"), "unreadable manifest.json"),
-    (lambda e: (e / MANIFEST).unlink(), "unreadable manifest.json"),
+    (lambda e: (e / MANIFEST).unlink(), "no manifest.json"),
 ])
 def test_a_damaged_export_is_found(tmp_path, damage, problem):
     export = _export_like(tmp_path)
@@ -74,4 +74,4 @@ def test_a_damaged_export_is_found(tmp_path, damage, problem):
 
 def test_a_run_dir_without_an_export_says_so(tmp_path):
     assert RunDir(tmp_path).export_problem() == "missing"
-    assert manifest_problem(tmp_path).startswith("unreadable manifest.json")
+    assert manifest_problem(tmp_path).startswith("no manifest.json")
