@@ -17,7 +17,7 @@ from flows.common import ProgressArtifact, publish, run_logger
 from flows.sharding import ShardRunner
 from rapm_core.evaluate import report, scale
 from rapm_core.evaluate.config import EvaluateConfig
-from rapm_core.evaluate.eval_dir import EvalResult, already_evaluated, eval_config_hash, prepare
+from rapm_core.evaluate.eval_dir import EvalResult, already_evaluated, eval_config_hash, prepare, writing_eval_dir
 from rapm_core.evaluate.run import evaluate_run
 from rapm_core.execution import default_shard_size, shard_ranges
 from rapm_core.progress import Progress
@@ -86,10 +86,11 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
     """Stage C: sample every sampler, measure, write the eval dir and publish it as artifacts."""
     logger = run_logger()
     progress = ProgressArtifact(f"evaluate {config.run}: images sampled")
-    if config.execution.backend == "in-process":
-        result = evaluate_run(config, progress=progress, log=logger.info)
-    else:
-        result = evaluate_sharded(config, progress, logger.info)
+    with writing_eval_dir(config):
+        if config.execution.backend == "in-process":
+            result = evaluate_run(config, progress=progress, log=logger.info)
+        else:
+            result = evaluate_sharded(config, progress, logger.info)
     progress.finish()
     key = f"rapm-eval-{eval_config_hash(config)[:12]}"
     publish(create_table_artifact, report.table_artifact_rows(result.rows), key=key,

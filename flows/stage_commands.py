@@ -115,7 +115,7 @@ def print_summary(eval_dir: str | Path, rows: list[dict]) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from rapm_core.evaluate import scale
-    from rapm_core.evaluate.eval_dir import EVAL_DIR, finished, prepare, publish_report
+    from rapm_core.evaluate.eval_dir import EVAL_DIR, finished, prepare, publish_report, writing_eval_dir
     from rapm_core.teacher import resolve_device
 
     config = model_from_args(EvaluateConfig, args)
@@ -126,12 +126,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         print_summary(Path(config.run) / EVAL_DIR, existing["samplers"])
         return 0
     resolve_device(config.device)
-    if config.feature_store is not None:  # the cheap checks before the flow: files, store identity
-        scale.preflight(config, prepare(config))
     from flows.common import run_flow
     from flows.evaluate import evaluate_flow
 
-    result = run_flow(evaluate_flow, config)
+    with writing_eval_dir(config):  # a second evaluation of this run is refused before the flow starts
+        if config.feature_store is not None:  # the cheap checks before the flow: files, store identity
+            scale.preflight(config, prepare(config))
+        result = run_flow(evaluate_flow, config)
     print_summary(result["eval_dir"], result["rows"])
     return 0
 

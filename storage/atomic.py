@@ -20,10 +20,51 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only set it, racing other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(directory: Path, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp``, but with the mode ``open()`` would give (0666 less the umask): mkstemp's
+    0600 would otherwise stay on the renamed file, hiding a shared store from its group."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
+def temp_directory(directory: Path, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` with the mode ``mkdir`` would give (0777 less the umask), not 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def check_writable(directory: str | Path) -> None:
+    """Raise the OSError (naming ``directory``) that writing into it would raise, before any work
+    that would be lost: a read-only mount or an unwritable directory."""
+    directory = Path(directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-probe-", dir=directory)
+    except OSError as err:
+        raise type(err)(err.errno, err.strerror, str(directory)) from err
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -65,7 +106,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = temp_directory(final.parent, prefix=f".tmp-{final.name}-")
     try:
         yield tmp
         fsync_tree(tmp)

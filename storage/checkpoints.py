@@ -30,10 +30,9 @@ from safetensors.torch import load_file, save_file
 
 from storage.atomic import atomic_directory, remove_stale_temps
 from storage.errors import StoreError
-from storage.hashing import file_sha256
+from storage.manifest import manifest_problem, write_manifest
 
 CHECKPOINT_FORMAT = 1
-MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TREES = ("optimizer", "rng")
 
@@ -162,8 +161,7 @@ class CheckpointStore:
                 "format": CHECKPOINT_FORMAT, "step": ckpt.step, "cursor": ckpt.cursor,
                 "metrics_lines": ckpt.metrics_lines, "config": ckpt.config, "config_hash": ckpt.config_hash,
             })
-            files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
-            _write_json(tmp / MANIFEST, {"format": CHECKPOINT_FORMAT, "step": ckpt.step, "files": files})
+            write_manifest(tmp, {"format": CHECKPOINT_FORMAT, "step": ckpt.step})
         self._prune()
         return final
 
@@ -172,23 +170,7 @@ class CheckpointStore:
 
     def verify(self, path: Path) -> str | None:
         """Why the checkpoint at ``path`` cannot be trusted, or None if every file checks out."""
-        try:
-            manifest = _read_json(path / MANIFEST)
-            listed = manifest["files"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            return f"unreadable {MANIFEST} ({err})"
-        missing = [name for name in _expected_files() if name not in listed]
-        if missing:
-            return f"{MANIFEST} does not list {', '.join(missing)}"
-        for name, want in listed.items():
-            f = path / name
-            if not f.is_file():
-                return f"{name} is missing"
-            if f.stat().st_size != want["bytes"]:
-                return f"{name} has {f.stat().st_size} bytes, manifest says {want['bytes']}"
-            if file_sha256(f) != want["sha256"]:
-                return f"{name} does not match its sha256 in {MANIFEST}"
-        return None
+        return manifest_problem(path, required=_expected_files())
 
     def latest_valid(self) -> Path | None:
         """Newest checkpoint that verifies; each newer one that does not is skipped with a warning."""

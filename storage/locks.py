@@ -13,6 +13,7 @@ that locks a run dir and the run loop it calls, which locks it again, do not ref
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -58,6 +59,10 @@ class Holder:
             who += f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))}"
         return who
 
+
+# What a hold of this process created (the locked directory, the lock file), by lock file path, so
+# that the release of a hold that wrote nothing leaves no trace (a refused command, for one).
+_CREATED: dict[Path, tuple[bool, bool]] = {}
 
 # What each lock file held when this process last took it physically, by inode: the
 # ``on_acquired`` hook must be one function for all instances (filelock's singleton compares it).
@@ -117,6 +122,9 @@ class DirLock:
             return None
 
     def acquire(self) -> "DirLock":
+        first = not self._file_lock().is_locked
+        created_dir = first and not self.path.parent.exists()
+        created_file = first and not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._file_lock().acquire()
@@ -130,6 +138,8 @@ class DirLock:
                 # Name what the user chose (an unwritable --out), not the lock file inside or beside it.
                 raise type(err)(err.errno, err.strerror, str(self.directory)) from err
             raise
+        if first:
+            _CREATED[self.path] = (created_dir, created_file)
         st = os.stat(self.path)
         previous = _PREVIOUS.pop((st.st_dev, st.st_ino), None)  # None when this was a reentrant hold
         if previous is not None and previous.pid is not None:
@@ -144,7 +154,23 @@ class DirLock:
             # Empty the record while still holding the lock, so the next holder does not take a
             # clean release for a killed one.
             os.truncate(self.path, 0)
+            self._remove_if_unused()
         lock.release()
+
+    def _remove_if_unused(self) -> None:
+        """Before the last release: if this hold created the lock file and nothing was written
+        into the directory, remove the lock file (and the directory, if this hold made it).
+        Unlinking a held lock file is safe: filelock re-checks the inode after its flock."""
+        created_dir, created_file = _CREATED.pop(self.path, (False, False))
+        inside = self.path.parent == self.directory
+        others = ([p for p in self.directory.iterdir() if p != self.path] if self.directory.is_dir()
+                  else [])
+        if not created_file or others or (not inside and self.directory.exists()):
+            return
+        self.path.unlink(missing_ok=True)
+        if created_dir:
+            with contextlib.suppress(OSError):  # not empty after all: someone else wrote there
+                self.path.parent.rmdir()
 
     def __enter__(self) -> "DirLock":
         return self.acquire()

@@ -6,7 +6,9 @@
     RUN_DIR/metrics.jsonl   one JSON line per iteration; cut back to a checkpoint's line count
                             on resume, so a resumed run's log equals an uninterrupted one's
     RUN_DIR/checkpoints/    see :mod:`storage.checkpoints`
-    RUN_DIR/export/         the final artifact, swapped in whole
+    RUN_DIR/export/         the final artifact, swapped in whole, with a manifest.json (size and
+                            sha256 of each file): derived data, rebuilt from the last checkpoint
+                            when it no longer matches its manifest
     RUN_DIR/done.json       written last: the run reached this step and exported it
     RUN_DIR/.rapm-lock      held by the one process running this dir (see :mod:`storage.locks`)
 """
@@ -16,15 +18,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from storage.atomic import fsync_dir, fsync_tree, remove_stale_temps, write_json_atomic
+from storage.atomic import fsync_dir, fsync_tree, remove_stale_temps, temp_directory, write_json_atomic
 from storage.checkpoints import CheckpointStore
 from storage.errors import ConfigMismatchError, StoreError
 from storage.locks import LOCK_NAME, DirLock
+from storage.manifest import manifest_problem
 from storage.urls import require_local
 
 # 2: the method config tree (training/pointwise/adversarial/rapm sections) replaced the flat one.
@@ -40,6 +42,23 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             keys.append(prefix + k)
     return keys
+
+
+class DamagedRunFileError(StoreError):
+    """A file of the run dir that rapm wrote is no longer readable (truncated, overwritten)."""
+
+
+def read_run_file(path: Path, remedy: str) -> dict:
+    """A JSON object rapm wrote into the run dir; a damaged one is one line naming it and ``remedy``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DamagedRunFileError(f"{path}: damaged (not UTF-8 text: {err.reason}); {remedy}") from err
+    except ValueError as err:
+        raise DamagedRunFileError(f"{path}: damaged (not valid JSON: {err}); {remedy}") from err
+    if not isinstance(data, dict):
+        raise DamagedRunFileError(f"{path}: damaged (not a JSON object); {remedy}")
+    return data
 
 
 class MetricsLog:
@@ -84,20 +103,20 @@ class MetricsLog:
         with open(self.path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.endswith("\n")]
 
-    def truncate(self, lines: int) -> None:
-        """Keep the first ``lines`` complete lines, dropping what a killed run wrote after them."""
+    def truncate(self, lines: int) -> int:
+        """Keep the first ``lines`` complete lines, dropping what a killed run wrote after them.
+
+        Returns how many lines are kept: fewer than ``lines`` when the log was deleted or cut
+        (the checkpoints stay good; the log then lacks the lost iterations' lines)."""
         self.close()
         data = self.path.read_bytes() if self.path.is_file() else b""
-        end = 0
-        for _ in range(lines):
-            nl = data.find(b"\n", end)
-            if nl < 0:
-                raise StoreError(f"{self.path}: has fewer than the {lines} lines its checkpoint recorded; "
-                                 "delete the run dir and start over")
-            end = nl + 1
+        end, kept = 0, 0
+        while kept < lines and (nl := data.find(b"\n", end)) >= 0:
+            end, kept = nl + 1, kept + 1
         with open(self.path, "ab") as f:
             f.truncate(end)
             os.fsync(f.fileno())
+        return kept
 
 
 class RunDir:
@@ -124,7 +143,7 @@ class RunDir:
         in ``identity``), raises :class:`ConfigMismatchError` naming what differs.
         """
         if self.run_json.is_file():
-            stored = json.loads(self.run_json.read_text(encoding="utf-8"))
+            stored = self.record()
             if stored.get("format", 1) != RUN_FORMAT:
                 raise ConfigMismatchError(
                     f"{self.path}: made by an earlier rapm (run format {stored.get('format', 1)}), which this "
@@ -158,10 +177,31 @@ class RunDir:
             return stored
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_json, {"format": RUN_FORMAT, **record})
-        return json.loads(self.run_json.read_text(encoding="utf-8"))
+        return self.record()
+
+    def record(self) -> dict:
+        """``run.json``; a damaged one is a :class:`DamagedRunFileError` (it cannot be rebuilt: it is
+        what ties the checkpoints to their config and trajectory store)."""
+        return read_run_file(self.run_json, "it names the run's config and trajectory store, so the run cannot be "
+                                            "resumed or evaluated; restore it, or train into another --out")
 
     def done(self) -> dict | None:
-        return json.loads(self.done_json.read_text(encoding="utf-8")) if self.done_json.is_file() else None
+        """``done.json``, None before the run finished; a damaged one is a :class:`DamagedRunFileError`
+        (distillation rebuilds it from the last checkpoint)."""
+        if not self.done_json.is_file():
+            return None
+        done = read_run_file(self.done_json, "run `rapm distill` with the run's options to rebuild it "
+                                             "from the last checkpoint")
+        if not isinstance(done.get("step"), int):
+            raise DamagedRunFileError(f"{self.done_json}: damaged (no step); run `rapm distill` with the run's "
+                                      "options to rebuild it from the last checkpoint")
+        return done
+
+    def export_problem(self) -> str | None:
+        """Why ``export/`` cannot be used as it is (missing, or not matching its manifest), or None."""
+        if not self.export_dir.is_dir():
+            return "missing"
+        return manifest_problem(self.export_dir)
 
     def mark_done(self, info: dict) -> None:
         write_json_atomic(self.done_json, info)
@@ -175,7 +215,7 @@ class RunDir:
     def replacing(self, name: str) -> Iterator[Path]:
         """Yield a temp dir that replaces ``RUN_DIR/name`` whole once the block succeeds."""
         final = self.path / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.path))
+        tmp = temp_directory(self.path, prefix=f".tmp-{name}-")
         try:
             yield tmp
             fsync_tree(tmp)

@@ -16,7 +16,9 @@ next to the positions. The attributes are a :class:`storage.trajectory_schema.St
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,17 +56,61 @@ class TrajectoryRecord:
     seed: int
 
 
+_DAMAGED_REMEDY = "restore it from a copy, or make the store again with `rapm trajectories` into another --out"
+
+
+class DamagedStoreError(StoreError):
+    """The store's Zarr metadata (a ``zarr.json``) is missing or unreadable: it cannot be opened at all."""
+
+
+def _orphaned_arrays(path: str) -> list[str]:
+    """Arrays of a local directory whose root ``zarr.json`` is gone (a store that lost its metadata)."""
+    from storage.urls import is_url  # local import: urls imports fsspec lazily
+
+    local = Path(path)
+    if is_url(path) or not local.is_dir():
+        return []
+    return sorted(p.name for p in local.iterdir() if (p / "zarr.json").is_file())
+
+
+def _damaged_metadata(path: str, err: ValueError) -> DamagedStoreError:
+    # zarr raises the bare JSONDecodeError of whichever zarr.json it was reading: find which.
+    local = Path(path)
+    damaged = [p for p in [local / "zarr.json", *sorted(local.glob("*/zarr.json"))] if not _is_json(p)]
+    which = damaged[0].relative_to(local).as_posix() if damaged else "a zarr.json"
+    return DamagedStoreError(f"{path}: damaged trajectory store: its {which} (Zarr metadata) is not valid JSON "
+                             f"({str(err).splitlines()[0]}); {_DAMAGED_REMEDY}")
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _open_group(path: str, mode: str) -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        if arrays := _orphaned_arrays(path):
+            raise DamagedStoreError(
+                f"{path}: damaged trajectory store: its root zarr.json (the store's identity and settings) is "
+                f"missing, its arrays ({', '.join(arrays)}) are there; {_DAMAGED_REMEDY}") from err
         raise StoreError(f"{path}: no trajectory store here; run `rapm trajectories` first") from err
+    except StoreError:
+        raise
+    except ValueError as err:
+        raise _damaged_metadata(path, err) from err
 
 
 def _existing_group(path: str) -> zarr.Group | None:
     try:
-        return zarr.open_group(str(path), mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return _open_group(path, "r")
+    except DamagedStoreError:
+        raise
+    except StoreError:
         return None
 
 
@@ -107,7 +153,14 @@ class TrajectoryStore:
         reused rather than read again."""
         self.path = str(path)
         self._group = group if group is not None else _open_group(self.path, "r+" if writable else "r")
-        if "positions" not in self._group:
+        try:
+            # Every array's metadata is read once here, so that a damaged one is named at open.
+            arrays = {name: self._group[name] for name in self._group.array_keys()}
+        except StoreError:
+            raise
+        except ValueError as err:
+            raise _damaged_metadata(self.path, err) from err
+        if "positions" not in arrays:
             raise StoreError(f"{self.path}: not a RAPM trajectory store of schema {SCHEMA_VERSION}")
         self.schema = schema if schema is not None else _parse_schema(self.path, dict(self._group.attrs))
         self.num: int = self.schema.num

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from hardening_support import ROOT, rapm_env, run_rapm
+from storage.manifest import write_manifest
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE = 24, 1
@@ -83,11 +84,13 @@ def test_unwritable_output_before_any_flow_is_one_line_naming_the_path(tmp_path,
 @pytest.mark.slow
 def test_a_user_error_raised_inside_a_flow_is_one_line(tmp_path):
     # A finished-looking run whose run.json does not name its trajectory store: `evaluate` finds
-    # that out inside its flow (the CLI's own pre-checks only need run.json and done.json).
+    # that out inside its flow (the CLI's own pre-checks only need run.json, done.json and the export's manifest).
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text('{"format": 1, "config": {}, "config_hash": "c", "store_config_hash": "s"}')
     (run / "done.json").write_text('{"step": 2, "config_hash": "c", "export": "export"}')
+    (run / "export").mkdir()
+    write_manifest(run / "export", {"step": 2})  # an (empty) export that checks out
     code, _, err = run_rapm(["evaluate", "--run", str(run), "--device", "cpu"], rapm_env(tmp_path / "prefect"),
                             tmp_path / "logs")
     assert code == 2, err

@@ -222,12 +222,18 @@ class MethodConfig(FrozenModel):
         return dump
 
 
+MAX_ITERATIONS = 1_000_000_000
+
+
 class DistillOptions(MethodConfig):
     """How a run trains: the method, how long, how often it saves."""
 
-    # The paper's SDXL run: 20K iterations at batch size 1.
-    iterations: int = Field(20000, ge=1, description="total optimizer steps (extend a finished run by raising it)")
-    checkpoint_every: int = Field(500, ge=1, description="save a checkpoint every this many iterations (and at the end)")
+    # The paper's SDXL run: 20K iterations at batch size 1. The upper bound only catches a typo
+    # (1e21): a billion iterations is years of training.
+    iterations: int = Field(20000, ge=1, le=MAX_ITERATIONS,
+                            description="total optimizer steps (extend a finished run by raising it)")
+    checkpoint_every: int = Field(500, ge=1, le=MAX_ITERATIONS,
+                                  description="save a checkpoint every this many iterations (and at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept on disk (oldest deleted first)")
 
     def method_config(self) -> MethodConfig:

@@ -9,6 +9,7 @@ as a flow teacher's ``sigmas``, which a scheduler config cannot hold).
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +20,8 @@ from peft import LoraConfig
 from rapm_core.distill.student import lora_state_dict
 from rapm_core.ode import StockSampler
 
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name stock ``load_lora_weights`` looks for
+
 
 def is_sdxl_unet(unet: torch.nn.Module) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
@@ -28,14 +31,40 @@ def save_diffusers_lora(unet: torch.nn.Module, config: LoraConfig, out_dir: str 
     """Write ``pytorch_lora_weights.safetensors`` as stock ``load_lora_weights`` expects it.
 
     The raw peft keys (not ``convert_state_dict_to_diffusers``, whose old-style attention keys the
-    loader skips) and the adapter metadata (without it a lora_alpha ≠ rank silently becomes 1).
+    loader skips) and the adapter metadata (without it a lora_alpha ≠ rank silently becomes 1), in an
+    order that does not depend on the process.
     """
     pipeline_cls = StableDiffusionXLPipeline if is_sdxl_unet(unet) else StableDiffusionPipeline
     out_dir = Path(out_dir)
     pipeline_cls.save_lora_weights(
-        out_dir, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=config.to_dict(),
+        out_dir, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=adapter_metadata(config),
     )
+    sort_safetensors_metadata(out_dir / LORA_WEIGHTS)
     return out_dir
+
+
+def adapter_metadata(config: LoraConfig) -> dict[str, Any]:
+    """The adapter config as the export records it: sets (``target_modules``) as sorted lists, since
+    diffusers writes them in set order, which changes with the process's hash seed, and identical
+    runs must export identical bytes."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the header of the safetensors file at ``path`` with its ``__metadata__`` keys sorted.
+
+    safetensors writes that map in the order of a Rust HashMap, which is seeded per process: two
+    identical exports would otherwise differ in their first bytes. The tensors, their order and
+    the data are left as they are (offsets are relative to the data, which does not move).
+    """
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads its header to 8 bytes with spaces
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size:])
 
 
 def write_model_card(out_dir: str | Path, teacher: str, sampler: StockSampler, steps_per_slot: int,

@@ -35,9 +35,10 @@ from rapm_core.progress import Progress
 from rapm_core.ode import SlotGrid
 from rapm_core.teacher import load_unet, resolve_device, resolve_dtype
 from storage.checkpoints import Checkpoint
-from storage.errors import StoreError
+from storage.errors import StoreError, reporting_full_disk
 from storage.hashing import config_hash
-from storage.run_dir import RunDir
+from storage.manifest import write_manifest
+from storage.run_dir import DamagedRunFileError, RunDir
 from storage.teacher_fingerprint import check_teacher_unchanged
 from storage.trajectory_store import TrajectoryStore
 from storage.urls import is_url
@@ -81,13 +82,29 @@ def run_record(config: DistillRunConfig, store: TrajectoryStore) -> dict:
 
 
 def already_done(config: DistillRunConfig) -> dict | None:
-    """The run's ``done.json`` if it already reached ``config.iterations``; raises on a foreign run dir."""
+    """The run's ``done.json`` if it already reached ``config.iterations`` and its export checks out;
+    raises on a foreign run dir or a method the store cannot train (the checks a command makes before
+    Prefect starts). A damaged ``done.json`` or export is work for the run loop (None)."""
     store = TrajectoryStore(config.trajectories)
+    check_method_fits(config, store)
     run = RunDir(config.out)
     if run.check(run_record(config, store)) is None:
         return None
-    done = run.done()
-    return done if done is not None and done["step"] >= config.iterations else None
+    try:
+        done = run.done()
+    except DamagedRunFileError:
+        return None
+    if done is None or done["step"] < config.iterations or run.export_problem() is not None:
+        return None
+    return done
+
+
+def check_method_fits(config: DistillRunConfig, store: TrajectoryStore) -> None:
+    """Refuse a method the store cannot train (e.g. a relative offset d ≥ M) before the run dir is claimed."""
+    schema = store.schema
+    if config.method == "rapm" and not 0 <= config.rapm.relative_offset < schema.steps_per_slot:
+        raise ConfigError(f"--relative-offset {config.rapm.relative_offset} must be below the store's "
+                          f"{schema.steps_per_slot} teacher steps per slot (M)")
 
 
 def build_trainer(config: DistillRunConfig, store: TrajectoryStore) -> Trainer:
@@ -116,19 +133,37 @@ def run_distillation(
 
     The run dir is locked for the whole call: a second process on it is refused at once."""
     run = RunDir(config.out, keep_checkpoints=config.keep_checkpoints)
-    with run.lock():
+    with run.lock(), reporting_full_disk(run.path, "the checkpoints written before are intact; free space and "
+                                                   "run the same command to resume"):
         return _train(config, run, progress, log, on_checkpoint)
+
+
+def _finished(run: RunDir, log: Callable[[str], None]) -> dict | None:
+    """``done.json``, or None; a damaged one is removed (the run loop rebuilds it from the last checkpoint)."""
+    try:
+        return run.done()
+    except DamagedRunFileError as err:
+        log(f"warning: {str(err).split('; ')[0]}; rebuilding the export and done.json from the last checkpoint")
+        run.unmark_done()
+        return None
 
 
 def _train(config: DistillRunConfig, run: RunDir, progress: Callable[[Progress], None] | None,
            log: Callable[[str], None], on_checkpoint: Callable[[RunDir], None] | None) -> DistillResult:
     store = TrajectoryStore(config.trajectories)
+    check_method_fits(config, store)
     record = run.claim(run_record(config, store))
     h = record["config_hash"]
-    done = run.done()
+    done = _finished(run, log)
+    target = config.iterations
     if done is not None and done["step"] >= config.iterations:
-        log(f"{run.path}: already trained to {done['step']} iterations (≥ {config.iterations}); nothing to do")
-        return DistillResult(str(run.path), done["step"], 0, True, str(run.export_dir), None, h)
+        if (problem := run.export_problem()) is None:
+            log(f"{run.path}: already trained to {done['step']} iterations (≥ {config.iterations}); nothing to do")
+            return DistillResult(str(run.path), done["step"], 0, True, str(run.export_dir), None, h)
+        # The export is derived data: the last checkpoint (or, if that is damaged, exact resume
+        # from an older one) gives the same student again.
+        log(f"{run.export_dir}: {problem}; rebuilding the export from the last checkpoint")
+        target = done["step"]
     indices = np.asarray(record["trajectories"], dtype=np.int64)
     if len(indices) == 0:
         raise StoreError(f"{config.trajectories}: no complete trajectories; finish `rapm trajectories` first")
@@ -151,8 +186,14 @@ def _train(config: DistillRunConfig, run: RunDir, progress: Callable[[Progress],
         set_rng_state(ckpt.rng, generator)
         step, cursor = ckpt.step, (ckpt.cursor["epoch"], ckpt.cursor["position"])
         nonfinite_run = ckpt.cursor["consecutive_nonfinite"]
-        run.metrics.truncate(ckpt.metrics_lines)
+        kept = run.metrics.truncate(ckpt.metrics_lines)
+        if kept < ckpt.metrics_lines:
+            log(f"warning: {run.metrics.path} holds {kept} of the {ckpt.metrics_lines} lines checkpoint "
+                f"{ckpt.path.name} recorded (deleted or cut); the checkpoints are kept, the lost iterations' lines "
+                f"are gone and the log goes on from iteration {ckpt.step + 1}")
         log(f"resuming {run.path} from checkpoint {ckpt.path.name}")
+    # A rebuild past --iterations (the run was extended before) ends where the checkpoint is.
+    target = max(target, step)
     if done is not None:
         run.unmark_done()
 
@@ -170,8 +211,8 @@ def _train(config: DistillRunConfig, run: RunDir, progress: Callable[[Progress],
         log(f"encoding real renders of {len(indices)} prompts as clean latents")
         clean = render_latents(store, [int(i) for i in indices], trainer.student.device)
     start_step, t_start = step, time.perf_counter()
-    log_every = max(1, min(100, config.iterations // 20))
-    examples = prefetched(store, DataOrder(indices, config.seed), cursor, config.iterations - step, clean)
+    log_every = max(1, min(100, target // 20))
+    examples = prefetched(store, DataOrder(indices, config.seed), cursor, target - step, clean)
     with run.metrics, closing(examples):
         for example, epoch, cursor, t_data in examples:  # from here on the cursor names the next example
             t0 = time.perf_counter()
@@ -190,11 +231,11 @@ def _train(config: DistillRunConfig, run: RunDir, progress: Callable[[Progress],
                 raise DistillationDivergedError(
                     f"{nonfinite_run} consecutive non-finite losses (last: {failure}); the last good checkpoint "
                     f"in {run.checkpoints.dir} is intact; lower --lr or check the trajectory store")
-            if step % config.checkpoint_every == 0 or step == config.iterations:
+            if step % config.checkpoint_every == 0 or step == target:
                 save_checkpoint()
-            p = Progress(step, config.iterations, (step - start_step) / (time.perf_counter() - t_start), "iterations")
-            if step % log_every == 0 or step == config.iterations:
-                log(f"iteration {step}/{config.iterations}: {1 / p.rate:.3f} s/iter, ETA {p.eta_s:.0f} s")
+            p = Progress(step, target, (step - start_step) / (time.perf_counter() - t_start), "iterations")
+            if step % log_every == 0 or step == target:
+                log(f"iteration {step}/{target}: {1 / p.rate:.3f} s/iter, ETA {p.eta_s:.0f} s")
             if progress is not None:
                 progress(p)
     trained = step - start_step
@@ -214,6 +255,7 @@ def _export(run: RunDir, trainer: Trainer, store: TrajectoryStore, record: dict,
     }
     with run.replacing("export") as tmp:
         trainer.export(tmp, teacher=schema.teacher, model_card=card)
+        write_manifest(tmp, {"step": step, "run_config_hash": h})
     plot_loss_curves(run.metrics.read(), run.path / "loss_curves.png",
                      title=f"{Path(schema.teacher).name} · {h[:8]} · {step} iterations")
     run.mark_done({"step": step, "config_hash": h, "export": "export"})

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -20,6 +21,7 @@ from rapm_core.evaluate import report
 from rapm_core.evaluate.config import EVAL_DIR, EvaluateConfig
 from rapm_core.evaluate.samplers import SamplerSpec, sampler_specs
 from rapm_core.evaluate.student import StudentExport, load_student_export
+from storage.atomic import check_writable
 from storage.errors import ConfigMismatchError, StoreError
 from storage.hashing import config_hash
 from storage.prompt_store import PromptStore
@@ -44,14 +46,33 @@ def eval_config_hash(config: EvaluateConfig) -> str:
 
 
 def read_run(config: EvaluateConfig) -> tuple[RunDir, dict, dict]:
+    """The finished run: its record, its ``done.json``, and an export that matches its manifest."""
     run = RunDir(config.run)
     if not run.run_json.is_file():
         raise StoreError(f"{config.run}: not a run dir (no run.json); run `rapm distill` first")
-    record = json.loads(run.run_json.read_text(encoding="utf-8"))
+    record = run.record()
     done = run.done()
     if done is None:
         raise StoreError(f"{config.run}: distillation has not finished (no done.json); finish `rapm distill` first")
+    if (problem := run.export_problem()) is not None:
+        raise StoreError(f"{run.export_dir}: {problem}; run `rapm distill` with the run's options to rebuild "
+                         f"the export from the last checkpoint")
     return run, record, done
+
+
+@contextmanager
+def writing_eval_dir(config: EvaluateConfig) -> Iterator[None]:
+    """Hold the run dir's one-writer lock (the one distillation takes) while an evaluation writes its
+    eval dir, after checking that the run dir can be written at all, so that a second evaluation, or
+    one on a read-only run dir, is refused before anything is sampled. An evaluation that is already
+    finished writes nothing and takes nothing."""
+    if finished(config) is not None:
+        yield
+        return
+    run = RunDir(config.run)
+    with run.lock():
+        check_writable(run.path)
+        yield
 
 
 def distilled_from_store(config: EvaluateConfig, record: dict) -> TrajectoryStore:
@@ -79,7 +100,10 @@ def finished(config: EvaluateConfig) -> dict | None:
     path = run.path / EVAL_DIR / "metrics.json"
     if not path.is_file():
         return None
-    existing = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # a damaged report is measured again and replaced whole
+        return None
     wanted = eval_identity(config, record, done)
     return existing if all(existing.get(k) == v for k, v in wanted.items()) else None
 

@@ -1,0 +1,44 @@
+"""A refused command leaves no trace: its --out is not created (not even to hold the lock file),
+and what makes it refuse is found before the run dir is claimed, so the same --out still takes a
+valid config afterwards."""
+
+from __future__ import annotations
+
+import pytest
+
+from distill_run_support import make_store
+from hardening_support import rapm_env, run_rapm
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_sd15_dir):
+    return make_store(tmp_path_factory.mktemp("refused-store"), tiny_sd15_dir, num=1)
+
+
+def _refused(args: list[str], tmp_path) -> str:
+    code, _, err = run_rapm(args, rapm_env(tmp_path / "prefect"), tmp_path / "logs")
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--relative-offset", "99"], "--relative-offset 99 must be below the store's 2 teacher steps per slot (M)"),
+    (["--iterations", "1000000000000000000000"], "--iterations: Input should be less than or equal to 1000000000"),
+    (["--lr", "-1"], "--lr: Input should be greater than 0"),
+])
+def test_a_refused_distill_leaves_no_trace(tmp_path, store, option, message):
+    out = tmp_path / "run"
+    line = _refused(["distill", "--trajectories", str(store), "--out", str(out), "--device", "cpu", *option],
+                    tmp_path)
+    assert line.startswith("rapm distill: error: ") and message in line, line
+    assert not out.exists()  # neither run.json (which would refuse every later config) nor the lock file
+
+
+def test_a_refused_command_leaves_a_directory_it_did_not_make_as_it_was(tmp_path, store):
+    out = tmp_path / "run"
+    out.mkdir()
+    _refused(["distill", "--trajectories", str(store), "--out", str(out), "--lr", "-1"], tmp_path)
+    assert list(out.iterdir()) == []
