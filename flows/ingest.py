@@ -35,7 +35,8 @@ def _flow_run_name() -> str:
 def summary(plan: IngestPlan) -> str:
     c = plan.counts
     head = "already complete: " if plan.already_complete else ""
-    return (f"{head}{plan.config.out}: {c.kept} prompts ({c.train} train, {c.eval} eval) from {plan.config.source} "
+    return (f"{head}{plan.config.out}: {c.kept} prompts ({c.train} train, {c.eval} eval at --eval-fraction "
+            f"{plan.config.eval_fraction:g}) from {plan.config.source} "
             f"[{plan.format}]; read {c.read}, blank {c.blank}, duplicates {c.duplicates}")
 
 

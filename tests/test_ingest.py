@@ -97,8 +97,8 @@ def test_rapm_ingest_runs_a_prefect_flow(tmp_path):
     store = PromptStore(tmp_path / "store")
     counts = store.meta["counts"]
     assert (counts["read"], counts["blank"], counts["duplicates"], counts["kept"], len(store)) == (41, 1, 10, 30, 30)
-    assert 0 < len(store.records("eval")) < 30
-    assert proc.stdout.startswith(f"{tmp_path / 'store'}: 30 prompts (")
+    assert len(store.records("eval")) == 6  # round(0.2 × 30)
+    assert proc.stdout.startswith(f"{tmp_path / 'store'}: 30 prompts (24 train, 6 eval at --eval-fraction 0.2) ")
 
     config = IngestConfig(source=str(src), out=str(tmp_path / "store"), eval_fraction=0.2)
     with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:

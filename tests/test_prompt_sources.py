@@ -11,7 +11,6 @@ from storage.hashing import config_hash
 from rapm_core.ingest.config import IngestConfig
 from rapm_core.ingest.engine import ingest_config_hash, ingest_prompts, plan_ingest
 from rapm_core.ingest.sources import collect_prompts, read_source
-from rapm_core.ingest.split import split_for
 from storage.prompt_store import PromptStore, prompt_id
 
 
@@ -125,23 +124,6 @@ def test_limit_counts_unique_prompts_in_source_order(tmp_path):
     plan = ingest_prompts(IngestConfig(source=str(src), out=str(tmp_path / "store"), limit=2))
     assert [r.text for r in PromptStore(tmp_path / "store").records()] == ["a", "b"]
     assert (plan.counts.read, plan.counts.blank, plan.counts.duplicates, plan.counts.kept) == (4, 1, 1, 2)
-
-
-def test_split_is_deterministic_seeded_and_stable_under_additions(tmp_path):
-    prompts = [f"prompt number {i}" for i in range(400)]
-    write(tmp_path / "small.txt", "\n".join(prompts[:200]))
-    write(tmp_path / "big.txt", "\n".join(prompts[::-1]))
-    splits = {}
-    for name, seed in (("small", 0), ("big", 0), ("small-seed1", 1)):
-        src = tmp_path / f"{name.split('-')[0]}.txt"
-        ingest_prompts(IngestConfig(source=str(src), out=str(tmp_path / name), eval_fraction=0.25, seed=seed))
-        splits[name] = {r.text: r.split for r in PromptStore(tmp_path / name).records()}
-    assert all(splits["big"][t] == s for t, s in splits["small"].items()), "adding prompts moved others"
-    assert splits["small"] != splits["small-seed1"]
-    n_eval = sum(s == "eval" for s in splits["big"].values())
-    assert 70 <= n_eval <= 130, n_eval
-    pid = prompt_id("x")
-    assert [split_for(pid, 3, f) for f in (0.0, 0.999999)] == ["train", "eval"]
 
 
 def test_config_hash_is_canonical_and_ignores_out():
