@@ -25,7 +25,7 @@ from flows.evaluate import evaluate_flow, print_summary
 from flows.ingest import ingest_flow
 from flows.trajectories import trajectories_flow
 from rapm_core.evaluate.eval_dir import finished
-from rapm_core.pipeline import STAGES, PipelineConfig, all_complete, run_pipeline
+from rapm_core.pipeline import STAGES, PipelineConfig, all_complete, preflight, run_pipeline
 from rapm_core.teacher import resolve_device
 from rapm_shapes.demo import DemoConfig, demo_config, write_builtin_prompts
 from storage.hashing import config_hash
@@ -68,6 +68,7 @@ def _cli(model: type[PipelineConfig]) -> Callable:
         resolve_device(config.device)
         t0 = time.perf_counter()
         prepare(config)
+        preflight(config)  # before any stage, and before a flow run starts
         if all_complete(config):
             # Nothing to do: no flow run, no Prefect start-up.
             stages = [{"stage": s, "skipped": True} for s in STAGES]

@@ -119,11 +119,16 @@ class _TensorFeatures(nn.Module):
         return self.model.config
 
 
-def _clip_loader(model_dir: str | Path) -> Callable[[], tuple[nn.Module, object]]:
+def clip_model_dir(model_dir: str | Path) -> Path:
     path = Path(model_dir).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(f"CLIP model {str(path)!r} is not a local transformers CLIPModel directory "
                           f"(config.json, weights and processor files); download one, e.g. openai/clip-vit-large-patch14")
+    return path
+
+
+def _clip_loader(model_dir: str | Path) -> Callable[[], tuple[nn.Module, object]]:
+    path = clip_model_dir(model_dir)
 
     def load():
         from transformers import CLIPModel, CLIPProcessor
