@@ -30,6 +30,7 @@ from diffusers import (
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
+from rapm_core.teacher_files import check_teacher_dir
 
 Kind = Literal["sd15", "sdxl"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -121,19 +122,34 @@ def _path_problem(source: str) -> str | None:
 
 
 def _cannot_load(source: str, err: Exception) -> ConfigError:
+    if isinstance(err, ConfigError):
+        return err
     if (problem := _path_problem(source)) is not None:
         return ConfigError(f"cannot load teacher {source!r}: {problem}")
-    if not Path(source).is_dir() and (reason := _hub_offline_reason()) is not None:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if Path(source).is_dir():  # a local directory: the hub has nothing to do with it
+        return ConfigError(f"cannot load teacher {source!r}: {first}")
+    if (reason := _hub_offline_reason()) is not None:
         return ConfigError(f"cannot load teacher {source!r}: not a local directory, and not found in the Hugging Face "
                            f"cache while {reason} (offline? pass a local diffusers directory)")
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return ConfigError(f"cannot load teacher {source!r}: {first} (offline? pass a local diffusers directory)")
 
 
+def _local_options(source: str, components: tuple[str, ...] | None = None) -> dict:
+    """For a local teacher: every component a load reads is checked first (one line naming what
+    is missing), and safetensors weights are insisted on where the directory has them."""
+    if not Path(source).is_dir():
+        return _hub_options(source)
+    return {"use_safetensors": True} if check_teacher_dir(Path(source), source, components) else {}
+
+
 def detect_kind(source: str, revision: str | None = None) -> tuple[Kind, type[DiffusionPipeline]]:
-    """Read only ``model_index.json`` to learn the pipeline class, before any weights load."""
+    """Read only ``model_index.json`` to learn the pipeline class, before any weights load (of a
+    local directory, check that every component is there)."""
     if (problem := _path_problem(source)) is not None:  # no hub lookup for what cannot be a hub id
         raise ConfigError(f"cannot load teacher {source!r}: {problem}")
+    if Path(source).is_dir():
+        check_teacher_dir(Path(source), source)  # a broken component named before any stage starts
     try:
         with _hub_quiet():
             config = DiffusionPipeline.load_config(source, revision=revision, **_hub_options(source))
@@ -189,7 +205,7 @@ def load_teacher(
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
     try:
         with _hub_quiet():
-            pipe = cls.from_pretrained(source, revision=revision, dtype=dtype, **extra, **_hub_options(source))
+            pipe = cls.from_pretrained(source, revision=revision, dtype=dtype, **extra, **_local_options(source))
     except Exception as err:
         raise _cannot_load(source, err) from err
     pipe.to(device)
@@ -202,7 +218,7 @@ def load_unet(source: str | Path, revision: str | None = None, dtype: torch.dtyp
     try:
         with _hub_quiet():
             unet = UNet2DConditionModel.from_pretrained(teacher_ref(source), subfolder="unet", revision=revision,
-                                                        dtype=dtype, **_hub_options(teacher_ref(source)))
+                                                        dtype=dtype, **_local_options(teacher_ref(source), ("unet",)))
     except Exception as err:
         raise _cannot_load(str(source), err) from err
     return unet.to(device).eval().requires_grad_(False)
@@ -213,7 +229,7 @@ def load_vae(source: str | Path, revision: str | None = None, dtype: torch.dtype
     try:
         with _hub_quiet():
             vae = AutoencoderKL.from_pretrained(teacher_ref(source), subfolder="vae", revision=revision, dtype=dtype,
-                                                **_hub_options(teacher_ref(source)))
+                                                **_local_options(teacher_ref(source), ("vae",)))
     except Exception as err:
         raise _cannot_load(str(source), err) from err
     return vae.to(device).eval().requires_grad_(False)
