@@ -69,7 +69,9 @@ class PlanConfig(FrozenModel):
 
     teacher: str | None = Field(None, description="local diffusers directory or hub id: only its config files are read")
     preset: str | None = Field(None, description=f"published architecture instead of a teacher: {', '.join(PRESETS)}")
-    resolution: int | None = Field(None, ge=8, description="image side in pixels (default: the teacher's native one)")
+    # Far above any SD-class model's use; past it the plan's numbers overflow what they describe.
+    resolution: int | None = Field(None, ge=8, le=16384,
+                                   description="image side in pixels (default: the teacher's native one)")
     slots: int = Field(4, ge=1, le=50, description="N: slots = student steps")
     steps_per_slot: int = Field(10, ge=1, le=100, description="M: teacher DDIM steps per slot")
     guidance: float = Field(7.5, ge=1.0, description="teacher CFG scale; > 1 doubles the teacher's UNet batch")
