@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rapm_core.errors import ConfigError
+from rapm_core.evaluate.safe_export import load_exported_network
 from storage.hashing import tree_sha256
 
 
@@ -65,11 +66,7 @@ def feature_network(weights: str | Path) -> nn.Module:
     (``.pt2``) that maps uint8 images (B, 3, H, W) to features (B, D)."""
     path = weights_file(weights)
     if path.suffix == ".pt2":
-        try:
-            return torch.export.load(str(path)).module()
-        except Exception as err:  # a damaged or foreign file: say which, in one line
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"{path}: not a torch.export feature network ({first})") from err
+        return load_exported_network(path)
     if importlib.util.find_spec("torch_fidelity") is None:
         raise ConfigError("Inception FID with a .pth needs the torch-fidelity package (pip install torch-fidelity)")
     from torchmetrics.image.fid import NoTrainInceptionV3
