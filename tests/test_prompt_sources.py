@@ -158,3 +158,21 @@ def test_rerun_is_a_noop_and_other_configs_or_contents_are_refused(tmp_path):
     (tmp_path / "not-a-store").mkdir()
     with pytest.raises(StoreError, match="not a prompt store"):
         ingest_prompts(config.model_copy(update={"out": str(tmp_path / "not-a-store")}))
+
+
+def test_an_overlong_prompt_is_named_by_file_and_line(tmp_path):
+    err = ingest_error(tmp_path, "p.txt", "fine\n" + "x" * 5_000_000 + "\n")
+    assert err.line == 2 and "prompt of 5,000,000 characters; prompts are limited to 10,000" in err.problem
+    err = ingest_error(tmp_path, "p.jsonl", '{"prompt": "a"}\n{"prompt": "' + "y" * 20_000 + '"}\n')
+    assert err.line == 2 and "20,000 characters" in err.problem
+
+
+def test_a_prompt_of_only_invisible_characters_is_blank(tmp_path):
+    src = write(tmp_path / "p.txt", "\u200b\n\u200b \u2060\ufeff\na\u200bb\n")
+    plan = ingest_prompts(IngestConfig(source=str(src), out=str(tmp_path / "store"), eval_fraction=0.0))
+    assert (plan.counts.blank, plan.counts.kept) == (2, 1)
+
+
+def test_coco_annotations_that_are_not_a_list_say_what_they_are(tmp_path):
+    err = ingest_error(tmp_path, "captions.json", '{"annotations": {"caption": "a"}}')
+    assert "'annotations' is a JSON object, expected a list" in err.problem
