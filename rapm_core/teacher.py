@@ -56,6 +56,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_dtype_on_device(dtype: str, device: torch.device) -> None:
+    """fp16 sampling on the CPU is refused: diffusers warns at every move of such a pipeline and
+    it runs several times slower than fp32."""
+    if dtype == "fp16" and device.type == "cpu":
+        raise ConfigError("--dtype fp16 on the CPU: diffusers does not run float16 pipelines on the CPU (it warns and "
+                          "runs far slower); use --dtype fp32 or bf16 on the CPU, fp16 on CUDA")
+
+
 def teacher_ref(source: str | Path) -> str:
     """The string a teacher is recorded under: local directories absolute, hub ids as given."""
     p = Path(source).expanduser()

@@ -89,3 +89,12 @@ def test_rapm_trajectories_with_a_teacher_without_tokenizer_is_one_line(tiny_sd1
     assert code == 2 and err == (f"rapm trajectories: error: teacher '{teacher}': its tokenizer/ folder "
                                  f"(CLIPTokenizer, listed in model_index.json) is missing\n"), err
     assert not (tmp_path / "traj.zarr").exists()
+
+
+def test_fp16_on_the_cpu_is_refused_before_the_teacher_loads(tiny_sd15_dir, tmp_path):
+    store = write_prompt_store(tmp_path / "prompts", [PromptRecord(prompt_id("a red circle"), "a red circle")])
+    code, out, err = run_rapm(["trajectories", "--prompts", str(store), "--teacher", str(tiny_sd15_dir),
+                               "--out", str(tmp_path / "traj.zarr"), "--dtype", "fp16", "--device", "cpu"],
+                              rapm_env(tmp_path / "prefect"), tmp_path / "logs")
+    assert code == 2 and err.startswith("rapm trajectories: error: --dtype fp16 on the CPU") and err.count("\n") == 1
+    assert "cannot run with cpu" not in out + err and not (tmp_path / "traj.zarr").exists()

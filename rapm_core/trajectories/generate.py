@@ -23,8 +23,8 @@ from rapm_core.errors import ConfigError
 from rapm_core.progress import Progress
 from rapm_core.schedule import SlotGrid
 from rapm_core.teacher import (
-    Teacher, count_truncated, detect_kind, encode_prompts, encode_uncond, load_teacher, resolve_device,
-    resolve_dtype, teacher_ref,
+    Teacher, check_dtype_on_device, count_truncated, detect_kind, encode_prompts, encode_uncond, load_teacher,
+    resolve_device, resolve_dtype, teacher_ref,
 )
 from rapm_core.trajectories.chain import initial_noise, teacher_trajectories, trajectory_seed
 from rapm_core.trajectories.config import TrajectoriesConfig
@@ -78,7 +78,7 @@ def preflight(config: TrajectoriesConfig) -> None:
     records = select_prompts(config)
     check_compatible(config.out, wanted_identity(config, records))
     detect_kind(teacher_ref(config.teacher), config.revision)
-    resolve_device(config.device)
+    check_dtype_on_device(config.dtype, resolve_device(config.device))
 
 
 def store_schema(config: TrajectoriesConfig, records: list[PromptRecord], teacher: Teacher,
