@@ -111,10 +111,23 @@ def _hub_options(source: str) -> dict:
 @contextmanager
 def _hub_quiet() -> Iterator[None]:
     # diffusers 0.42 still passes huggingface_hub 2.x a deprecated argument on every hub lookup;
-    # the warning is about diffusers, not about anything the user can change.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
-        yield
+    # the warning is about diffusers, not about anything the user can change. A load's progress
+    # bars ("Loading pipeline components…", transformers' "Loading weights") are not a stage's
+    # progress: a stage reports its own.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _enabled in bars:
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            yield
+    finally:
+        for lib, enabled in bars:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def _path_problem(source: str) -> str | None:

@@ -98,3 +98,15 @@ def test_fp16_on_the_cpu_is_refused_before_the_teacher_loads(tiny_sd15_dir, tmp_
                               rapm_env(tmp_path / "prefect"), tmp_path / "logs")
     assert code == 2 and err.startswith("rapm trajectories: error: --dtype fp16 on the CPU") and err.count("\n") == 1
     assert "cannot run with cpu" not in out + err and not (tmp_path / "traj.zarr").exists()
+
+
+def test_rapm_trajectories_prints_no_library_progress_bars(tiny_sd15_dir, tmp_path):
+    store = write_prompt_store(tmp_path / "prompts", [PromptRecord(prompt_id("a red circle"), "a red circle")])
+    env = rapm_env(tmp_path / "prefect")
+    env.pop("TRANSFORMERS_VERBOSITY")  # as a user's shell has it
+    code, out, err = run_rapm(["trajectories", "--prompts", str(store), "--teacher", str(tiny_sd15_dir),
+                               "--out", str(tmp_path / "traj.zarr"), "--slots", "2", "--steps-per-slot", "2",
+                               "--device", "cpu"], env, tmp_path / "logs")
+    assert code == 0, err[-2000:]
+    for noise in ("Loading pipeline components", "Loading weights"):
+        assert noise not in out + err, noise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -183,7 +184,10 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module, 
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, real.shape[0], fake.shape[0])
-    metric = KernelInceptionDistance(feature=feature, subsets=subsets, subset_size=size)
+    with warnings.catch_warnings():
+        # Its notice that features are buffered: an evaluation holds them anyway (KID needs all).
+        warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted")
+        metric = KernelInceptionDistance(feature=feature, subsets=subsets, subset_size=size)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     mean, _std = metric.compute()
