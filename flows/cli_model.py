@@ -8,7 +8,8 @@ pipeline's stage) contributes its own fields as options of an argument group; th
 names (``--lr``) unless the section sets ``json_schema_extra={"cli_prefix": "distill-"}``, whose
 prefix then applies to everything inside it (``--distill-lr``). Names must not collide
 (argparse refuses a duplicate flag). Only options the user gave are passed to the model, so its
-defaults stay the single source.
+defaults stay the single source. An optional field (``float | None``) takes the word ``none``
+for None, so a default that is on (``--grad-clip 1.0``) can be turned off from the command line.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ def _extra(field) -> dict:
 
 
 _UNSET = object()
+_NONE = object()  # "none" typed for an optional field: None, unlike an option not given
+
+
+def _optional(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    return (origin is typing.Union or origin is types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+def _none_or_text(text: str):
+    return _NONE if text.strip().lower() == "none" else text
 
 
 def _help(field, default: Any = _UNSET) -> str:
@@ -83,9 +94,12 @@ def add_model_arguments(parser, model: type[BaseModel], defaults: BaseModel | No
             parser.add_argument(flag, dest=dest, nargs="+", default=None, metavar=name.upper(), help=text)
         else:
             choices = _choices(field.annotation)
+            optional = _optional(field.annotation) and not choices
             parser.add_argument(flag, dest=dest, default=None, choices=choices,
                                 metavar=None if choices else name.upper(),
-                                required=field.is_required() and defaults is None, help=text)
+                                type=_none_or_text if optional else None,
+                                required=field.is_required() and defaults is None,
+                                help=f'{text} ("none": None)' if optional else text)
 
 
 def _given(model: type[BaseModel], values: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -96,7 +110,7 @@ def _given(model: type[BaseModel], values: dict[str, Any], prefix: str) -> dict[
             if sub := _given(nested, values, f"{prefix}{name}."):
                 given[name] = sub
         elif values.get(prefix + name) is not None:
-            given[name] = values[prefix + name]
+            given[name] = None if values[prefix + name] is _NONE else values[prefix + name]
     return given
 
 

@@ -39,7 +39,8 @@ def ingest_summary(plan) -> str:
     """One line: the store, its counts, the source; ``plan`` a :class:`rapm_core.ingest.engine.IngestPlan`."""
     c = plan.counts
     head = "already complete: " if plan.already_complete else ""
-    return (f"{head}{plan.config.out}: {c.kept} prompts ({c.train} train, {c.eval} eval) from {plan.config.source} "
+    return (f"{head}{plan.config.out}: {c.kept} prompts ({c.train} train, {c.eval} eval at --eval-fraction "
+            f"{plan.config.eval_fraction:g}) from {plan.config.source} "
             f"[{plan.format}]; read {c.read}, blank {c.blank}, duplicates {c.duplicates}")
 
 
@@ -158,12 +159,13 @@ def _run_pipeline(config: PipelineConfig) -> int:
     from flows.common import run_flow
     from flows.pipeline import pipeline_flow, prepare
     from rapm_core.evaluate.eval_dir import finished
-    from rapm_core.pipeline import STAGES, all_complete
+    from rapm_core.pipeline import STAGES, all_complete, preflight
     from rapm_core.teacher import resolve_device
 
     resolve_device(config.device)
     t0 = time.perf_counter()
     prepare(config)
+    preflight(config)  # before any stage, and before a flow run starts
     if all_complete(config):  # nothing to do: no flow run
         stages = [{"stage": s, "skipped": True} for s in STAGES]
     else:

@@ -29,6 +29,9 @@ def configure(parser) -> None:
     p.set_defaults(func=_show)
 
 
+SHOWN_PROMPT_CHARS = 80
+
+
 def _inspect(args) -> int:
     facts = inspect_store(args.path)
     if args.json:
@@ -37,8 +40,8 @@ def _inspect(args) -> int:
     for key, value in facts.items():
         if key == "shapes":
             value = ", ".join(f"{k} {tuple(v)}" for k, v in value.items())
-        elif key == "sample_prompts":
-            value = " | ".join(value)
+        elif key == "sample_prompts":  # a line each, however long the prompt (--json has them whole)
+            value = " | ".join(p if len(p) <= SHOWN_PROMPT_CHARS else p[:SHOWN_PROMPT_CHARS - 1] + "…" for p in value)
         print(f"{key:>24}: {value}")
     return 0
 

@@ -74,7 +74,9 @@ class PlanConfig(FrozenModel, SlotOptions):
 
     teacher: str | None = Field(None, description="local diffusers directory or hub id: only its config files are read")
     preset: str | None = Field(None, description=f"published architecture instead of a teacher: {', '.join(PRESETS)}")
-    resolution: int | None = Field(None, ge=8, description="image side in pixels (default: the teacher's native one)")
+    # Far above any SD-class model's use; past it the plan's numbers overflow what they describe.
+    resolution: int | None = Field(None, ge=8, le=16384,
+                                   description="image side in pixels (default: the teacher's native one)")
     batch_size: int | None = Field(
         None, ge=1, description=f"prompts per trajectory batch and images per eval batch "
                                 f"(default: the stages' own, {TRAJECTORY_BATCH} and {EVAL_BATCH})")

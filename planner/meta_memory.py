@@ -13,7 +13,9 @@ measured in seconds on a CPU. Two things meta tensors cannot do are handled here
   reads as 1 (True for booleans): the memory of what follows does not depend on the value;
 - a copy off the meta device (``.cpu()``) returns an empty-strided CPU tensor of the right
   shape that holds no memory, as a copy to host frees nothing and allocates nothing on the
-  accelerator.
+  accelerator; an op on such host placeholders (a ``torch.cat`` of decoded images, a dtype
+  cast of a stored trajectory) gives a placeholder too, so the host never allocates at the
+  model's sizes, whatever the resolution.
 
 ``efficient_attention()`` routes ``F.scaled_dot_product_attention`` without a mask to the
 fused flash kernel (output + log-sum-exp saved, O(L) memory), which is what CUDA's
@@ -30,6 +32,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 _aten = torch.ops.aten
@@ -76,6 +79,29 @@ def _leaves(obj, out: list) -> list:
     else:
         out.append(obj)
     return out
+
+
+def is_host_placeholder(x) -> bool:
+    """A CPU tensor of many elements that all read one (every stride 0): data a plan never holds."""
+    return isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.numel() > 1 and not any(x.stride())
+
+
+def _on_host_placeholders(func, args, kwargs) -> bool:
+    if func._schema.is_mutable or kwargs.get("device") not in (None, torch.device("cpu"), "cpu"):
+        return False
+    tensors = [x for x in _leaves((args, kwargs), []) if isinstance(x, torch.Tensor)]
+    return any(map(is_host_placeholder, tensors)) and all(t.device.type == "cpu" for t in tensors)
+
+
+def _placeholder_op(func, args, kwargs):
+    """``func`` on meta stand-ins of host placeholders, its outputs placeholders again."""
+    def to_meta(x):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
+
+    def to_host(x):
+        return torch.empty_strided(x.shape, [0] * x.dim(), dtype=x.dtype) if isinstance(x, torch.Tensor) else x
+
+    return tree_map(to_host, func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs)))
 
 
 def _shape_key(func, args, kwargs):
@@ -166,6 +192,8 @@ class MemoryCounter(TorchDispatchMode):
                 src = args[0]
                 return torch.empty_strided(src.shape, [0] * src.dim(), dtype=kwargs.get("dtype") or src.dtype,
                                            device=target)
+            if _on_host_placeholders(func, args, kwargs):
+                return _placeholder_op(func, args, kwargs)
         out = None
         key = _shape_key(func, args, kwargs) if self.device == "meta" and _makes_fresh_tensors(func) else None
         if key is not None and key in self._blueprints:

@@ -146,15 +146,23 @@ def lora_parameter_count(unet: torch.nn.Module, rank: int) -> int:
     return total
 
 
-def stored_conditioning(arch: Architecture, dtype: torch.dtype, make=torch.zeros) -> Conditioning:
+def host_placeholder(*shape: int) -> torch.Tensor:
+    """A host tensor of ``shape`` that holds one element (every index reads it): what the planner
+    gives the stages for data they read from a store, so a plan allocates nothing at the model's
+    sizes (copying one to the accelerator, here meta, makes a full-size tensor that is counted)."""
+    return torch.zeros(()).expand(shape)
+
+
+def stored_conditioning(arch: Architecture, dtype: torch.dtype, make=host_placeholder) -> Conditioning:
     """One trajectory's conditioning as the store gives it to distillation (host memory);
-    ``make(*shape)`` fills it (zeros for a plan, random values for a real run)."""
+    ``make(*shape)`` fills it (a placeholder for a plan, random values for a real run)."""
     pooled = None if arch.pooled_dim is None else make(1, arch.pooled_dim).to(dtype)
     time_ids = None if arch.pooled_dim is None else make(1, 6).to(dtype)
     return Conditioning(make(1, arch.text_length, arch.embed_dim).to(dtype), pooled, time_ids)
 
 
-def training_inputs(arch: Architecture, config: PlanConfig, make=torch.zeros) -> tuple[Example, GuidedTeacher | None]:
+def training_inputs(arch: Architecture, config: PlanConfig,
+                    make=host_placeholder) -> tuple[Example, GuidedTeacher | None]:
     """One distillation example as ``rapm_core.distill.data.load_example`` gives it (host, fp32
     positions; x0 the trajectory's end, the peers' default ``x0_source``) and, for the peers, the
     store's guided teacher (its unconditional row and the trajectories' guidance)."""

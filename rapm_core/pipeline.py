@@ -9,7 +9,10 @@ config. The stage configs are derived from it (paths under ``work``), never re-d
 ``run_pipeline`` runs each stage whose output is not already complete for the same config (the
 stages' own checks, which also refuse a store made with another config); a complete stage is
 skipped without starting it, an interrupted one resumes where it stopped. So re-running the
-same command after a crash, or after it finished, is always safe.
+same command after a crash, or after it finished, is always safe. ``preflight`` refuses, before
+the first stage runs, what a later stage would refuse (an empty split, a teacher that cannot
+load, an option that does not fit the trajectories, an FID or CLIP file that is not there), so
+no stage's work is spent on a pipeline that cannot finish.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pydantic import Field
 
 from rapm_core.config import Device, StrictModel
 from rapm_core.distill.config import DistillOptions, DistillRunConfig
+from rapm_core.errors import ConfigError
 from rapm_core.evaluate.config import EVAL_DIR, EvaluateConfig, EvaluateOptions
 from rapm_core.ingest.config import IngestConfig, IngestOptions
 from rapm_core.trajectories.config import TrajectoriesConfig, TrajectoriesOptions
@@ -132,6 +136,41 @@ class StageOutcome:
     seconds: float
 
 
+def preflight(config: PipelineConfig) -> None:
+    """Refuse now what a later stage would refuse after the earlier ones ran (no model loads)."""
+    from rapm_core.evaluate.features import check_reference_source
+    from rapm_core.evaluate.measures import clip_model_dir, weights_file
+    from rapm_core.ingest.engine import plan_ingest
+    from rapm_core.teacher import detect_kind, resolve_device, teacher_identifier
+    from rapm_core.trajectories.generate import preflight as trajectories_preflight
+
+    ingest = config.ingest_config()
+    counts = plan_ingest(ingest).counts
+    fraction = f"--ingest-eval-fraction {config.ingest.eval_fraction:g}"
+    if counts.eval == 0:
+        raise ConfigError(f"{ingest.source}: {counts.kept} prompt(s) at {fraction} leave the eval split empty, and "
+                          f"the evaluate stage samples it; raise {fraction.split()[0]} or give at least 2 prompts")
+    if counts.train == 0:
+        raise ConfigError(f"{ingest.source}: {counts.kept} prompt(s) at {fraction} leave no train prompts for the "
+                          f"trajectories; give more prompts or lower {fraction.split()[0]}")
+    resolve_device(config.device)
+    trajectories = config.trajectories_config()
+    if plan_ingest(ingest).already_complete:
+        trajectories_preflight(trajectories)  # the store's split, an existing store, the teacher
+    else:
+        detect_kind(teacher_identifier(config.teacher), config.revision)
+    offset, steps = config.distill.rapm.relative_offset, config.trajectories.steps_per_slot
+    if config.distill.method == "rapm" and not 0 <= offset < steps:
+        raise ConfigError(f"--distill-relative-offset {offset} must be below --trajectories-steps-per-slot {steps}")
+    evaluate = config.evaluate
+    if evaluate.fid_weights is not None:
+        weights_file(evaluate.fid_weights)
+    if evaluate.fid_reference is not None:
+        check_reference_source(evaluate.fid_reference)
+    if evaluate.clip_model is not None:
+        clip_model_dir(evaluate.clip_model)
+
+
 def all_complete(config: PipelineConfig) -> bool:
     """Whether every stage is done (each check needs the previous stage's output, so stop at the first gap)."""
     return all(COMPLETE[stage](config.stage_config(stage)) for stage in STAGES)
@@ -140,6 +179,7 @@ def all_complete(config: PipelineConfig) -> bool:
 def run_pipeline(config: PipelineConfig, stage_runners: dict[str, Callable[[Any], Any]],
                  log: Callable[[str], None] = print) -> list[StageOutcome]:
     """Run each stage that is not complete through ``stage_runners[stage](stage_config)``."""
+    preflight(config)
     outcomes = []
     for stage in STAGES:
         stage_config = config.stage_config(stage)

@@ -30,6 +30,7 @@ from diffusers import (
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
+from rapm_core.teacher_files import check_teacher_dir
 from storage.trajectory_schema import TeacherKind
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,6 +54,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
     return torch.device(name)
+
+
+def check_dtype_on_device(dtype: str, device: torch.device) -> None:
+    """fp16 sampling on the CPU is refused: diffusers warns at every move of such a pipeline and
+    it runs several times slower than fp32."""
+    if dtype == "fp16" and device.type == "cpu":
+        raise ConfigError("--dtype fp16 on the CPU: diffusers does not run float16 pipelines on the CPU (it warns and "
+                          "runs far slower); use --dtype fp32 or bf16 on the CPU, fp16 on CUDA")
 
 
 def teacher_identifier(source: str | Path) -> str:
@@ -102,10 +111,23 @@ def _hub_options(source: str) -> dict:
 @contextmanager
 def _hub_quiet() -> Iterator[None]:
     # diffusers 0.42 still passes huggingface_hub 2.x a deprecated argument on every hub lookup;
-    # the warning is about diffusers, not about anything the user can change.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
-        yield
+    # the warning is about diffusers, not about anything the user can change. A load's progress
+    # bars ("Loading pipeline components…", transformers' "Loading weights") are not a stage's
+    # progress: a stage reports its own.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _enabled in bars:
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            yield
+    finally:
+        for lib, enabled in bars:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def _path_problem(source: str) -> str | None:
@@ -121,19 +143,34 @@ def _path_problem(source: str) -> str | None:
 
 
 def _cannot_load(source: str, err: Exception) -> ConfigError:
+    if isinstance(err, ConfigError):
+        return err
     if (problem := _path_problem(source)) is not None:
         return ConfigError(f"cannot load teacher {source!r}: {problem}")
-    if not Path(source).is_dir() and (reason := _hub_offline_reason()) is not None:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if Path(source).is_dir():  # a local directory: the hub has nothing to do with it
+        return ConfigError(f"cannot load teacher {source!r}: {first}")
+    if (reason := _hub_offline_reason()) is not None:
         return ConfigError(f"cannot load teacher {source!r}: not a local directory, and not found in the Hugging Face "
                            f"cache while {reason} (offline? pass a local diffusers directory)")
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return ConfigError(f"cannot load teacher {source!r}: {first} (offline? pass a local diffusers directory)")
 
 
+def _local_options(source: str, components: tuple[str, ...] | None = None) -> dict:
+    """For a local teacher: every component a load reads is checked first (one line naming what
+    is missing), and safetensors weights are insisted on where the directory has them."""
+    if not Path(source).is_dir():
+        return _hub_options(source)
+    return {"use_safetensors": True} if check_teacher_dir(Path(source), source, components) else {}
+
+
 def detect_kind(source: str, revision: str | None = None) -> tuple[TeacherKind, type[DiffusionPipeline]]:
-    """Read only ``model_index.json`` to learn the pipeline class, before any weights load."""
+    """Read only ``model_index.json`` to learn the pipeline class, before any weights load (of a
+    local directory, check that every component is there)."""
     if (problem := _path_problem(source)) is not None:  # no hub lookup for what cannot be a hub id
         raise ConfigError(f"cannot load teacher {source!r}: {problem}")
+    if Path(source).is_dir():
+        check_teacher_dir(Path(source), source)  # a broken component named before any stage starts
     try:
         with _hub_quiet():
             config = DiffusionPipeline.load_config(source, revision=revision, **_hub_options(source))
@@ -189,7 +226,7 @@ def load_teacher(
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
     try:
         with _hub_quiet():
-            pipe = cls.from_pretrained(source, revision=revision, dtype=dtype, **extra, **_hub_options(source))
+            pipe = cls.from_pretrained(source, revision=revision, dtype=dtype, **extra, **_local_options(source))
     except Exception as err:
         raise _cannot_load(source, err) from err
     pipe.to(device)
@@ -203,7 +240,7 @@ def load_unet(source: str | Path, revision: str | None = None, dtype: torch.dtyp
         source_id = teacher_identifier(source)
         with _hub_quiet():
             unet = UNet2DConditionModel.from_pretrained(source_id, subfolder="unet", revision=revision, dtype=dtype,
-                                                        **_hub_options(source_id))
+                                                        **_local_options(source_id, ("unet",)))
     except Exception as err:
         raise _cannot_load(str(source), err) from err
     return unet.to(device).eval().requires_grad_(False)
@@ -215,7 +252,7 @@ def load_vae(source: str | Path, revision: str | None = None, dtype: torch.dtype
         source_id = teacher_identifier(source)
         with _hub_quiet():
             vae = AutoencoderKL.from_pretrained(source_id, subfolder="vae", revision=revision, dtype=dtype,
-                                                **_hub_options(source_id))
+                                                **_local_options(source_id, ("vae",)))
     except Exception as err:
         raise _cannot_load(str(source), err) from err
     return vae.to(device).eval().requires_grad_(False)

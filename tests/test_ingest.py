@@ -94,8 +94,8 @@ def test_rapm_ingest_without_a_server_runs_the_flow_in_its_own_process(tmp_path)
     store = PromptStore(tmp_path / "store")
     counts = store.meta["counts"]
     assert (counts["read"], counts["blank"], counts["duplicates"], counts["kept"], len(store)) == (41, 1, 10, 30, 30)
-    assert 0 < len(store.records("eval")) < 30
-    assert proc.stdout.startswith(f"{tmp_path / 'store'}: 30 prompts (")
+    assert len(store.records("eval")) == 6  # round(0.2 × 30)
+    assert proc.stdout.startswith(f"{tmp_path / 'store'}: 30 prompts (24 train, 6 eval at --eval-fraction 0.2) ")
     assert "| INFO    | " in proc.stderr and "30 prompts" in proc.stderr  # the flow's log line, on stderr
     # No temporary Prefect server: none started, so none wrote a database.
     assert not (tmp_path / "prefect-home" / "prefect.db").exists()

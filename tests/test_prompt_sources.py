@@ -11,7 +11,6 @@ from storage.hashing import config_hash
 from rapm_core.ingest.config import IngestConfig
 from rapm_core.ingest.engine import ingest_config_hash, ingest_prompts, plan_ingest
 from rapm_core.ingest.sources import collect_prompts, read_source
-from rapm_core.ingest.split import split_for
 from storage.prompt_store import PromptStore, prompt_id
 
 
@@ -127,23 +126,6 @@ def test_limit_counts_unique_prompts_in_source_order(tmp_path):
     assert (plan.counts.read, plan.counts.blank, plan.counts.duplicates, plan.counts.kept) == (4, 1, 1, 2)
 
 
-def test_split_is_deterministic_seeded_and_stable_under_additions(tmp_path):
-    prompts = [f"prompt number {i}" for i in range(400)]
-    write(tmp_path / "small.txt", "\n".join(prompts[:200]))
-    write(tmp_path / "big.txt", "\n".join(prompts[::-1]))
-    splits = {}
-    for name, seed in (("small", 0), ("big", 0), ("small-seed1", 1)):
-        src = tmp_path / f"{name.split('-')[0]}.txt"
-        ingest_prompts(IngestConfig(source=str(src), out=str(tmp_path / name), eval_fraction=0.25, seed=seed))
-        splits[name] = {r.text: r.split for r in PromptStore(tmp_path / name).records()}
-    assert all(splits["big"][t] == s for t, s in splits["small"].items()), "adding prompts moved others"
-    assert splits["small"] != splits["small-seed1"]
-    n_eval = sum(s == "eval" for s in splits["big"].values())
-    assert 70 <= n_eval <= 130, n_eval
-    pid = prompt_id("x")
-    assert [split_for(pid, 3, f) for f in (0.0, 0.999999)] == ["train", "eval"]
-
-
 def test_config_hash_is_canonical_and_ignores_out():
     assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1}) != config_hash({"a": 2, "b": [1, 2]})
     a, b = IngestConfig(source="p.txt", out="x"), IngestConfig(source="p.txt", out="y")
@@ -176,3 +158,21 @@ def test_rerun_is_a_noop_and_other_configs_or_contents_are_refused(tmp_path):
     (tmp_path / "not-a-store").mkdir()
     with pytest.raises(StoreError, match="not a prompt store"):
         ingest_prompts(config.model_copy(update={"out": str(tmp_path / "not-a-store")}))
+
+
+def test_an_overlong_prompt_is_named_by_file_and_line(tmp_path):
+    err = ingest_error(tmp_path, "p.txt", "fine\n" + "x" * 5_000_000 + "\n")
+    assert err.line == 2 and "prompt of 5,000,000 characters; prompts are limited to 10,000" in err.problem
+    err = ingest_error(tmp_path, "p.jsonl", '{"prompt": "a"}\n{"prompt": "' + "y" * 20_000 + '"}\n')
+    assert err.line == 2 and "20,000 characters" in err.problem
+
+
+def test_a_prompt_of_only_invisible_characters_is_blank(tmp_path):
+    src = write(tmp_path / "p.txt", "\u200b\n\u200b \u2060\ufeff\na\u200bb\n")
+    plan = ingest_prompts(IngestConfig(source=str(src), out=str(tmp_path / "store"), eval_fraction=0.0))
+    assert (plan.counts.blank, plan.counts.kept) == (2, 1)
+
+
+def test_coco_annotations_that_are_not_a_list_say_what_they_are(tmp_path):
+    err = ingest_error(tmp_path, "captions.json", '{"annotations": {"caption": "a"}}')
+    assert "'annotations' is a JSON object, expected a list" in err.problem

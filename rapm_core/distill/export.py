@@ -82,7 +82,7 @@ def write_model_card(out_dir: str | Path, teacher: str, sampler: StockSampler, s
     pipeline_cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     rows = [("teacher", teacher), ("steps N", num_steps), ("teacher steps per slot M", steps_per_slot),
             ("guidance at inference", 1.0), ("LoRA rank / alpha", f"{lora.r} / {lora.lora_alpha}")]
-    rows += [(k, v) for k, v in extra.items() if not isinstance(v, Mapping)]
+    rows += [(k, v) for k, v in extra.items() if not isinstance(v, Mapping) and k not in dict(rows)]
     lines = ["---", f"base_model: {teacher}", "library_name: diffusers",
              f"tags: [lora, text-to-image, {method}, distillation]", "---", "",
              f"# {method.upper()} {num_steps}-step LoRA for {teacher}", "",

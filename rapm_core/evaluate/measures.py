@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from rapm_core.errors import ConfigError
+from rapm_core.evaluate.safe_export import load_exported_network
 from storage.hashing import tree_sha256
 
 
@@ -65,11 +67,7 @@ def feature_network(weights: str | Path) -> nn.Module:
     (``.pt2``) that maps uint8 images (B, 3, H, W) to features (B, D)."""
     path = weights_file(weights)
     if path.suffix == ".pt2":
-        try:
-            return torch.export.load(str(path)).module()
-        except Exception as err:  # a damaged or foreign file: say which, in one line
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"{path}: not a torch.export feature network ({first})") from err
+        return load_exported_network(path)
     if importlib.util.find_spec("torch_fidelity") is None:
         raise ConfigError("Inception FID with a .pth needs the torch-fidelity package (pip install torch-fidelity)")
     from torchmetrics.image.fid import NoTrainInceptionV3
@@ -101,11 +99,16 @@ class _TensorFeatures(nn.Module):
         return self.model.config
 
 
-def _clip_loader(model_dir: str | Path) -> Callable[[], tuple[nn.Module, object]]:
+def clip_model_dir(model_dir: str | Path) -> Path:
     path = Path(model_dir).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(f"CLIP model {str(path)!r} is not a local transformers CLIPModel directory "
                           f"(config.json, weights and processor files); download one, e.g. openai/clip-vit-large-patch14")
+    return path
+
+
+def _clip_loader(model_dir: str | Path) -> Callable[[], tuple[nn.Module, object]]:
+    path = clip_model_dir(model_dir)
 
     def load():
         from transformers import CLIPModel, CLIPProcessor
@@ -163,7 +166,10 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module, 
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, real.shape[0], fake.shape[0])
-    metric = KernelInceptionDistance(feature=feature, subsets=subsets, subset_size=size)
+    with warnings.catch_warnings():
+        # Its notice that features are buffered: an evaluation holds them anyway (KID needs all).
+        warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted")
+        metric = KernelInceptionDistance(feature=feature, subsets=subsets, subset_size=size)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     mean, _std = metric.compute()

@@ -19,7 +19,8 @@ class IngestOptions(FrozenModel):
                                                  "unset: the first of prompt, caption, text (caption for COCO)")
     limit: int | None = Field(None, ge=1, description="keep the first N unique prompts, in source order, and read no further")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0,
-                                 description="share of prompts held out for evaluation, chosen by a hash of id and seed")
+                                 description="share of prompts held out for evaluation: round(fraction × prompts) of them "
+                                             "(at least one of two or more), the lowest by a hash of id and seed")
 
 
 class IngestConfig(IngestOptions):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rapm_core.ingest.config import IngestConfig
 from rapm_core.ingest.sources import check_source, collect_prompts, detect_format, read_source
-from rapm_core.ingest.split import split_for
+from rapm_core.ingest.split import assign_splits
 from storage.errors import ConfigMismatchError, SourceError, StoreError
 from storage.hashing import config_hash, file_sha256
 from storage.prompt_store import PromptRecord, PromptStore, prompt_id, write_prompt_store
@@ -85,7 +85,8 @@ def plan_ingest(config: IngestConfig) -> IngestPlan:
         raise SourceError(source, f"no prompts: all {counts['read']} entries are blank" if counts["read"]
                           else "no prompts in the file")
     ids = [prompt_id(text) for text in texts]
-    records = [PromptRecord(pid, text, split_for(pid, config.seed, config.eval_fraction)) for pid, text in zip(ids, texts)]
+    splits = assign_splits(ids, config.seed, config.eval_fraction)
+    records = [PromptRecord(pid, text, split) for pid, text, split in zip(ids, texts, splits)]
     n_eval = sum(r.split == "eval" for r in records)
     final = IngestCounts(**counts, kept=len(records), train=len(records) - n_eval, eval=n_eval)
     return IngestPlan(config, sha, fmt, final, already_complete=False, records=records)

@@ -32,14 +32,26 @@ def _refuse_utf16_or_32(path: Path, head: bytes) -> None:
                                     f"re-save it as UTF-8", 1)
 
 
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
 def _json_problem(err: json.JSONDecodeError) -> str:
     # Some of json's messages end in "at" ("Unterminated string starting at"), meant to be
     # followed by a position.
     return f"invalid JSON: {err.msg.removesuffix(' at')} at column {err.colno}"
 
 
+# Far past any text encoder's context (CLIP reads 77 tokens); a longer "prompt" is a broken file.
+MAX_PROMPT_CHARS = 10_000
+# Characters that print nothing and are not whitespace to str.split (zero-width space, joiners,
+# word joiner, BOM): a prompt of only these is blank.
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+
+
 def normalize_prompt(text: str) -> str:
-    return " ".join(text.split())
+    text = " ".join(text.split())
+    return text if text.translate(INVISIBLE).strip() else ""
 
 
 def detect_format(path: str | Path, fmt: SourceFormat = "auto") -> str:
@@ -66,9 +78,16 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
                                         f"re-save the file as UTF-8", lineno) from None
 
 
+def _bounded(path: Path, text: str, line: int | None, where: str = "") -> str:
+    if len(text) > MAX_PROMPT_CHARS and len(text.strip()) > MAX_PROMPT_CHARS:
+        raise SourceError(path, f"{where}prompt of {len(text.strip()):,} characters; prompts are limited to "
+                                f"{MAX_PROMPT_CHARS:,} (a text encoder reads far fewer)", line)
+    return text
+
+
 def _read_txt(path: Path) -> Iterator[str]:
-    for _lineno, line in _decoded_lines(path):
-        yield line
+    for lineno, line in _decoded_lines(path):
+        yield _bounded(path, line, lineno)
 
 
 def _pick_field(path: Path, available: Iterable[str], column: str | None, what: str, line: int | None,
@@ -110,7 +129,7 @@ def _read_csv(path: Path, column: str | None) -> Iterator[str]:
         elif index >= len(row):
             raise SourceError(path, f"row has {len(row)} fields, the header has {len(header)} (no {name!r})", start)
         else:
-            yield row[index]
+            yield _bounded(path, row[index], start)
 
 
 def _jsonl_object(path: Path, line: str, lineno: int) -> dict:
@@ -141,7 +160,7 @@ def _read_jsonl(path: Path, column: str | None) -> Iterator[str]:
         obj = _jsonl_object(path, line, lineno)
         # Without --column the first record picks the field; every later record must have it.
         name = _pick_field(path, obj, name, "field", lineno)
-        yield _text_value(path, obj[name], name, lineno)
+        yield _bounded(path, _text_value(path, obj[name], name, lineno), lineno)
 
 
 def _read_coco(path: Path, column: str | None) -> Iterator[str]:
@@ -159,6 +178,10 @@ def _read_coco(path: Path, column: str | None) -> Iterator[str]:
     except json.JSONDecodeError as err:
         raise SourceError(path, _json_problem(err), err.lineno) from None
     annotations = doc.get("annotations") if isinstance(doc, dict) else None
+    if isinstance(doc, dict) and "annotations" in doc and not isinstance(annotations, list):
+        raise SourceError(path, f"not a COCO captions file: 'annotations' is a JSON "
+                                f"{_JSON_TYPES.get(type(annotations), type(annotations).__name__)}, expected a list "
+                                f"of {{\"caption\": …}} objects")
     if not isinstance(annotations, list):
         keys = ", ".join(map(repr, doc)) if isinstance(doc, dict) else f"a {type(doc).__name__}"
         raise SourceError(path, f"not a COCO captions file: no 'annotations' list (top level: {keys}); "
@@ -169,7 +192,8 @@ def _read_coco(path: Path, column: str | None) -> Iterator[str]:
         name = column or "caption"
         if name not in ann:
             raise SourceError(path, f"annotations[{i}] has no {name!r} field; fields: {', '.join(map(repr, ann))}")
-        yield _text_value(path, ann[name], name, None, f"annotations[{i}]: ")
+        yield _bounded(path, _text_value(path, ann[name], name, None, f"annotations[{i}]: "), None,
+                       f"annotations[{i}]: ")
 
 
 def read_source(path: str | Path, fmt: SourceFormat = "auto", column: str | None = None) -> Iterator[str]:

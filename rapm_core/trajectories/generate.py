@@ -23,8 +23,8 @@ from rapm_core.errors import ConfigError
 from rapm_core.progress import Progress
 from rapm_core.ode import SlotGrid
 from rapm_core.teacher import (
-    Teacher, count_truncated, detect_kind, encode_prompts, encode_uncond, load_teacher, resolve_device,
-    resolve_dtype, teacher_identifier,
+    Teacher, check_dtype_on_device, count_truncated, detect_kind, encode_prompts, encode_uncond, load_teacher,
+    resolve_device, resolve_dtype, teacher_identifier,
 )
 from rapm_core.trajectories.chain import initial_noise, teacher_trajectories, trajectory_seed
 from rapm_core.trajectories.config import TrajectoriesConfig
@@ -92,7 +92,7 @@ def preflight(config: TrajectoriesConfig) -> Opened:
     """The cheap checks (prompt store, existing store, teacher config) before any weights load."""
     opened = open_existing(config)
     detect_kind(teacher_identifier(config.teacher), config.revision)
-    resolve_device(config.device)
+    check_dtype_on_device(config.dtype, resolve_device(config.device))
     return opened
 
 
