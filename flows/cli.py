@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "flows.trajectories",
     "flows.store_cli",
     "flows.evaluate",
+    "flows.sample",
     "flows.pipeline",
     "flows.distill",
     "flows.recipe",
