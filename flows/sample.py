@@ -20,9 +20,10 @@ _FLAGS = {"run": "--run", "prompt": "--prompt", "prompts": "--prompts", "num_ima
 
 def _help(name: str) -> str:
     field = SampleConfig.model_fields[name]
-    default = "" if field.is_required() or field.default in (None, []) or "default" in (field.description or "") \
-        else f" (default: {field.default!r})"
-    return (field.description or "") + default
+    text = field.description or ""
+    if field.default_factory is not None or field.is_required() or field.default is None or "default" in text:
+        return text
+    return f"{text} (default: {field.default!r})"
 
 
 def register(subparsers) -> None:
