@@ -1,6 +1,6 @@
 """Stage B as a Prefect flow (``rapm distill``): the engine is :mod:`rapm_core.distill.run`; this
-adds the progress artifact (with the ETA), the loss curves refreshed at every checkpoint, the
-metrics table and the CLI."""
+adds the progress artifact (with the ETA), the loss curves and the sample previews refreshed at
+every checkpoint, the metrics table and the CLI."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from flows.cli_model import add_model_arguments, model_from_args
 from flows.common import ProgressArtifact
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.plots import plot_loss_curves
+from rapm_core.distill.previews import LATEST, PREVIEW_DIR
 from rapm_core.distill.run import already_done, run_config_hash, run_distillation
 from rapm_core.evaluate.report import inline_images
 from rapm_core.teacher import resolve_device
@@ -56,6 +57,20 @@ def publish_loss_curves(run: RunDir, key: str) -> None:
                              description=f"loss curves of {run.path}, refreshed at every checkpoint")
 
 
+def publish_previews(run: RunDir, key: str) -> None:
+    """Show the latest preview grid in the UI (a new artifact version), if the run draws them."""
+    latest = run.path / PREVIEW_DIR / LATEST
+    if latest.is_file():
+        create_markdown_artifact(inline_images(f"![previews]({LATEST})", latest.parent), key=key,
+                                 description=f"samples of {run.path} at its last checkpoint: a row per eval prompt, "
+                                             f"the teacher's N·M-step reference then the student")
+
+
+def publish_checkpoint(run: RunDir, key: str) -> None:
+    publish_loss_curves(run, f"{key}-loss-curves")
+    publish_previews(run, f"{key}-previews")
+
+
 @flow(name="distill", flow_run_name=lambda: run_name(DistillRunConfig.model_validate(flow_run.parameters["config"])))
 def distill_flow(config: DistillRunConfig = demo_config().distill_config()) -> dict:
     """Stage B: train (or resume, or extend) a run dir, then export the student."""
@@ -63,7 +78,7 @@ def distill_flow(config: DistillRunConfig = demo_config().distill_config()) -> d
     key = f"distill-{run_config_hash(config)[:12]}"
     progress = ProgressArtifact(f"distill → {config.out}")
     result = run_distillation(config, progress=progress, log=logger.info,
-                              on_checkpoint=lambda run: publish_loss_curves(run, f"{key}-loss-curves"))
+                              on_checkpoint=lambda run: publish_checkpoint(run, key))
     progress.finish()
     table = summary_rows(RunDir(config.out).metrics.read())
     if table:
