@@ -4,6 +4,7 @@ every checkpoint, the metrics table and the CLI."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from flows.cli_model import add_model_arguments, model_from_args
 from flows.common import ProgressArtifact
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.plots import plot_loss_curves
-from rapm_core.distill.previews import LATEST, PREVIEW_DIR
+from rapm_core.distill.previews import LATEST, PREVIEW_DIR, PROMPTS
 from rapm_core.distill.run import already_done, run_config_hash, run_distillation
 from rapm_core.evaluate.report import inline_images
 from rapm_core.teacher import resolve_device
@@ -61,7 +62,9 @@ def publish_previews(run: RunDir, key: str) -> None:
     """Show the latest preview grid in the UI (a new artifact version), if the run draws them."""
     latest = run.path / PREVIEW_DIR / LATEST
     if latest.is_file():
-        create_markdown_artifact(inline_images(f"![previews]({LATEST})", latest.parent), key=key,
+        prompts = json.loads((latest.parent / PROMPTS).read_text(encoding="utf-8"))
+        rows = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))
+        create_markdown_artifact(inline_images(f"![previews]({LATEST})\n\nRows:\n\n{rows}\n", latest.parent), key=key,
                                  description=f"samples of {run.path} at its last checkpoint: a row per eval prompt, "
                                              f"the teacher's N·M-step reference then the student")
 

@@ -44,6 +44,12 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def cell(grid: np.ndarray, row: int, column: int, size: int = 128, gap: int = 2, scale: int = 4) -> np.ndarray:
+    """One image of a preview grid, at its own size."""
+    top, left = row * (size + gap), column * (size + gap)
+    return grid[top:top + size:scale, left:left + size:scale]
+
+
 def trained(run: Path) -> tuple[list[dict], dict]:
     rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -69,10 +75,12 @@ def test_previews_at_every_checkpoint_leave_training_bit_identical(tmp_path, sto
     finally:
         shutil.move(tmp_path / "moved", prompt_store)
     assert not any("encoded" in m for m in logged) and (previews / preview_name(4)).is_file()
-    grid = pixels(previews / LATEST)
-    assert grid.shape == (2 * 32 + 2, 2 * 32 + 2, 3)  # a row per prompt: teacher reference, student
-    assert not np.array_equal(pixels(previews / preview_name(1))[:, 34:], grid[:, 34:])  # the student learns
-    np.testing.assert_array_equal(pixels(previews / preview_name(1))[:, :32], grid[:, :32])  # the reference stays
+    assert json.loads((previews / "prompts.json").read_text()) == EVAL[:2]
+    # A row per prompt, the teacher's reference then the student, 32-pixel images drawn 4× large.
+    latest, first = pixels(previews / LATEST), pixels(previews / preview_name(1))
+    assert latest.shape == (2 * 128 + 2, 2 * 128 + 2, 3)
+    assert not np.array_equal(cell(first, 0, 1), cell(latest, 0, 1))  # the student learns
+    np.testing.assert_array_equal(cell(first, 1, 0), cell(latest, 1, 0))  # the reference stays
 
     # … trains exactly what a run without previews trains.
     plain = tmp_path / "without"
@@ -90,9 +98,8 @@ def test_previews_at_every_checkpoint_leave_training_bit_identical(tmp_path, sto
     evaluate_run(config, log=lambda _: None)
     evaluated = EvalStore(config.feature_store)
     for i in range(2):
-        rows_i = slice(i * 34, i * 34 + 32)
-        np.testing.assert_array_equal(grid[rows_i, :32], evaluated.grid("teacher_ref")[i])
-        assert np.abs(grid[rows_i, 34:].astype(int) - evaluated.grid("student")[i].astype(int)).max() <= 1
+        np.testing.assert_array_equal(cell(latest, i, 0), evaluated.grid("teacher_ref")[i])
+        assert np.abs(cell(latest, i, 1).astype(int) - evaluated.grid("student")[i].astype(int)).max() <= 1
     cached = load_file(previews / CACHE)
     assert cached["reference"].shape == (2, 32, 32, 3)
 
@@ -103,3 +110,18 @@ def test_no_eval_split_trains_without_previews(tmp_path, tiny_sd15_dir):
     run_distillation(run_config(store, tmp_path / "run", iterations=1), log=logged.append)
     assert (tmp_path / "run" / "export").is_dir() and not (tmp_path / "run" / PREVIEW_DIR).exists()
     assert any("previews: no eval split" in m for m in logged)
+
+
+def test_preview_option_is_not_part_of_the_run():
+    from flows.cli import build_parser
+    from flows.cli_model import model_from_args
+    from rapm_core.distill.config import DistillRunConfig
+    from rapm_core.distill.run import run_config_hash
+
+    def config(*extra: str) -> DistillRunConfig:
+        args = build_parser().parse_args(["distill", "--trajectories", "S", "--out", "R", *extra])
+        return model_from_args(DistillRunConfig, args)
+
+    off, default = config("--preview-prompts", "0"), config()
+    assert (off.preview_prompts, default.preview_prompts) == (0, 4)
+    assert run_config_hash(off) == run_config_hash(default)  # a run can turn them on or off when resumed

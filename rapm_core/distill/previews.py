@@ -34,7 +34,7 @@ from rapm_core.teacher import (
     decode_latents, encode_prompts, encode_uncond, latent_shape, load_teacher, load_vae, resolve_device, resolve_dtype,
 )
 from rapm_core.trajectories.chain import initial_noise
-from storage.atomic import write_bytes_atomic
+from storage.atomic import write_bytes_atomic, write_json_atomic
 from storage.errors import StoreError
 from storage.prompt_store import PromptStore
 from storage.run_dir import RunDir
@@ -44,6 +44,9 @@ from storage.trajectory_store import TrajectoryStore
 PREVIEW_DIR = "previews"
 CACHE = "conditioning.safetensors"
 LATEST = "latest.png"
+PROMPTS = "prompts.json"
+# Small teachers make small images; the grid is drawn at least this tall a row to be seen in the UI.
+MIN_ROW_PIXELS = 128
 
 
 def preview_name(step: int) -> str:
@@ -138,7 +141,9 @@ class Previews:
                 z = sample_latents(spec, student.unet, scheduler.config, noise, self.cond.to(student.device), None,
                                    [eval_seed(0, i, "rapm-eval-steps") for i in range(n)])
             images = to_uint8(decode_latents(self.vae, z.float())).permute(0, 2, 3, 1)
-        sheet = png_bytes(contact_sheet(torch.stack([self.reference, images], dim=1).numpy()))
+        grid = torch.stack([self.reference, images], dim=1).numpy()
+        scale = max(1, MIN_ROW_PIXELS // grid.shape[2])
+        sheet = png_bytes(contact_sheet(grid.repeat(scale, axis=2).repeat(scale, axis=3)))
         out = self.dir / preview_name(step)
         write_bytes_atomic(out, sheet)
         write_bytes_atomic(self.dir / LATEST, sheet)
@@ -165,5 +170,6 @@ def open_previews(count: int, store: TrajectoryStore, run: RunDir, device_name: 
             f"({time.perf_counter() - t0:.1f} s); at every checkpoint in {directory}")
     else:
         prompts, cond, reference = cached
+    write_json_atomic(directory / PROMPTS, prompts)  # the grid's rows, for whoever shows it
     vae = load_vae(store.schema.teacher, store.schema.teacher_revision, torch.float32, device)
     return Previews(prompts, cond, reference, vae, directory)
