@@ -5,7 +5,7 @@ A store of the demo's N, M and guidance on a cut of the built-in prompts (enough
 for the default preview count), then a short distillation with two checkpoints; the preview
 time is read from the run's log, the training time from its metrics.jsonl.
 
-    PYTHONPATH=. python benchmarks/bench_previews.py [--iterations 40] [--work DIR]
+    .venv/bin/python benchmarks/bench_previews.py [--iterations 40] [--work DIR]
 """
 
 from __future__ import annotations

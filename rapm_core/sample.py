@@ -95,10 +95,10 @@ def read_prompts(config: SampleConfig) -> list[str]:
 class SamplePlan:
     """What ``rapm sample`` checks before anything loads."""
 
-    run: "RunDir"
+    run: RunDir
     teacher: str
     teacher_revision: str | None
-    student: "StudentExport"
+    student: StudentExport
     prompts: list[str]
     steps: int
 
@@ -122,6 +122,8 @@ def plan_sample(config: SampleConfig) -> SamplePlan:
     if not (run.export_dir / LORA_FILE).is_file():
         raise ConfigError(f"{run.export_dir}: no {LORA_FILE}; run the same `rapm distill` again to export it")
     prompts = read_prompts(config)
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise ConfigError(f"{config.out}: a file, not a directory; choose another --out")
     return SamplePlan(run, teacher, record.get("teacher_revision"), student, prompts,
                       config.steps or student.num_steps)
 

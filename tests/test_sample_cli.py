@@ -132,6 +132,7 @@ def no_export_run(tmp_path_factory, tiny_run):
     ("no prompt", ["--run", "{run}"], "no prompt: pass --prompt TEXT or --prompts FILE"),
     ("missing file", ["--run", "{run}", "--prompts", "{tmp}/p.txt"], "{tmp}/p.txt: no such prompt file"),
     ("blank file", ["--run", "{run}", "--prompts", "{blank}"], "{blank}: no prompts in it"),
+    ("out is a file", ["--run", "{run}", "--prompt", "a", "--out", "{blank}"], "{blank}: a file, not a directory"),
     ("zero images", ["--run", "{run}", "--prompt", "a", "--num-images", "0"], "--num-images: Input should be"),
 ], ids=lambda v: v if isinstance(v, str) and " " in v else None)
 def test_rapm_sample_refuses_in_one_line(tmp_path, capsys, tiny_run, no_export_run, case, argv, problem):
@@ -139,9 +140,17 @@ def test_rapm_sample_refuses_in_one_line(tmp_path, capsys, tiny_run, no_export_r
     blank.write_text("\n  \n")
     names = {"tmp": tmp_path, "run": tiny_run[2], "noexport": no_export_run, "blank": blank}
     out = tmp_path / "out"
-    code = main(["sample", *(a.format(**names) for a in argv), "--out", str(out), "--device", "cpu"])
+    argv = [a.format(**names) for a in argv]
+    code = main(["sample", *argv, *([] if "--out" in argv else ["--out", str(out)]), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("rapm sample: error: ") and problem.format(**names) in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_prompts_come_from_the_options_then_the_file(tmp_path, tiny_run):
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("two blue squares\n\n  \na green triangle on grey\n", encoding="utf-8")
+    config = SampleConfig(run=str(tiny_run[2]), prompt=["a red circle"], prompts=str(listed), out=str(tmp_path / "o"))
+    assert plan_sample(config).prompts == ["a red circle", "two blue squares", "a green triangle on grey"]
