@@ -63,6 +63,12 @@ def _eval_prompts(store: TrajectoryStore, count: int) -> list[str]:
         return []
 
 
+def _decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """(P, H, W, 3) uint8, one image at a time: a batched decode at SDXL size would need more
+    memory than the training run beside it was planned with."""
+    return torch.cat([to_uint8(decode_latents(vae, z[None])) for z in latents]).permute(0, 2, 3, 1).contiguous()
+
+
 def _noise(count: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return initial_noise([eval_seed(0, i) for i in range(count)], shape, dtype, device)
 
@@ -80,7 +86,7 @@ def _encode_and_reference(store: TrajectoryStore, prompts: list[str], device: to
     spec = MethodSpec("teacher_ref", nm, schema.guidance, "ddim", f"teacher DDIM {nm} steps")
     noise = _noise(len(prompts), teacher.latent_shape, teacher.dtype, device)
     z = sample_latents(spec, teacher.unet, teacher.scheduler_config, noise, cond, encode_uncond(teacher))
-    reference = to_uint8(decode_latents(teacher.pipe.vae, z)).permute(0, 2, 3, 1).contiguous()
+    reference = _decode(teacher.pipe.vae, z)
     tensors = {f"cond.{k}": v.detach().float().cpu().contiguous() for k, v in
                (("prompt_embeds", cond.prompt_embeds), ("pooled_prompt_embeds", cond.pooled_prompt_embeds),
                 ("time_ids", cond.time_ids)) if v is not None}
@@ -140,7 +146,7 @@ class Previews:
             with student.autocast():  # the training forward's precision
                 z = sample_latents(spec, student.unet, scheduler.config, noise, self.cond.to(student.device), None,
                                    [eval_seed(0, i, "rapm-eval-steps") for i in range(n)])
-            images = to_uint8(decode_latents(self.vae, z.float())).permute(0, 2, 3, 1)
+            images = _decode(self.vae, z.float())
         grid = torch.stack([self.reference, images], dim=1).numpy()
         scale = max(1, MIN_ROW_PIXELS // grid.shape[2])
         sheet = png_bytes(contact_sheet(grid.repeat(scale, axis=2).repeat(scale, axis=3)))
