@@ -13,11 +13,6 @@ from prefect.runtime import flow_run
 
 from rapm_core.sample import CONTACT_SHEET, SampleConfig
 
-_FLAGS = {"run": "--run", "prompt": "--prompt", "prompts": "--prompts", "num_images": "--num-images",
-          "seed": "--seed", "steps": "--steps", "out": "--out", "batch_size": "--batch-size", "dtype": "--dtype",
-          "device": "--device"}
-
-
 def _help(name: str) -> str:
     field = SampleConfig.model_fields[name]
     text = field.description or ""
@@ -43,7 +38,9 @@ def register(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SampleConfig:
-    return SampleConfig.model_validate({k: v for k in _FLAGS if (v := getattr(args, k)) is not None})
+    # Only what was given, so the model's defaults stay the single source (as flows.cli_model does).
+    return SampleConfig.model_validate({k: v for k in SampleConfig.model_fields
+                                        if (v := getattr(args, k, None)) is not None})
 
 
 def run_name(config: SampleConfig) -> str:
