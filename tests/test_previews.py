@@ -100,8 +100,16 @@ def test_previews_at_every_checkpoint_leave_training_bit_identical(tmp_path, sto
     for i in range(2):
         np.testing.assert_array_equal(cell(latest, i, 0), evaluated.grid("teacher_ref")[i])
         assert np.abs(cell(latest, i, 1).astype(int) - evaluated.grid("student")[i].astype(int)).max() <= 1
-    cached = load_file(previews / CACHE)
-    assert cached["reference"].shape == (2, 32, 32, 3)
+    reference = load_file(previews / CACHE)["reference"].clone()  # a copy: the file is truncated below
+    assert reference.shape == (2, 32, 32, 3)
+
+    # The encoded prompts are derived data: a damaged file is made again, not a failure.
+    with open(previews / CACHE, "r+b") as f:
+        f.truncate(100)
+    logged.clear()
+    run_distillation(run_config(store, run, iterations=5, checkpoint_every=1, preview_prompts=2), log=logged.append)
+    assert any("previews: 2 eval prompts encoded" in m for m in logged) and (previews / preview_name(5)).is_file()
+    assert (load_file(previews / CACHE)["reference"] == reference).all()
 
 
 def test_no_eval_split_trains_without_previews(tmp_path, tiny_sd15_dir):

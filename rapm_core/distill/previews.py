@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 from diffusers import LCMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill.trainer import Trainer
@@ -91,10 +91,7 @@ def _encode_and_reference(store: TrajectoryStore, prompts: list[str], device: to
                (("prompt_embeds", cond.prompt_embeds), ("pooled_prompt_embeds", cond.pooled_prompt_embeds),
                 ("time_ids", cond.time_ids)) if v is not None}
     tensors["reference"] = reference
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"prompts": json.dumps(prompts)})
-    tmp.replace(path)
+    write_bytes_atomic(path, save(tensors, metadata={"prompts": json.dumps(prompts)}))
     del teacher
     gc.collect()
     if device.type == "cuda":
@@ -108,11 +105,11 @@ def _load_cache(path: Path, prompts: list[str] | None) -> tuple[list[str], Condi
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            cached = json.loads(f.metadata()["prompts"])
-        tensors = load_file(str(path))
+        # Read whole, not memory-mapped: a file changed under a mapping would crash the run (SIGBUS).
+        data = path.read_bytes()
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # the safetensors format
+        cached = json.loads(header["__metadata__"]["prompts"])
+        tensors = load(data)
     except Exception:  # a damaged cache is derived data: made again
         return None
     if prompts is not None and cached != prompts:
