@@ -133,3 +133,27 @@ def test_preview_option_is_not_part_of_the_run():
     off, default = config("--preview-prompts", "0"), config()
     assert (off.preview_prompts, default.preview_prompts) == (0, 4)
     assert run_config_hash(off) == run_config_hash(default)  # a run can turn them on or off when resumed
+
+
+@pytest.mark.slow
+def test_a_run_killed_around_its_previews_resumes_bit_identically(tmp_path, store):
+    from test_exact_resume import _kill_when, _metrics, _start
+
+    reference = run_config(store, tmp_path / "reference", iterations=6, checkpoint_every=2, preview_prompts=0)
+    run_distillation(reference, log=lambda _: None)
+    run = tmp_path / "killed"
+    config = reference.model_copy(update={"out": str(run), "preview_prompts": 2})
+    previews = run / PREVIEW_DIR
+    kill_points = [lambda: (previews / CACHE).exists(),  # encoded, training not yet checkpointed
+                   lambda: (previews / preview_name(2)).exists()]  # right after the first preview
+    killed = []
+    for n, ready in enumerate(kill_points):
+        killed.append(_kill_when(_start(config, tmp_path / f"child-{n}.log"), ready))
+    assert killed[0], "the first child finished before it could be killed"
+    final = _start(config, tmp_path / "final.log")
+    assert final.wait(timeout=600) == 0, (tmp_path / "final.log").read_text()
+    want, got = (load_file(r / "export" / "pytorch_lora_weights.safetensors") for r in (tmp_path / "reference", run))
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want), f"killed: {killed}"
+    assert _metrics(run) == _metrics(tmp_path / "reference")
+    assert (previews / LATEST).read_bytes() == (previews / preview_name(6)).read_bytes()
+    assert not list(previews.glob(".*.tmp"))

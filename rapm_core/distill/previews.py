@@ -160,6 +160,8 @@ def open_previews(count: int, store: TrajectoryStore, run: RunDir, device_name: 
     if count == 0:
         return None
     directory = run.path / PREVIEW_DIR
+    for stale in directory.glob(".*.tmp"):  # a killed run's unfinished write (the run dir is locked: none is live)
+        stale.unlink(missing_ok=True)
     device = resolve_device(device_name)
     prompts = _eval_prompts(store, count)
     cached = _load_cache(directory / CACHE, prompts or None)
