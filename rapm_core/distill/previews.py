@@ -124,7 +124,7 @@ class Previews:
     prompts: list[str]
     cond: Conditioning  # (P, …) fp32 on the CPU
     reference: torch.Tensor  # (P, H, W, 3) uint8: the teacher's N·M-step samples
-    vae: torch.nn.Module
+    vae: torch.nn.Module  # in host memory but while decoding
     dir: Path
 
     @torch.no_grad()
@@ -143,7 +143,10 @@ class Previews:
             with student.autocast():  # the training forward's precision
                 z = sample_latents(spec, student.unet, scheduler.config, noise, self.cond.to(student.device), None,
                                    [eval_seed(0, i, "rapm-eval-steps") for i in range(n)])
-            images = _decode(self.vae, z.float())
+            # The VAE waits in host memory between previews: on the accelerator it would sit beside
+            # every training iteration, which was planned (`rapm plan`) without it.
+            images = _decode(self.vae.to(student.device), z.float())
+            self.vae.to("cpu")
         grid = torch.stack([self.reference, images], dim=1).numpy()
         scale = max(1, MIN_ROW_PIXELS // grid.shape[2])
         sheet = png_bytes(contact_sheet(grid.repeat(scale, axis=2).repeat(scale, axis=3)))
@@ -176,5 +179,5 @@ def open_previews(count: int, store: TrajectoryStore, run: RunDir, device_name: 
     else:
         prompts, cond, reference = cached
     write_json_atomic(directory / PROMPTS, prompts)  # the grid's rows, for whoever shows it
-    vae = load_vae(store.schema.teacher, store.schema.teacher_revision, torch.float32, device)
+    vae = load_vae(store.schema.teacher, store.schema.teacher_revision, torch.float32, "cpu")
     return Previews(prompts, cond, reference, vae, directory)
