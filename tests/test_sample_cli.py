@@ -154,3 +154,12 @@ def test_prompts_come_from_the_options_then_the_file(tmp_path, tiny_run):
     listed.write_text("two blue squares\n\n  \na green triangle on grey\n", encoding="utf-8")
     config = SampleConfig(run=str(tiny_run[2]), prompt=["a red circle"], prompts=str(listed), out=str(tmp_path / "o"))
     assert plan_sample(config).prompts == ["a red circle", "two blue squares", "a green triangle on grey"]
+
+
+def test_an_interrupted_sample_says_nothing_new_was_written(tmp_path):
+    import argparse
+
+    from flows.interrupts import where_stopped
+
+    args = argparse.Namespace(command="sample", out=str(tmp_path / "o"))
+    assert where_stopped(args) == f"interrupted; nothing new in {tmp_path / 'o'}; run the same command to sample again"
