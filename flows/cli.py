@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trajectories": ("Stage A: generate teacher trajectories into a Zarr store", "flows.stage_commands:trajectories"),
     "store": ("inspect or verify a trajectory store, or render one trajectory", "flows.store_cli:configure"),
     "evaluate": ("Stage C: benchmark a distilled run against the teacher", "flows.stage_commands:evaluate"),
+    "sample": ("sample a finished run's student (its export) from prompts", "flows.stage_commands:sample"),
     "pipeline": ("ingest → trajectories → distill → evaluate in one work dir", "flows.stage_commands:pipeline"),
     "demo": ("the whole pipeline on the embedded shapes teacher, sized for a CPU", "flows.stage_commands:demo"),
     "distill": ("Stage B: distil the store's teacher into a few-step LoRA student", "flows.stage_commands:distill"),

@@ -54,10 +54,16 @@ def _evaluate(args: argparse.Namespace) -> str:
             f"of {len(masks)} methods in {args.feature_store}; run the same command to sample the rest")
 
 
+def _sample(args: argparse.Namespace) -> str:
+    # The images are written after the last batch: an interrupt leaves the last run's files as they were.
+    return f"interrupted; nothing new in {args.out}; run the same command to sample again"
+
+
 WHERE_STOPPED: dict[str, Callable[[argparse.Namespace], str]] = {
     "distill": _distill,
     "trajectories": _trajectories,
     "evaluate": _evaluate,
+    "sample": _sample,
 }
 
 

@@ -1,4 +1,4 @@
-"""The commands of the stage flows: ``rapm ingest|trajectories|distill|evaluate|pipeline|demo``.
+"""The commands of the stage flows: ``rapm ingest|trajectories|distill|evaluate|sample|pipeline|demo``.
 
 Each command's options are the fields of its flow's pydantic config (:mod:`flows.cli_model`);
 the configs import cheaply, and the flow module, with Prefect, torch and the engines, is imported
@@ -135,6 +135,57 @@ def _evaluate(args: argparse.Namespace) -> int:
             scale.preflight(config, prepare(config))
         result = run_flow(evaluate_flow, config)
     print_summary(result["eval_dir"], result["rows"])
+    return 0
+
+
+# -- sample ---------------------------------------------------------------------------------------
+def _sample_help(name: str) -> str:
+    from rapm_core.sample import SampleConfig
+
+    field = SampleConfig.model_fields[name]
+    text = field.description or ""
+    if field.default_factory is not None or field.is_required() or field.default is None or "default" in text:
+        return text
+    return f"{text} (default: {field.default!r})"
+
+
+def sample(parser: argparse.ArgumentParser) -> None:
+    from rapm_core.sample import SampleConfig
+
+    parser.description = SampleConfig.__doc__
+    parser.add_argument("--run", required=True, metavar="RUN", help=_sample_help("run"))
+    parser.add_argument("--prompt", action="append", metavar="TEXT", help=_sample_help("prompt"))
+    parser.add_argument("--prompts", metavar="FILE", help=_sample_help("prompts"))
+    parser.add_argument("--num-images", type=int, metavar="K", help=_sample_help("num_images"))
+    parser.add_argument("--seed", type=int, metavar="S", help=_sample_help("seed"))
+    parser.add_argument("--steps", type=int, metavar="N", help=_sample_help("steps"))
+    parser.add_argument("--out", required=True, metavar="DIR", help=_sample_help("out"))
+    parser.add_argument("--batch-size", type=int, metavar="B", help=_sample_help("batch_size"))
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help=_sample_help("dtype"))
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_sample_help("device"))
+    parser.set_defaults(func=_sample)
+
+
+def sample_config_from_args(args: argparse.Namespace):
+    from rapm_core.sample import SampleConfig
+
+    # Only what was given, so the model's defaults stay the single source (as flows.cli_model does).
+    return SampleConfig.model_validate({k: v for k in SampleConfig.model_fields
+                                        if (v := getattr(args, k, None)) is not None})
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from flows.common import run_flow
+    from flows.sample import sample_flow
+    from rapm_core.sample import plan_sample
+    from rapm_core.teacher import resolve_device
+
+    config = sample_config_from_args(args)
+    plan = plan_sample(config)
+    resolve_device(config.device)
+    result = run_flow(sample_flow, config)
+    print(f"{result['out']}: {len(result['images'])} images of {len(plan.prompts)} prompts "
+          f"({plan.steps} steps), contact sheet {result['contact_sheet']}")
     return 0
 
 

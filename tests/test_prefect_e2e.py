@@ -136,6 +136,8 @@ def _check_monitoring(stack: Stack, run_id: UUID, teacher: str) -> None:
             if stage == "distill":  # the loss curves, an image refreshed at every checkpoint (12 its, every 3)
                 curves = [a for a in artifacts if (a.key or "").endswith("-loss-curves")]
                 assert len(curves) == 4 and all("data:image/png;base64," in a.data for a in curves), curves
+                previews = [a for a in artifacts if (a.key or "").endswith("-previews")]  # and the samples
+                assert len(previews) == 4 and all("data:image/png;base64," in a.data for a in previews), previews
         pipeline_artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     assert [a.key for a in pipeline_artifacts] == ["rapm-pipeline"]
 

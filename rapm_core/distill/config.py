@@ -235,6 +235,9 @@ class DistillOptions(MethodConfig):
     checkpoint_every: int = Field(500, ge=1, le=MAX_ITERATIONS,
                                   description="save a checkpoint every this many iterations (and at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept on disk (oldest deleted first)")
+    preview_prompts: int = Field(4, ge=0, le=16, description="at every checkpoint, draw the student's samples of this "
+                                 "many eval prompts beside the teacher's N·M-step reference into RUN/previews/ "
+                                 "(0: no previews)")
 
     def method_config(self) -> MethodConfig:
         return MethodConfig.model_validate(self.model_dump(include=set(MethodConfig.model_fields)))

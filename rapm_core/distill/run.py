@@ -26,6 +26,7 @@ from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.data import DataOrder, prefetched
 from rapm_core.distill.plots import plot_loss_curves
+from rapm_core.distill.previews import open_previews
 from rapm_core.distill.renders import render_latents
 from rapm_core.distill.rng import rng_state, seed_everything, set_rng_state
 from rapm_core.distill.method import GuidedTeacher
@@ -170,6 +171,7 @@ def _train(config: DistillRunConfig, run: RunDir, progress: Callable[[Progress],
     if not store.complete_mask()[indices].all():
         raise StoreError(f"{config.trajectories}: trajectories this run trains on are no longer complete")
 
+    previews = open_previews(config.preview_prompts, store, run, config.device, log)
     trainer = build_trainer(config, store)
     generator = torch.Generator().manual_seed(config.seed)  # CPU: methods draw on CPU, then move
     with warnings.catch_warnings(record=True) as caught:
@@ -203,6 +205,9 @@ def _train(config: DistillRunConfig, run: RunDir, progress: Callable[[Progress],
             rng=rng_state(generator), metrics_lines=run.metrics.sync(), config=record["config"], config_hash=h,
             cursor={"epoch": cursor[0], "position": cursor[1], "consecutive_nonfinite": nonfinite_run},
         ))
+        if previews is not None:
+            t0 = time.perf_counter()
+            log(f"preview {previews.write(trainer, step)} ({time.perf_counter() - t0:.2f} s)")
         if on_checkpoint is not None:
             on_checkpoint(run)
 
