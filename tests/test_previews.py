@@ -93,7 +93,7 @@ def test_previews_at_every_checkpoint_leave_training_bit_identical(tmp_path, sto
 
     # The reference column is evaluation's teacher reference of the same eval prompts, and the
     # student column its student images (fused there, an adapter here: equal to rounding).
-    config = EvaluateConfig(run=str(run), num_images=2, grid_rows=2, batch_size=2, methods=["student"], seed=0,
+    config = EvaluateConfig(run=str(run), num_images=2, grid_rows=2, batch_size=2, samplers=["student"], seed=0,
                             device="cpu", evaluator="none", feature_store=str(tmp_path / "features.zarr"))
     evaluate_run(config, log=lambda _: None)
     evaluated = EvalStore(config.feature_store)

@@ -66,7 +66,7 @@ def test_rapm_sample_is_evaluations_student_and_reproducible(tmp_path, tiny_run)
     # Evaluation's student images at the same seed: its image i is eval prompt i % 2 from noise i,
     # so rapm sample's image i of that prompt is the same image, pixel for pixel.
     config = EvaluateConfig(run=str(run), trajectories=str(store), num_images=2, grid_rows=2, batch_size=1,
-                            methods=["student"], seed=7, device="cpu", evaluator="none",
+                            samplers=["student"], seed=7, device="cpu", evaluator="none",
                             feature_store=str(tmp_path / "features.zarr"))
     evaluate_run(config, log=lambda _: None)
     evaluated = EvalStore(config.feature_store).grid("student")
