@@ -34,10 +34,11 @@ def prompt_cycle(n: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
-def initial_latents(pipe: StableDiffusionPipeline, n: int, seed: int) -> torch.Tensor:
-    size = pipe.unet.config.sample_size
+def initial_latents(pipe: StableDiffusionPipeline | StableDiffusion3Pipeline, n: int, seed: int) -> torch.Tensor:
+    """Seeded noise at the denoiser's (UNet's or transformer's) latent shape."""
+    config = (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).config
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn((n, pipe.unet.config.in_channels, size, size), generator=gen)
+    return torch.randn((n, config.in_channels, config.sample_size, config.sample_size), generator=gen)
 
 
 @torch.no_grad()
@@ -120,12 +121,6 @@ def load_flow_teacher(teacher_dir: str | Path) -> StableDiffusion3Pipeline:
     return pipe
 
 
-def flow_initial_latents(pipe: StableDiffusion3Pipeline, n: int, seed: int) -> torch.Tensor:
-    size = pipe.transformer.config.sample_size
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn((n, pipe.transformer.config.in_channels, size, size), generator=gen)
-
-
 @torch.no_grad()
 def generate_flow(pipe: StableDiffusion3Pipeline, prompts: list[str], latents: torch.Tensor, num_steps: int,
                   guidance: float, shift: float, max_sequence_length: int, batch_size: int = 100) -> torch.Tensor:
@@ -152,7 +147,7 @@ def measure_flow_teacher(teacher_dir: str | Path, evaluator_dir: str | Path, *, 
     teacher_dir = Path(teacher_dir)
     pipe = load_flow_teacher(teacher_dir)
     prompts = prompt_cycle(n_prompts)
-    latents = flow_initial_latents(pipe, n_prompts, seed)
+    latents = initial_latents(pipe, n_prompts, seed)
 
     def sample(steps: int, shift: float, guidance: float) -> torch.Tensor:
         return generate_flow(pipe, prompts, latents, steps, guidance, shift, max_sequence_length)

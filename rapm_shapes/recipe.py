@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 
 from rapm_core.config import StrictModel
+from rapm_core.errors import ConfigError
 
 RECIPE_FILE = "recipe.json"
 METRICS_FILE = "metrics.json"
@@ -37,29 +38,17 @@ class EvaluatorRecipe(StrictModel):
     threads: int = Field(1, ge=1, description="torch CPU threads (1 is fastest on a shared machine)")
 
 
-class TeacherRecipe(StrictModel):
-    out: str = Field(description="directory to write the StableDiffusionPipeline to")
+class _ShapesTeacherRecipe(StrictModel):
+    """What both teacher recipes (UNet and flow) share: the data, the run's bookkeeping, EMA and
+    CFG dropout, and the closing measurement."""
+    out: str = Field(description="directory to write the pipeline to")
     evaluator: str | None = Field("assets/shapes-evaluator", description="evaluator for the closing measurement (none: skip)")
     seed: int = 0
-    n_images: int = Field(12000, ge=16, description="renders the VAE and UNet train on")
-    vae_steps: int = Field(3000, ge=1)
-    vae_batch: int = Field(32, ge=1)
-    vae_lr: float = Field(3e-3, gt=0)
-    kl_weight: float = Field(1e-5, ge=0)
-    vae_width: int = Field(12, ge=4, description="VAE channels at full resolution (then 2×, 4×)")
-    text_dim: int = Field(64, ge=8)
+    n_images: int = Field(12000, ge=16, description="renders the models train on")
+    text_dim: int = Field(64, ge=8, description="hidden size of the (each) CLIP text encoder")
     text_layers: int = Field(2, ge=1)
-    unet_width: int = Field(32, ge=16, description="UNet channels at the 8×8 level (2× below)")
-    unet_layers: int = Field(1, ge=1, description="resnet layers per UNet block")
-    unet_levels: int = Field(3, ge=2, le=4, description="UNet resolutions: 8×8, 4×4, 2×2, …")
-    unet_steps: int = Field(5000, ge=1)
-    unet_batch: int = Field(64, ge=1)
-    unet_lr: float = Field(2e-3, gt=0)
-    warmup: int = Field(100, ge=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
     cond_dropout: float = Field(0.1, ge=0, lt=1, description="share of empty captions (for CFG)")
-    high_noise_weight: float = Field(30.0, ge=1, description="cap of the UNet loss weight max(1, 1/SNR): "
-                                                            "1 is plain epsilon loss; more teaches position")
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(50, ge=1)
     measure_prompts: int = Field(200, ge=2, description="prompts for the closing measurement")
@@ -67,15 +56,28 @@ class TeacherRecipe(StrictModel):
     threads: int = Field(1, ge=1, description="torch CPU threads (1 is fastest on a shared machine)")
 
 
-class FlowTeacherRecipe(StrictModel):
-    out: str = Field(description="directory to write the StableDiffusion3Pipeline to")
-    evaluator: str | None = Field("assets/shapes-evaluator", description="evaluator for the closing measurement (none: skip)")
+class TeacherRecipe(_ShapesTeacherRecipe):
+    """The UNet teacher: a StableDiffusionPipeline (its VAE trained first)."""
+    vae_steps: int = Field(3000, ge=1)
+    vae_batch: int = Field(32, ge=1)
+    vae_lr: float = Field(3e-3, gt=0)
+    kl_weight: float = Field(1e-5, ge=0)
+    vae_width: int = Field(12, ge=4, description="VAE channels at full resolution (then 2×, 4×)")
+    unet_width: int = Field(32, ge=16, description="UNet channels at the 8×8 level (2× below)")
+    unet_layers: int = Field(1, ge=1, description="resnet layers per UNet block")
+    unet_levels: int = Field(3, ge=2, le=4, description="UNet resolutions: 8×8, 4×4, 2×2, …")
+    unet_steps: int = Field(5000, ge=1)
+    unet_batch: int = Field(64, ge=1)
+    unet_lr: float = Field(2e-3, gt=0)
+    warmup: int = Field(100, ge=0)
+    high_noise_weight: float = Field(30.0, ge=1, description="cap of the UNet loss weight max(1, 1/SNR): "
+                                                            "1 is plain epsilon loss; more teaches position")
+
+
+class FlowTeacherRecipe(_ShapesTeacherRecipe):
+    """The flow teacher: a StableDiffusion3Pipeline trained with the rectified-flow objective."""
     vae: str = Field("assets/shapes-teacher/vae", description="AutoencoderKL whose weights are reused (its shift and "
                                                               "scaling factors are set from the renders' latents)")
-    seed: int = 0
-    n_images: int = Field(12000, ge=16, description="renders the transformer trains on")
-    text_dim: int = Field(64, ge=8, description="hidden size of each of the two CLIP text encoders")
-    text_layers: int = Field(2, ge=1)
     projection_dim: int = Field(32, ge=4, description="each CLIP's projection (pooled = both side by side)")
     heads: int = Field(6, ge=1, description="transformer attention heads")
     head_dim: int = Field(16, ge=4, description="transformer width = heads × head_dim")
@@ -84,28 +86,9 @@ class FlowTeacherRecipe(StrictModel):
     batch: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(200, ge=0)
-    ema_decay: float = Field(0.995, ge=0, lt=1)
-    cond_dropout: float = Field(0.1, ge=0, lt=1, description="share of empty captions (for CFG)")
     sigma_sampling: Literal["logit_normal", "uniform"] = Field("logit_normal", description="training noise levels")
-    shift: float = Field(1.0, gt=0, description="the saved scheduler's shift (inference only; see the card)")
-    checkpoint_every: int = Field(250, ge=1)
-    log_every: int = Field(50, ge=1)
-    measure_prompts: int = Field(200, ge=2, description="prompts for the closing measurement")
-    guidance: list[float] = Field([4.0, 7.5], description="guidance scales to measure (best is reported)")
-    threads: int = Field(1, ge=1, description="torch CPU threads (1 is fastest on a shared machine)")
-
-
-class FlowMeasureRecipe(StrictModel):
-    teacher: str = Field(description="flow teacher pipeline directory (StableDiffusion3Pipeline)")
-    evaluator: str = Field("assets/shapes-evaluator", description="evaluator directory")
-    n_prompts: int = Field(200, ge=2)
-    seed: int = 0
-    num_slots: int = Field(4, ge=1, description="N")
-    steps_per_slot: int = Field(10, ge=1, description="M")
-    guidance: list[float] = Field([4.0, 7.5])
-    shift: list[float] = Field([1.0, 2.0, 3.0], description="scheduler shifts to measure; the best is saved "
-                                                            "into the teacher's scheduler config")
-    threads: int = Field(1, ge=1)
+    shift: float = Field(1.0, gt=0, description="the saved scheduler's shift (inference only; the closing "
+                                                "measurement replaces it by the best it measured)")
 
 
 class MeasureRecipe(StrictModel):
@@ -117,6 +100,12 @@ class MeasureRecipe(StrictModel):
     steps_per_slot: int = Field(10, ge=1, description="M")
     guidance: list[float] = Field([4.0, 7.5])
     threads: int = Field(1, ge=1)
+
+
+class FlowMeasureRecipe(MeasureRecipe):
+    """A flow teacher's measurement: also over the scheduler's shift."""
+    shift: list[float] = Field([1.0, 2.0, 3.0], description="scheduler shifts to measure; the best is saved "
+                                                            "into the teacher's scheduler config")
 
 
 def _compare(few: float, full: float, higher_is_better: bool) -> str:
@@ -289,11 +278,20 @@ Chosen: {chosen} (best N·M-step adherence, then FID, of the rows below).
 """
 
 
+def _require_pipeline(directory: Path, class_name: str, other_command: str) -> None:
+    index = directory / "model_index.json"
+    found = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if found != class_name:
+        raise ConfigError(f"--teacher {directory}: expected a {class_name} directory, found "
+                          f"{found or 'no model_index.json'}" + (f" (measure it with `{other_command}`)" if found else ""))
+
+
 def run_measure(cfg: "MeasureRecipe") -> dict:
     from rapm_shapes.measure import measure_teacher
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.teacher)
+    _require_pipeline(out, "StableDiffusionPipeline", "rapm recipe measure-flow")
     metrics = measure_teacher(out, cfg.evaluator, n_prompts=cfg.n_prompts, seed=cfg.seed, num_slots=cfg.num_slots,
                               steps_per_slot=cfg.steps_per_slot, guidances=cfg.guidance)
     metrics |= {"command": _command(), "evaluator": cfg.evaluator}
@@ -303,39 +301,33 @@ def run_measure(cfg: "MeasureRecipe") -> dict:
     return metrics
 
 
-def run_teacher_recipe(cfg: TeacherRecipe) -> Path:
-    from rapm_shapes.train_teacher import train_teacher
-
+def _run_recipe(cfg: TeacherRecipe | FlowTeacherRecipe, train, write_card, measure) -> Path:
+    """Train into ``cfg.out``, record the recipe, write the card, then measure unless the evaluator
+    is none (the measurement rewrites the card with its numbers)."""
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    opts = cfg.model_dump(exclude={"out", "threads", "evaluator", "measure_prompts", "guidance"})
-    train_teacher(out, **opts)
+    train(out, **cfg.model_dump(exclude={"out", "threads", "evaluator", "measure_prompts", "guidance"}))
     _write_json(out / RECIPE_FILE, {"command": _command(), "options": cfg.model_dump(), "machine": _machine()})
     (out / METRICS_FILE).unlink(missing_ok=True)
-    write_teacher_card(out)
-    if cfg.evaluator:
-        run_measure(MeasureRecipe(teacher=cfg.out, evaluator=cfg.evaluator, n_prompts=cfg.measure_prompts,
-                                  guidance=cfg.guidance, threads=cfg.threads))
+    write_card(out)
+    if cfg.evaluator and cfg.evaluator != "none":
+        measure(teacher=cfg.out, evaluator=cfg.evaluator, n_prompts=cfg.measure_prompts, guidance=cfg.guidance,
+                threads=cfg.threads)
     return out
+
+
+def run_teacher_recipe(cfg: TeacherRecipe) -> Path:
+    from rapm_shapes.train_teacher import train_teacher
+
+    return _run_recipe(cfg, train_teacher, write_teacher_card, lambda **kw: run_measure(MeasureRecipe(**kw)))
 
 
 def run_flow_teacher_recipe(cfg: FlowTeacherRecipe) -> Path:
     from rapm_shapes.train_flow_teacher import train_flow_teacher
 
-    torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    opts = cfg.model_dump(exclude={"out", "threads", "evaluator", "measure_prompts", "guidance"})
-    train_flow_teacher(out, **opts)
-    _write_json(out / RECIPE_FILE, {"command": _command(), "options": cfg.model_dump(), "machine": _machine()})
-    (out / METRICS_FILE).unlink(missing_ok=True)
-    if cfg.evaluator and cfg.evaluator != "none":
-        run_flow_measure(FlowMeasureRecipe(teacher=cfg.out, evaluator=cfg.evaluator, n_prompts=cfg.measure_prompts,
-                                           guidance=cfg.guidance, threads=cfg.threads))
-    else:
-        write_flow_teacher_card(out)
-    return out
+    return _run_recipe(cfg, train_flow_teacher, write_flow_teacher_card,
+                       lambda **kw: run_flow_measure(FlowMeasureRecipe(**kw)))
 
 
 def run_flow_measure(cfg: FlowMeasureRecipe) -> dict:
@@ -347,6 +339,7 @@ def run_flow_measure(cfg: FlowMeasureRecipe) -> dict:
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.teacher)
+    _require_pipeline(out, "StableDiffusion3Pipeline", "rapm recipe measure")
     metrics = measure_flow_teacher(out, cfg.evaluator, max_sequence_length=T5_TOKENS, n_prompts=cfg.n_prompts,
                                    seed=cfg.seed, num_slots=cfg.num_slots, steps_per_slot=cfg.steps_per_slot,
                                    guidances=cfg.guidance, shifts=cfg.shift)

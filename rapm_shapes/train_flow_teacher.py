@@ -32,9 +32,9 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from rapm_shapes.evaluator import images_from_uint8
 from rapm_shapes.logbook import Logbook
-from rapm_shapes.shapes import all_prompts, caption, make_dataset, vocabulary
+from rapm_shapes.shapes import make_dataset, vocabulary
 from rapm_shapes.tokenizer import write_word_tokenizer
-from rapm_shapes.train_teacher import MAX_TOKENS, _ema_update, _warmup_cosine, encode_latents
+from rapm_shapes.train_teacher import MAX_TOKENS, _ema_update, _warmup_cosine, caption_ids, encode_latents
 
 T5_TOKENS = MAX_TOKENS  # the zero "T5" tokens every call appends: pass max_sequence_length=T5_TOKENS
 
@@ -133,10 +133,7 @@ def train_flow_teacher(out_dir: str | Path, *, vae: str, seed: int, n_images: in
 
     gen = torch.Generator().manual_seed(seed + 1)
     tokenizer = write_word_tokenizer(out_dir / "_tokenizer", vocabulary(), MAX_TOKENS)
-    prompts = [""] + all_prompts()
-    prompt_id = {p: i for i, p in enumerate(prompts)}
-    ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
-    image_prompt = torch.tensor([prompt_id[caption(a)] for a in attrs])
+    ids, image_prompt = caption_ids(tokenizer, attrs)
     torch.manual_seed(seed + 1)
     texts = (build_text_encoder(len(tokenizer), text_dim, text_layers, projection_dim),
              build_text_encoder(len(tokenizer), text_dim, text_layers, projection_dim))

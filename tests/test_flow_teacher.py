@@ -3,6 +3,8 @@ toy size, and the tiny random SD3 builders later SD3 tests start from."""
 
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from flows import recipe
 from rapm_shapes.train_flow_teacher import T5_TOKENS, noisy_latents, prompt_embeddings, sample_sigmas
 from rapm_testing.tiny_sd3 import build_tiny_sd3, load_tiny_sd3
-from tests.test_embedded_teacher import EVALUATOR
+from tests.test_embedded_teacher import EVALUATOR, ROOT, TEACHER
+
+FLOW_TEACHER = ROOT / "assets" / "shapes-flow-teacher"
 
 
 def _rapm(*argv: str) -> int:
@@ -106,3 +110,4 @@ def test_tiny_sd3_pipelines_load_with_stock_diffusers_and_sample(tmp_path, with_
     images = pipe(["a red cat"], num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="pt",
                   max_sequence_length=16).images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
