@@ -250,8 +250,9 @@ def _metrics_section(metrics: dict | None, sampler_note: str = DDIM_NOTE, measur
     settings = [k for k in ("shift", "guidance") if k in metrics["rows"][0]]
     rows = "\n".join(f"| {r['sampler']} | {r['steps']} | " + "".join(f"{r[k]} | " for k in settings)
                      + f"{r['adherence']:.3f} | {r['domain_fid']:.2f} | {r['wall_s']} |" for r in metrics["rows"])
-    full = max((r for r in metrics["rows"] if r["steps"] > metrics["num_slots"]), key=lambda r: r["adherence"])
-    few = next(r for r in metrics["rows"] if r["steps"] == metrics["num_slots"])
+    chosen_rows = [r for r in metrics["rows"] if all(r[k] == metrics[k] for k in settings)]
+    full = next(r for r in chosen_rows if r["steps"] > metrics["num_slots"])
+    few = next(r for r in chosen_rows if r["steps"] == metrics["num_slots"])
     sampler = few["sampler"]
     status = ("meets" if full["adherence"] >= ADHERENCE_TARGET else "**falls short of**")
     chosen = ", ".join(f"{k} **{metrics[k]}**" for k in settings)

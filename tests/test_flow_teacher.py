@@ -111,3 +111,40 @@ def test_tiny_sd3_pipelines_load_with_stock_diffusers_and_sample(tmp_path, with_
                   max_sequence_length=16).images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
+
+def test_each_measure_command_refuses_the_other_family_in_one_line():
+    for command, other in (("measure-flow", "rapm recipe measure"), ("measure", "rapm recipe measure-flow")):
+        teacher = TEACHER if command == "measure-flow" else FLOW_TEACHER
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "recipe", command, "--teacher", str(teacher)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"measure it with `{other}`" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def committed():
+    return _load(FLOW_TEACHER)
+
+
+def test_committed_flow_teacher_is_a_stock_sd3_pipeline_under_20_mb(committed):
+    assert type(committed.transformer).__name__ == "SD3Transformer2DModel" and committed.text_encoder_3 is None
+    assert committed.transformer.config.pooled_projection_dim == \
+        committed.text_encoder.config.projection_dim + committed.text_encoder_2.config.projection_dim
+    metrics = json.loads((FLOW_TEACHER / "metrics.json").read_text())
+    assert committed.scheduler.config.shift == metrics["shift"]
+    images = committed(["a large red square at the left"] * 2, height=32, width=32, num_inference_steps=4,
+                       guidance_scale=metrics["guidance"], max_sequence_length=metrics["max_sequence_length"],
+                       output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert sum(f.stat().st_size for f in FLOW_TEACHER.rglob("*") if f.is_file()) < 20e6
+
+
+def test_committed_flow_teacher_card_records_its_adherence_and_the_few_step_gap():
+    metrics = json.loads((FLOW_TEACHER / "metrics.json").read_text())
+    rows = {(r["steps"], r["shift"], r["guidance"]): r for r in metrics["rows"]}
+    full = rows[(metrics["num_slots"] * metrics["steps_per_slot"], metrics["shift"], metrics["guidance"])]
+    few = rows[(metrics["num_slots"], metrics["shift"], metrics["guidance"])]
+    assert full["adherence"] >= 0.95
+    # the gap distillation has to close: few-step Euler measurably worse on domain FID
+    assert few["domain_fid"] > 1.2 * full["domain_fid"]
+    assert f"{full['adherence']:.3f}" in (FLOW_TEACHER / "README.md").read_text()
