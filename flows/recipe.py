@@ -7,7 +7,8 @@ import json
 
 from flows.cli_model import add_model_arguments, model_from_args
 from rapm_shapes.recipe import (
-    EvaluatorRecipe, MeasureRecipe, TeacherRecipe, run_evaluator_recipe, run_measure, run_teacher_recipe,
+    EvaluatorRecipe, FlowMeasureRecipe, FlowTeacherRecipe, MeasureRecipe, TeacherRecipe, run_evaluator_recipe,
+    run_flow_measure, run_flow_teacher_recipe, run_measure, run_teacher_recipe,
 )
 
 
@@ -16,8 +17,18 @@ def _teacher_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flow_teacher_cmd(args: argparse.Namespace) -> int:
+    print(run_flow_teacher_recipe(model_from_args(FlowTeacherRecipe, args)))
+    return 0
+
+
 def _measure_cmd(args: argparse.Namespace) -> int:
     print(json.dumps(run_measure(model_from_args(MeasureRecipe, args))))
+    return 0
+
+
+def _flow_measure_cmd(args: argparse.Namespace) -> int:
+    print(json.dumps(run_flow_measure(model_from_args(FlowMeasureRecipe, args))))
     return 0
 
 
@@ -35,6 +46,14 @@ def configure(parser) -> None:
     p = sub.add_parser("teacher", help="train the shapes teacher (a StableDiffusionPipeline) and measure it")
     add_model_arguments(p, TeacherRecipe)
     p.set_defaults(func=_teacher_cmd)
+    p = sub.add_parser("flow-teacher", help="train the shapes flow teacher (a StableDiffusion3Pipeline, rectified "
+                                            "flow) and measure it")
+    add_model_arguments(p, FlowTeacherRecipe)
+    p.set_defaults(func=_flow_teacher_cmd)
     p = sub.add_parser("measure", help="measure a shapes teacher's adherence and domain FID, update its card")
     add_model_arguments(p, MeasureRecipe)
     p.set_defaults(func=_measure_cmd)
+    p = sub.add_parser("measure-flow", help="measure a shapes flow teacher with the stock StableDiffusion3Pipeline, "
+                                            "save the best shift, update its card")
+    add_model_arguments(p, FlowMeasureRecipe)
+    p.set_defaults(func=_flow_measure_cmd)

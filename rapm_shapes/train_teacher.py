@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from rapm_shapes.evaluator import images_from_uint8
 from rapm_shapes.logbook import Logbook
@@ -113,6 +113,15 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 512) -
     return torch.cat(means), torch.cat(stds)
 
 
+def caption_ids(tokenizer: CLIPTokenizer, attrs: list[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of every caption (row 0: the empty caption, for CFG dropout) and each image's row:
+    one text-encoder forward over this fixed set per step conditions the whole batch."""
+    prompts = [""] + all_prompts()
+    prompt_id = {p: i for i, p in enumerate(prompts)}
+    ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    return ids, torch.tensor([prompt_id[caption(a)] for a in attrs])
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -170,10 +179,7 @@ def train_teacher(out_dir: str | Path, *, seed: int, n_images: int, vae_steps: i
     # Its own generator, so a UNet stage after a resumed VAE draws what a one-shot run draws.
     gen = torch.Generator().manual_seed(seed + 1)
     tokenizer = write_word_tokenizer(out_dir / "tokenizer", vocabulary(), MAX_TOKENS)
-    prompts = [""] + all_prompts()
-    prompt_id = {p: i for i, p in enumerate(prompts)}
-    ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
-    image_prompt = torch.tensor([prompt_id[caption(a)] for a in attrs])
+    ids, image_prompt = caption_ids(tokenizer, attrs)
     torch.manual_seed(seed + 1)
     unet = build_unet(unet_width, unet_layers, text_dim, unet_levels)
     text = build_text_encoder(len(tokenizer), text_dim, text_layers)

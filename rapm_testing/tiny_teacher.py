@@ -46,7 +46,7 @@ def char_tokenizer(max_length: int = 32) -> CLIPTokenizer:
     return tok
 
 
-def _text_config(projection_dim: int | None = None, vocab_size: int = 1000) -> CLIPTextConfig:
+def clip_text_config(projection_dim: int | None = None, vocab_size: int = 1000) -> CLIPTextConfig:
     kwargs = dict(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=TEXT_DIM, intermediate_size=37,
         layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size,
@@ -85,7 +85,7 @@ def build_tiny_sd15(directory: str | Path, seed: int = 0, prediction_type: str =
         cross_attention_dim=TEXT_DIM, attention_head_dim=4, norm_num_groups=8,
     )
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_text_config()),
+        unet=unet, vae=_vae(), text_encoder=CLIPTextModel(clip_text_config()),
         tokenizer=char_tokenizer(), scheduler=_scheduler(prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -108,8 +108,8 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0, prediction_type: str =
     )
     tok = char_tokenizer()
     pipe = StableDiffusionXLPipeline(
-        unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=tok,
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_DIM)), tokenizer_2=tok,
+        unet=unet, vae=_vae(), text_encoder=CLIPTextModel(clip_text_config()), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(projection_dim=TEXT_DIM)), tokenizer_2=tok,
         scheduler=_scheduler(prediction_type), force_zeros_for_empty_prompt=True,
     )
     pipe.save_pretrained(directory, safe_serialization=True)
