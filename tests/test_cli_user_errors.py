@@ -4,29 +4,15 @@ teacher name that is neither a directory nor reachable."""
 
 from __future__ import annotations
 
-import ctypes
-import os
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from hardening_support import ROOT, rapm_env, run_rapm
+from hardening_support import ROOT, rapm_env, run_rapm, without_dac_override
 from storage.manifest import write_manifest
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
-
-PR_CAPBSET_DROP, CAP_DAC_OVERRIDE = 24, 1
-
-
-def _without_dac_override() -> None:
-    # preexec_fn: root writes into a mode-555 directory anyway; without CAP_DAC_OVERRIDE (dropped
-    # from the bounding set, so gone after exec) it is refused as it is for everyone else.
-    if os.geteuid() == 0:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
 
 @pytest.fixture
 def read_only_dir(tmp_path):
@@ -34,7 +20,7 @@ def read_only_dir(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     probe = subprocess.run([sys.executable, "-c", f"open({str(ro / 'probe')!r}, 'w')"],
-                           preexec_fn=_without_dac_override, capture_output=True)
+                           preexec_fn=without_dac_override, capture_output=True)
     if probe.returncode == 0:
         ro.chmod(0o755)
         pytest.skip("cannot make a directory unwritable for a child process here")
@@ -63,7 +49,7 @@ def test_unwritable_output_inside_a_flow_is_one_line_naming_the_path(tmp_path, r
     source = tmp_path / "prompts.txt"
     source.write_text("a red circle\na blue square\n")
     code, _, err = run_rapm(["ingest", str(source), "--out", str(read_only_dir / "prompts")],
-                            rapm_env(tmp_path / "prefect"), tmp_path / "logs", preexec_fn=_without_dac_override)
+                            rapm_env(tmp_path / "prefect"), tmp_path / "logs", preexec_fn=without_dac_override)
     assert code == 2, err
     line = _one_error_line("ingest", err)
     # The store is written into a temp dir beside its path first: the message names the directory.
@@ -75,7 +61,7 @@ def test_unwritable_output_before_any_flow_is_one_line_naming_the_path(tmp_path,
     out = read_only_dir / "traj.zarr"
     code, _, err = run_rapm(["trajectories", "--prompts", str(prompt_store), "--teacher", str(tiny_sd15_dir),
                              "--out", str(out), "--slots", "2", "--steps-per-slot", "1", "--device", "cpu"],
-                            rapm_env(tmp_path / "prefect"), tmp_path / "logs", preexec_fn=_without_dac_override)
+                            rapm_env(tmp_path / "prefect"), tmp_path / "logs", preexec_fn=without_dac_override)
     assert code == 2, err
     assert _one_error_line("trajectories", err) == (
         f"rapm trajectories: error: {out}: permission denied; choose another path or make it writable")

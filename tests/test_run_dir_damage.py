@@ -18,7 +18,7 @@ from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.run import run_distillation
 from storage.checkpoints import CheckpointStore
 from storage.run_dir import RunDir
-from test_hardening_cli import _without_dac_override
+from hardening_support import without_dac_override
 
 LORA = "pytorch_lora_weights.safetensors"
 ITERATIONS = 3
@@ -155,7 +155,7 @@ def test_evaluate_on_a_read_only_run_dir_fails_before_sampling(tmp_path, run_cop
     _store, run = run_copy
     run.chmod(0o555)
     try:
-        code, out, err = _evaluate(run, tmp_path, preexec_fn=_without_dac_override)
+        code, out, err = _evaluate(run, tmp_path, preexec_fn=without_dac_override)
         if code == 0:
             pytest.skip("cannot make a directory unwritable for a child process here")
     finally:
