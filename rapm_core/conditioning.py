@@ -1,8 +1,9 @@
-"""The text conditioning a UNet call needs, for SD 1.5 and SDXL classes alike.
+"""The text conditioning a denoiser call needs, for SD 1.5, SDXL and SD3 classes alike.
 
 Stored once per prompt by the trajectory stage, so distillation and the discriminators never
 load a text encoder. SDXL adds pooled text embeddings and the six "time ids"
-(original size, crop offset, target size) through ``added_cond_kwargs``.
+(original size, crop offset, target size) through ``added_cond_kwargs``; SD3 has the joint
+(CLIP + T5) embeddings and the pooled ones, no time ids.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 @dataclass(frozen=True)
 class Conditioning:
     prompt_embeds: torch.Tensor  # (B, L, D)
-    pooled_prompt_embeds: torch.Tensor | None = None  # (B, P), SDXL only
+    pooled_prompt_embeds: torch.Tensor | None = None  # (B, P), SDXL and SD3
     time_ids: torch.Tensor | None = None  # (B, 6), SDXL only
 
     @classmethod
@@ -49,7 +50,7 @@ class Conditioning:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.pooled_prompt_embeds is not None
+        return self.time_ids is not None
 
     def unet_kwargs(self) -> dict:
         """Keyword arguments for ``UNet2DConditionModel.forward`` besides sample and timestep."""
@@ -59,7 +60,7 @@ class Conditioning:
         return kwargs
 
     def tensors(self) -> list[torch.Tensor]:
-        """The tensors it holds (two for SD 1.5, three for SDXL)."""
+        """The tensors it holds (one for SD 1.5, two for SD3, three for SDXL)."""
         return [t for t in (self.prompt_embeds, self.pooled_prompt_embeds, self.time_ids) if t is not None]
 
     def to(self, device=None, dtype=None) -> "Conditioning":

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from rapm_core.conditioning import Conditioning
+from rapm_core.denoiser import denoise
 from rapm_core.ode import Ode, StockSampler, ode_for
 
 
@@ -39,10 +40,10 @@ def guided_prediction(
         if uncond.prompt_embeds.shape[0] != b:
             uncond = uncond[[0] * b]
         both = uncond.cat(cond)
-        out = unet(torch.cat([sample, sample]), t, **both.unet_kwargs()).sample
+        out = denoise(unet, torch.cat([sample, sample]), t, both)
         out_u, out_c = out.chunk(2)
         return out_u + guidance * (out_c - out_u)
-    return unet(sample, t, **cond.unet_kwargs()).sample
+    return denoise(unet, sample, t, cond)
 
 
 @torch.no_grad()

@@ -18,12 +18,18 @@ import torch
 from torch import nn
 
 from rapm_core.conditioning import Conditioning
+from rapm_core.denoiser import denoise, is_transformer
 from rapm_core.errors import ConfigError
 from rapm_core.distill.student import teacher_mode
 
 
 # Feature maps read and heads per map of each layout (PCM: discriminator_sd15.py's nine maps, four heads each).
 LAYOUTS: dict[str, tuple[bool, int]] = {"down-mid": (False, 1), "pcm": (True, 4)}
+
+
+ADVERSARIAL_ON_TRANSFORMER = ("the latent discriminators read a UNet's blocks; adversarial training on an SD3-class "
+                              "(transformer) teacher is not implemented yet: use the pointwise losses "
+                              "(--loss-relative pointwise --loss-absolute pointwise)")
 
 
 class _FeaturesCollected(Exception):
@@ -56,6 +62,8 @@ class FeatureTaps:
     """
 
     def __init__(self, unet: nn.Module, up_blocks: bool = False):
+        if is_transformer(unet):
+            raise ConfigError(ADVERSARIAL_ON_TRANSFORMER)
         if getattr(unet, "mid_block", None) is None:
             raise ConfigError("the discriminator reads the teacher UNet's mid block, and this UNet has none")
         self.unet = unet
@@ -77,7 +85,7 @@ class FeatureTaps:
         handles.append(self.blocks[-1].register_forward_hook(keep_and_stop))
         try:
             with teacher_mode(self.unet), _no_gradient_checkpointing(self.unet):
-                self.unet(sample, t, **cond.unet_kwargs())
+                denoise(self.unet, sample, t, cond)
         except _FeaturesCollected:
             pass
         finally:

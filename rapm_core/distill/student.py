@@ -1,4 +1,5 @@
-"""The student: the teacher UNet itself plus a peft LoRA, and the teacher recovered from it.
+"""The student: the teacher's denoiser itself (a UNet or an SD3 transformer) plus a peft LoRA,
+and the teacher recovered from it.
 
 No method holds a second UNet copy: wherever the teacher itself is needed (a discriminator
 backbone, a peer's teacher solver step), the same module runs with its adapters bypassed
@@ -18,24 +19,22 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from rapm_core.conditioning import Conditioning
+from rapm_core.denoiser import UNET_LORA_TARGETS, lora_targets
 from rapm_core.distill.config import TrainingConfig
 from rapm_core.errors import ConfigError
 from rapm_core.sampler import guided_prediction
 from rapm_core.ode import Level, ode_for
 
-# PCM / LCM-LoRA's target set: every attention projection, feed-forward, ResNet conv and
-# time-embedding projection, so a rank-1 adapter can still move every block.
-TARGET_MODULES = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-)
+# The UNet family's targets (what the planner counts); each family's own are in ``rapm_core.denoiser``.
+TARGET_MODULES = UNET_LORA_TARGETS
 
 
-def lora_config(rank: int, lora_alpha: float | None = None) -> LoraConfig:
+def lora_config(rank: int, lora_alpha: float | None = None,
+                target_modules: tuple[str, ...] = UNET_LORA_TARGETS) -> LoraConfig:
     """The adapter config; alpha defaults to the rank (scale 1), unlike PCM's accidental 0.125."""
     return LoraConfig(
         r=rank, lora_alpha=rank if lora_alpha is None else lora_alpha,
-        target_modules=list(TARGET_MODULES), init_lora_weights=True,
+        target_modules=list(target_modules), init_lora_weights=True,
     )
 
 
@@ -125,7 +124,7 @@ class Student:
         self.ode = ode_for(scheduler_config, self.device)
         self.scheduler_config = self.ode.scheduler_config
         self.unet = unet.to(self.device).eval()
-        self.lora_config = lora_config(training.rank, training.lora_alpha)
+        self.lora_config = lora_config(training.rank, training.lora_alpha, lora_targets(self.unet))
         self.lora_params = attach_lora(self.unet, self.lora_config, seed=training.init_seed)
         # diffusers' ``unet.dtype`` walks every submodule, as costly as a small UNet call; a
         # method reads it several times per slot, so once here.
