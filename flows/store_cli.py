@@ -32,8 +32,21 @@ def configure(parser) -> None:
 SHOWN_PROMPT_CHARS = 80
 
 
+def _flow_facts(path: str) -> dict:
+    """For a rectified-flow store, the ``sigmas=`` with which a stock pipeline call reproduces its
+    trajectories (``stock_sigmas``); nothing for other stores."""
+    from rapm_core.ode import is_flow_config
+    from rapm_core.ode.flow import stock_sigmas
+    from storage.trajectory_store import TrajectoryStore
+
+    schema = TrajectoryStore(path).schema
+    if not is_flow_config(schema.scheduler_config):
+        return {}
+    return {"stock_sigmas": stock_sigmas(schema.num_slots, schema.steps_per_slot)}
+
+
 def _inspect(args) -> int:
-    facts = inspect_store(args.path)
+    facts = inspect_store(args.path) | _flow_facts(args.path)
     if args.json:
         print(json.dumps(facts, indent=2))
         return 0

@@ -1,9 +1,9 @@
-"""The teacher: a stock diffusers SD 1.5-class or SDXL-class pipeline, and its prompt encoding.
+"""The teacher: a stock diffusers SD 1.5-, SDXL- or SD3-class pipeline, and its prompt encoding.
 
 Prompts are encoded with the pipeline's own ``encode_prompt`` (and for SDXL its pooled embeddings
 and ``_get_add_time_ids``), never a re-implementation, so the stored conditioning is exactly what
-a stock pipeline feeds its UNet. Later stages load only the UNet or the VAE (``load_unet``,
-``load_vae``) and never touch the text encoders again.
+a stock pipeline feeds its denoiser (UNet, or SD3's transformer). Later stages load only the
+denoiser or the VAE (``load_unet``, ``load_vae``) and never touch the text encoders again.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -37,7 +39,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PIPELINE_CLASSES: dict[str, tuple[TeacherKind, type[DiffusionPipeline]]] = {
     "StableDiffusionPipeline": ("sd15", StableDiffusionPipeline),
     "StableDiffusionXLPipeline": ("sdxl", StableDiffusionXLPipeline),
+    "StableDiffusion3Pipeline": ("sd3", StableDiffusion3Pipeline),
 }
+# The denoiser's folder and class per teacher kind (what training loads without the text encoders).
+_DENOISERS: dict[TeacherKind, tuple[str, type]] = {
+    "sd15": ("unet", UNet2DConditionModel), "sdxl": ("unet", UNet2DConditionModel),
+    "sd3": ("transformer", SD3Transformer2DModel),
+}
+# What the SD3 pipeline's encode_prompt defaults to: T5 tokens per prompt (without T5, that many zero tokens).
+SD3_MAX_SEQUENCE_LENGTH = 256
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -186,22 +196,25 @@ def detect_kind(source: str, revision: str | None = None) -> tuple[TeacherKind, 
 
 @dataclass
 class Teacher:
-    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline
     kind: TeacherKind
     source: str
     revision: str | None
+    # SD3-class only: the T5 tokens per prompt its encode_prompt is called with (part of what is encoded).
+    max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH
 
     @property
-    def unet(self) -> UNet2DConditionModel:
-        return self.pipe.unet
+    def unet(self) -> torch.nn.Module:
+        """The denoiser: the UNet, or an SD3-class teacher's transformer (called through ``rapm_core.denoiser``)."""
+        return self.pipe.transformer if self.kind == "sd3" else self.pipe.unet
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+        return self.unet.dtype
 
     @property
     def scheduler_config(self) -> dict:
@@ -209,16 +222,25 @@ class Teacher:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return latent_shape(self.pipe.unet.config)
+        return latent_shape(self.unet.config)
 
     @property
     def tokenizers(self) -> list:
         return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
 
 
+def _absent_components(source: str, revision: str | None) -> dict:
+    """``None`` for the optional components a pipeline was saved without (an SD3 teacher without
+    T5): ``from_pretrained`` refuses such a directory unless told."""
+    with _hub_quiet():
+        config = DiffusionPipeline.load_config(source, revision=revision, **_hub_options(source))
+    return {name: None for name in ("text_encoder_3", "tokenizer_3")
+            if name in config and not (isinstance(config[name], list) and config[name][0])}
+
+
 def load_teacher(
     source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH,
 ) -> Teacher:
     """Load a whole stock pipeline (text encoders included) from a hub id or a local directory."""
     source = teacher_identifier(source)
@@ -226,21 +248,25 @@ def load_teacher(
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
     try:
         with _hub_quiet():
+            if kind == "sd3":
+                extra = _absent_components(source, revision)
             pipe = cls.from_pretrained(source, revision=revision, dtype=dtype, **extra, **_local_options(source))
     except Exception as err:
         raise _cannot_load(source, err) from err
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return Teacher(pipe=pipe, kind=kind, source=source, revision=revision)
+    return Teacher(pipe=pipe, kind=kind, source=source, revision=revision, max_sequence_length=max_sequence_length)
 
 
 def load_unet(source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> UNet2DConditionModel:
+              device: torch.device | str = "cpu", kind: TeacherKind = "sd15") -> torch.nn.Module:
+    """The teacher's denoiser alone (``kind`` picks the UNet or the SD3 transformer), frozen."""
+    folder, cls = _DENOISERS[kind]
     try:
         source_id = teacher_identifier(source)
         with _hub_quiet():
-            unet = UNet2DConditionModel.from_pretrained(source_id, subfolder="unet", revision=revision, dtype=dtype,
-                                                        **_local_options(source_id, ("unet",)))
+            unet = cls.from_pretrained(source_id, subfolder=folder, revision=revision, dtype=dtype,
+                                       **_local_options(source_id, (folder,)))
     except Exception as err:
         raise _cannot_load(str(source), err) from err
     return unet.to(device).eval().requires_grad_(False)
@@ -317,6 +343,11 @@ def encode_prompts(teacher: Teacher, prompts: list[str]) -> Conditioning:
         if teacher.kind == "sd15":
             embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
             return Conditioning(embeds)
+        if teacher.kind == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=teacher.max_sequence_length)
+            return Conditioning(embeds, pooled)
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
     time_ids = _sdxl_time_ids(pipe, pooled, embeds.dtype).to(device).repeat(len(prompts), 1)
     return Conditioning(embeds, pooled, time_ids)
@@ -329,6 +360,10 @@ def encode_uncond(teacher: Teacher) -> Conditioning:
     if teacher.kind == "sd15":
         _, negative = pipe.encode_prompt([""], device, 1, True)
         return Conditioning(negative)
+    if teacher.kind == "sd3":  # the negative prompt the pipeline encodes when given none
+        _, negative, _, negative_pooled = pipe.encode_prompt([""], None, None, device=device,
+                                                             max_sequence_length=teacher.max_sequence_length)
+        return Conditioning(negative, negative_pooled)
     _, negative, _, negative_pooled = pipe.encode_prompt([""], device=device, do_classifier_free_guidance=True)
     time_ids = _sdxl_time_ids(pipe, negative_pooled, negative.dtype).to(device)
     return Conditioning(negative, negative_pooled, time_ids)

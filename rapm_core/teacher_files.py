@@ -22,7 +22,8 @@ _WEIGHTS = {
 # A CLIP tokenizer is either the fast tokenizer's one file or the slow one's vocabulary and merges.
 _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 # What RAPM loads (a safety checker is never loaded, a feature extractor never used).
-USED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+USED = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+        "tokenizer_3", "scheduler")
 
 
 def _json_object(path: Path, what: str) -> dict:

@@ -26,7 +26,8 @@ STORE_DTYPES = ("float16", "float32")
 POSITIONS_CODEC = {"cname": "zstd", "clevel": 5, "shuffle": "shuffle"}
 SEED_RULE = "seed_i = sha256('rapm-trajectory:{seed}:{i}')[:8] little-endian & (2**63-1)"
 # Readable names for identity fields in mismatch messages.
-TeacherKind = Literal["sd15", "sdxl"]  # the pipeline family a teacher belongs to
+TeacherKind = Literal["sd15", "sdxl", "sd3"]  # the pipeline family a teacher belongs to
+_OPTIONAL_IDENTITY = ("max_sequence_length",)  # identity fields of some teacher kinds only
 _FIELD_NAMES = {"prompts_hash": "prompt set", "num": "number of trajectories", "teacher_revision": "teacher revision"}
 
 
@@ -61,6 +62,9 @@ class StoreIdentity(BaseModel):
     prompts_hash: str
     num: int
     latent_shape: tuple[int, int, int]
+    # SD3-class teachers only (their T5 token count changes the encoding); None elsewhere, and then
+    # left out of the identity, so stores written before it existed keep their hash.
+    max_sequence_length: int | None = None
 
     @property
     def positions_per_trajectory(self) -> int:
@@ -68,7 +72,8 @@ class StoreIdentity(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The identity fields as JSON; diffusers' bookkeeping keys (``_class_name``…) don't count."""
-        ident = {name: getattr(self, name) for name in StoreIdentity.model_fields}
+        ident = {name: getattr(self, name) for name in StoreIdentity.model_fields
+                 if not (name in _OPTIONAL_IDENTITY and getattr(self, name) is None)}
         ident["scheduler_config"] = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
         ident["latent_shape"] = list(self.latent_shape)
         return ident
@@ -82,8 +87,9 @@ class StoreSchema(StoreIdentity):
 
     embed_dtype: str = "float32"
     teacher_fingerprint: str | None = None
-    fine_timesteps: list[int] | None = None
-    coarse_timesteps: list[int] | None = None
+    # The grid's levels: DDIM timesteps (ints) or a flow teacher's σ (floats).
+    fine_timesteps: list[int | float] | None = None
+    coarse_timesteps: list[int | float] | None = None
     prompt_store: PromptSource | None = None
     seed_rule: str = SEED_RULE
     created_by: str | None = None
@@ -113,13 +119,13 @@ def identity_mismatch(path: str, stored: StoreIdentity, wanted: dict[str, Any]) 
         wanted = {**wanted, "latent_shape": list(wanted["latent_shape"])}
     diffs = []
     for key in StoreIdentity.model_fields:
-        if key not in wanted or have[key] == wanted[key]:
+        if key not in wanted or have.get(key) == wanted[key] or (key in _OPTIONAL_IDENTITY and key not in have):
             continue
         name = _FIELD_NAMES.get(key, key)
         if key in ("scheduler_config", "prompts_hash"):
             diffs.append(f"{name} differs")
         else:
-            diffs.append(f"{name}: store has {have[key]!r}, this run wants {wanted[key]!r}")
+            diffs.append(f"{name}: store has {have.get(key)!r}, this run wants {wanted[key]!r}")
     if not diffs:
         return None
     return (f"{path}: existing trajectory store was made with a different config ({'; '.join(diffs)}); "

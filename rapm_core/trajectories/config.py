@@ -33,6 +33,11 @@ class TrajectoriesOptions(SlotOptions):
     # More noise draws of a small prompt set are new trajectories (RESULTS.md: what they bought on
     # the shapes teacher).
     samples_per_prompt: int = Field(1, ge=1, description="trajectories per prompt, each from its own noise")
+    # The SD3 pipeline's own default; a teacher trained with fewer T5 tokens (the embedded flow
+    # teacher: 16) is sampled with its own.
+    max_sequence_length: int = Field(256, ge=1, le=4096, description="SD3-class teachers: T5 tokens per prompt, as "
+                                     "the pipeline's max_sequence_length (without T5, that many zero tokens); "
+                                     "UNet teachers ignore it")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig,
                                        description="where generation runs (speed only; same store everywhere)")
 
@@ -41,7 +46,7 @@ class TrajectoriesConfig(TrajectoriesOptions):
     """Stage A: the teacher's guided N·M-step DDIM trajectories for every prompt, all positions kept."""
 
     prompts: str = Field(description="prompt store directory (made by `rapm ingest`)")
-    teacher: str = Field(description="teacher pipeline: local diffusers directory or hub id (SD1.5- or SDXL-class)")
+    teacher: str = Field(description="teacher pipeline: local diffusers directory or hub id (SD1.5-, SDXL- or SD3-class)")
     out: str = Field(description="trajectory store (Zarr group) to create, or to resume if it has the same config")
     revision: str | None = Field(None, description="teacher revision (hub branch, tag or commit)")
     seed: int = Field(0, ge=0, description="global seed; trajectory i uses sha256(seed, i) as its noise seed")

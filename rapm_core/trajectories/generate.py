@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from typing import Any, Callable
 
@@ -79,6 +79,7 @@ def wanted_identity(config: TrajectoriesConfig, records: list[PromptRecord]) -> 
         "steps_per_slot": config.steps_per_slot, "guidance": config.guidance, "seed": config.seed,
         "compute_dtype": config.dtype, "store_dtype": config.store_dtype,
         "prompts_hash": config_hash({"prompt_ids": [r.id for r in records]}), "num": len(records),
+        "max_sequence_length": config.max_sequence_length,  # compared only with stores that record one (SD3)
     }
 
 
@@ -99,8 +100,11 @@ def preflight(config: TrajectoriesConfig) -> Opened:
 def store_schema(config: TrajectoriesConfig, records: list[PromptRecord], teacher: Teacher,
                  grid: SlotGrid) -> StoreSchema:
     prompt_meta = PromptStore(config.prompts).meta
+    identity = wanted_identity(config, records)
+    if teacher.kind != "sd3":  # only SD3's prompt encoding depends on it
+        identity["max_sequence_length"] = None
     return StoreSchema(
-        **wanted_identity(config, records), kind=teacher.kind, scheduler_config=teacher.scheduler_config,
+        **identity, kind=teacher.kind, scheduler_config=teacher.scheduler_config,
         latent_shape=teacher.latent_shape, embed_dtype="float16" if config.dtype == "fp16" else "float32",
         teacher_fingerprint=teacher_fingerprint(teacher_identifier(config.teacher)),
         fine_timesteps=list(grid.fine), coarse_timesteps=list(grid.coarse),
@@ -112,11 +116,11 @@ def store_schema(config: TrajectoriesConfig, records: list[PromptRecord], teache
 
 
 def sampling_teacher(teacher: Teacher, device: torch.device | str) -> Teacher:
-    """``teacher`` with what Stage A runs (UNet, text encoders) on ``device`` and its VAE in host
+    """``teacher`` with what Stage A runs (denoiser, text encoders) on ``device`` and its VAE in host
     memory: the stage never decodes, so on the accelerator the VAE would only take memory. A
     preloaded teacher's VAE is moved off as well."""
     pipe = teacher.pipe
-    for name in ("unet", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.to(device)
@@ -172,6 +176,7 @@ def _generate(config: TrajectoriesConfig, opened: Opened, start: int, stop: int 
     preloaded = teacher() if callable(teacher) else teacher
     teacher = sampling_teacher(preloaded or load_teacher(config.teacher, config.revision, dtype, "cpu"),
                                preloaded.device if preloaded else device)
+    teacher = replace(teacher, max_sequence_length=config.max_sequence_length)
     if teacher.dtype != dtype:
         raise ConfigError(f"the preloaded teacher computes in {teacher.dtype}, the config asks for {config.dtype}")
     try:
