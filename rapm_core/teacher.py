@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -229,13 +229,21 @@ class Teacher:
         return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
 
 
-def _absent_components(source: str, revision: str | None) -> dict:
+def absent_components(source: str, revision: str | None) -> dict:
     """``None`` for the optional components a pipeline was saved without (an SD3 teacher without
     T5): ``from_pretrained`` refuses such a directory unless told."""
     with _hub_quiet():
         config = DiffusionPipeline.load_config(source, revision=revision, **_hub_options(source))
     return {name: None for name in ("text_encoder_3", "tokenizer_3")
             if name in config and not (isinstance(config[name], list) and config[name][0])}
+
+
+def pipeline_arguments(schema) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a stock load and call of a store's teacher need besides the defaults (an SD3 teacher's
+    absent T5, its T5 token count): (``from_pretrained`` keywords, call keywords)."""
+    if schema.kind != "sd3":
+        return {}, {}
+    return absent_components(schema.teacher, schema.teacher_revision), {"max_sequence_length": schema.max_sequence_length}
 
 
 def load_teacher(
@@ -249,13 +257,20 @@ def load_teacher(
     try:
         with _hub_quiet():
             if kind == "sd3":
-                extra = _absent_components(source, revision)
+                extra = absent_components(source, revision)
             pipe = cls.from_pretrained(source, revision=revision, dtype=dtype, **extra, **_local_options(source))
     except Exception as err:
         raise _cannot_load(source, err) from err
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return Teacher(pipe=pipe, kind=kind, source=source, revision=revision, max_sequence_length=max_sequence_length)
+
+
+def load_store_teacher(schema, device: torch.device | str = "cpu") -> Teacher:
+    """The teacher of a trajectory store, as the store encoded its prompts (its compute dtype, an
+    SD3 teacher's T5 token count)."""
+    return load_teacher(schema.teacher, schema.teacher_revision, resolve_dtype(schema.compute_dtype), device,
+                        max_sequence_length=schema.max_sequence_length or SD3_MAX_SEQUENCE_LENGTH)
 
 
 def load_unet(source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32,

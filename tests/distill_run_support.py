@@ -14,14 +14,14 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle on grey"]
 
 
 def make_store(root: Path, teacher_dir: Path, num: int = 3, slots: int = 2, steps_per_slot: int = 2,
-               prompts: list[str] | None = None) -> Path:
+               prompts: list[str] | None = None, **options) -> Path:
     texts = (prompts or PROMPTS)[:num]
     prompts = root / "prompts"
     write_prompt_store(prompts, [PromptRecord(prompt_id(t), t) for t in texts])
     out = root / "trajectories.zarr"
     generate_trajectories(TrajectoriesConfig(
         prompts=str(prompts), teacher=str(teacher_dir), out=str(out), slots=slots, steps_per_slot=steps_per_slot,
-        guidance=3.0, device="cpu", batch_size=num, store_dtype="float32"), log=lambda _: None)
+        guidance=3.0, device="cpu", batch_size=num, store_dtype="float32", **options), log=lambda _: None)
     return out
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig
 
+from rapm_core.denoiser import is_transformer
 from rapm_core.distill.student import lora_state_dict
 from rapm_core.ode import StockSampler
 
@@ -27,6 +28,13 @@ def is_sdxl_unet(unet: torch.nn.Module) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
+def pipeline_class(denoiser: torch.nn.Module) -> type:
+    """The stock pipeline a user loads the student's LoRA into."""
+    if is_transformer(denoiser):
+        return StableDiffusion3Pipeline
+    return StableDiffusionXLPipeline if is_sdxl_unet(denoiser) else StableDiffusionPipeline
+
+
 def save_diffusers_lora(unet: torch.nn.Module, config: LoraConfig, out_dir: str | Path) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` as stock ``load_lora_weights`` expects it.
 
@@ -34,11 +42,11 @@ def save_diffusers_lora(unet: torch.nn.Module, config: LoraConfig, out_dir: str 
     loader skips) and the adapter metadata (without it a lora_alpha ≠ rank silently becomes 1), in an
     order that does not depend on the process.
     """
-    pipeline_cls = StableDiffusionXLPipeline if is_sdxl_unet(unet) else StableDiffusionPipeline
     out_dir = Path(out_dir)
-    pipeline_cls.save_lora_weights(
-        out_dir, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=adapter_metadata(config),
-    )
+    # Each pipeline's loader reads the denoiser's adapter under its own component name.
+    component = "transformer" if is_transformer(unet) else "unet"
+    pipeline_class(unet).save_lora_weights(out_dir, **{f"{component}_lora_layers": lora_state_dict(unet),
+                                                       f"{component}_lora_adapter_metadata": adapter_metadata(config)})
     sort_safetensors_metadata(out_dir / LORA_WEIGHTS)
     return out_dir
 
@@ -68,18 +76,23 @@ def sort_safetensors_metadata(path: Path) -> None:
 
 
 def write_model_card(out_dir: str | Path, teacher: str, sampler: StockSampler, steps_per_slot: int,
-                     lora: LoraConfig, sdxl: bool, extra: Mapping[str, Any], method: str = "rapm",
-                     title: str = "") -> None:
+                     lora: LoraConfig, pipeline: str, extra: Mapping[str, Any], method: str = "rapm",
+                     title: str = "", load_arguments: Mapping[str, Any] | None = None,
+                     call_arguments: Mapping[str, Any] | None = None) -> None:
     """README.md (Hub-style card: teacher, N, M, how to sample) and ``inference.json`` (N, guidance,
     method, scheduler class, ``set_timesteps`` arguments) beside the LoRA, because the scheduler
-    config alone cannot record the step count."""
+    config alone cannot record the step count. ``pipeline``: the stock pipeline class's name;
+    ``load_arguments`` / ``call_arguments``: what its ``from_pretrained`` / call also needs (an
+    SD3 teacher without T5: ``text_encoder_3=None``; its T5 token count ``max_sequence_length``)."""
     out_dir = Path(out_dir)
     num_steps, scheduler = sampler.num_steps, sampler.class_name
+    load_arguments, call_arguments = dict(load_arguments or {}), dict(call_arguments or {})
     settings = {"num_inference_steps": num_steps, "guidance_scale": 1.0, "teacher": teacher, "method": method,
                 "scheduler": scheduler, "set_timesteps": sampler.timestep_kwargs, "steps_per_slot": steps_per_slot,
-                "lora_rank": lora.r, "lora_alpha": lora.lora_alpha}
+                "lora_rank": lora.r, "lora_alpha": lora.lora_alpha, "pipeline": pipeline,
+                **({"pipeline_call": call_arguments} if call_arguments else {})}
     (out_dir / "inference.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    pipeline_cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    pipeline_cls = pipeline
     rows = [("teacher", teacher), ("steps N", num_steps), ("teacher steps per slot M", steps_per_slot),
             ("guidance at inference", 1.0), ("LoRA rank / alpha", f"{lora.r} / {lora.lora_alpha}")]
     rows += [(k, v) for k, v in extra.items() if not isinstance(v, Mapping) and k not in dict(rows)]
@@ -92,16 +105,23 @@ def write_model_card(out_dir: str | Path, teacher: str, sampler: StockSampler, s
         if isinstance(v, Mapping):
             lines += [f"## {k}", "", "| | |", "|---|---|", *(f"| {kk} | {_cell(vv)} |" for kk, vv in v.items()), ""]
     lines += ["## Use", "", "```python", f"from diffusers import {pipeline_cls}, {scheduler}",
-              f'pipe = {pipeline_cls}.from_pretrained("{teacher}")', 'pipe.load_lora_weights("<this folder>")',
+              f'pipe = {pipeline_cls}.from_pretrained("{teacher}"{_python_keywords(load_arguments)})',
+              'pipe.load_lora_weights("<this folder>")',
               f'pipe.scheduler = {scheduler}.from_pretrained("<this folder>", subfolder="scheduler")',
-              f'image = pipe("a prompt", num_inference_steps={num_steps}{call_arguments(sampler)}, '
-              'guidance_scale=1.0).images[0]', "```", ""]
+              f'image = pipe("a prompt", num_inference_steps={num_steps}{call_arguments_source(sampler)}'
+              f'{_python_keywords(call_arguments)}, guidance_scale=1.0).images[0]', "```", ""]
     (out_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
-def call_arguments(sampler: StockSampler) -> str:
+def call_arguments_source(sampler: StockSampler) -> str:
     """The pipeline call's extra keywords (a flow student's ``sigmas=``), as Python source."""
-    return "".join(f", {k}={json.dumps(v)}" for k, v in sampler.timestep_kwargs.items())
+    return _python_keywords(sampler.timestep_kwargs)
+
+
+def _python_keywords(arguments: Mapping[str, Any]) -> str:
+    # JSON writes lists, numbers and strings as Python does; None and booleans differ.
+    return "".join(f", {k}={repr(v) if v is None or isinstance(v, bool) else json.dumps(v)}"
+                   for k, v in arguments.items())
 
 
 def _cell(value: Any) -> str:

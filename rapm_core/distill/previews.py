@@ -30,7 +30,7 @@ from rapm_core.evaluate.measures import to_uint8
 from rapm_core.evaluate.samplers import SamplerSpec, eval_seed, sample_latents
 from rapm_core.sample import contact_sheet, png_bytes
 from rapm_core.teacher import (
-    decode_latents, encode_prompts, encode_uncond, latent_shape, load_teacher, load_vae, resolve_device, resolve_dtype,
+    decode_latents, encode_prompts, encode_uncond, latent_shape, load_store_teacher, load_vae, resolve_device,
 )
 from rapm_core.trajectories.chain import initial_noise
 from storage.atomic import write_bytes_atomic, write_json_atomic
@@ -79,7 +79,7 @@ def _encode_and_reference(store: TrajectoryStore, prompts: list[str], device: to
     saved to ``path`` so no later start needs the text encoders."""
     schema = store.schema
     check_teacher_unchanged(schema, store.path)
-    teacher = load_teacher(schema.teacher, schema.teacher_revision, resolve_dtype(schema.compute_dtype), device)
+    teacher = load_store_teacher(schema, device)
     cond = encode_prompts(teacher, prompts)
     nm = schema.num_slots * schema.steps_per_slot
     spec = SamplerSpec("teacher_ref", nm, schema.guidance, f"teacher {nm} steps")

@@ -25,6 +25,7 @@ import torch
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.data import DataOrder, prefetched
+from rapm_core.distill.discriminator import ADVERSARIAL_ON_TRANSFORMER
 from rapm_core.distill.plots import plot_loss_curves
 from rapm_core.distill.previews import open_previews
 from rapm_core.distill.renders import render_latents
@@ -34,7 +35,7 @@ from rapm_core.distill.trainer import NonFiniteLossError, Trainer
 from rapm_core.errors import ConfigError
 from rapm_core.progress import Progress
 from rapm_core.ode import SlotGrid
-from rapm_core.teacher import load_unet, resolve_device, resolve_dtype
+from rapm_core.teacher import load_unet, pipeline_arguments, resolve_device, resolve_dtype
 from storage.checkpoints import Checkpoint
 from storage.errors import StoreError, reporting_full_disk
 from storage.hashing import config_hash
@@ -103,6 +104,13 @@ def already_done(config: DistillRunConfig) -> dict | None:
 def check_method_fits(config: DistillRunConfig, store: TrajectoryStore) -> None:
     """Refuse a method the store cannot train (e.g. a relative offset d ≥ M) before the run dir is claimed."""
     schema = store.schema
+    adversarial = ((config.method == "rapm" and (config.rapm.adversarial("rel") or config.rapm.adversarial("abs")))
+                   or (config.method == "pcm" and config.pcm.pcm_adversarial))
+    if schema.kind == "sd3" and adversarial:
+        raise ConfigError(ADVERSARIAL_ON_TRANSFORMER)
+    if schema.kind == "sd3" and config.method in ("pcm", "lcm"):  # their skipping grid exists only on VP teachers
+        raise ConfigError(f"--method {config.method} on an SD3-class (rectified-flow) teacher is not implemented yet; "
+                          "use --method rapm")
     if config.method == "rapm" and not 0 <= config.rapm.relative_offset < schema.steps_per_slot:
         raise ConfigError(f"--relative-offset {config.rapm.relative_offset} must be below the store's "
                           f"{schema.steps_per_slot} teacher steps per slot (M)")
@@ -118,7 +126,7 @@ def build_trainer(config: DistillRunConfig, store: TrajectoryStore) -> Trainer:
         raise ConfigError(str(err)) from err
     check_teacher_unchanged(schema, config.trajectories)
     unet = load_unet(schema.teacher, schema.teacher_revision, dtype=resolve_dtype(config.training.weights_dtype),
-                     device=device)
+                     device=device, kind=schema.kind)
     seed_everything(config.seed)
     teacher = GuidedTeacher(Conditioning.from_arrays(store.uncond()), schema.guidance)
     return Trainer(unet, schema.scheduler_config, grid, config.method_config(), device=device, teacher=teacher)
@@ -259,7 +267,9 @@ def _export(run: RunDir, trainer: Trainer, store: TrajectoryStore, record: dict,
         "trajectory_store_config_hash": schema.config_hash, "config": record["config"],
     }
     with run.replacing("export") as tmp:
-        trainer.export(tmp, teacher=schema.teacher, model_card=card)
+        load_arguments, call_arguments = pipeline_arguments(schema)
+        trainer.export(tmp, teacher=schema.teacher, model_card=card, load_arguments=load_arguments,
+                       call_arguments=call_arguments)
         write_manifest(tmp, {"step": step, "run_config_hash": h})
     plot_loss_curves(run.metrics.read(), run.path / "loss_curves.png",
                      title=f"{Path(schema.teacher).name} · {h[:8]} · {step} iterations")

@@ -19,7 +19,7 @@ import torch
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import MethodConfig
-from rapm_core.distill.export import save_diffusers_lora, write_model_card, is_sdxl_unet
+from rapm_core.distill.export import pipeline_class, save_diffusers_lora, write_model_card
 from rapm_core.distill.method import Example, GuidedTeacher, LossTerms, Method
 from rapm_core.distill.registry import build_method
 from rapm_core.distill.student import Student, load_lora_state_dict, lora_state_dict
@@ -198,14 +198,17 @@ class Trainer:
         """The student's own few-step sampler at guidance 1, as exported."""
         return self.method.sample(latents.to(self.student.device), cond.to(self.student.device), generator)
 
-    def export(self, out_dir: str | Path, teacher: str, model_card: Mapping[str, Any]) -> Path:
-        """Write the diffusers LoRA, the scheduler the method samples with and a model card."""
+    def export(self, out_dir: str | Path, teacher: str, model_card: Mapping[str, Any],
+               load_arguments: Mapping[str, Any] | None = None, call_arguments: Mapping[str, Any] | None = None) -> Path:
+        """Write the diffusers LoRA, the scheduler the method samples with and a model card
+        (``load_arguments`` / ``call_arguments``: what the stock pipeline's load and call also need)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_diffusers_lora(self.unet, self.student.lora_config, out_dir)
         sampler = self.method.stock_sampler()
         sampler.scheduler().save_pretrained(out_dir / "scheduler")
         write_model_card(out_dir, teacher=teacher, sampler=sampler, steps_per_slot=self.grid.steps_per_slot,
-                         lora=self.student.lora_config, sdxl=is_sdxl_unet(self.unet), extra=model_card,
-                         method=self.method.name, title=self.method.title)
+                         lora=self.student.lora_config, pipeline=pipeline_class(self.unet).__name__, extra=model_card,
+                         method=self.method.name, title=self.method.title, load_arguments=load_arguments,
+                         call_arguments=call_arguments)
         return out_dir

@@ -26,7 +26,7 @@ from rapm_core.evaluate.metrics import registered_metrics
 from rapm_core.evaluate.samplers import SamplerSamples, eval_seed, run_sampler
 from rapm_core.evaluate.trajectory_figure import trajectory_figure
 from rapm_core.progress import Progress
-from rapm_core.teacher import decode_latents, encode_prompts, encode_uncond, load_teacher, resolve_device, resolve_dtype
+from rapm_core.teacher import decode_latents, encode_prompts, encode_uncond, load_store_teacher, resolve_device
 from rapm_core.trajectories.chain import initial_noise
 from storage.run_dir import RunDir
 from storage.teacher_fingerprint import check_teacher_unchanged
@@ -47,7 +47,7 @@ def evaluate_run(config: EvaluateConfig, progress: Callable[[Progress], None] | 
     log(f"evaluating {config.run}: {len(specs)} samplers × {config.num_images} images "
         f"({len(p.texts)} eval prompts from {p.prompt_source}) on {device}")
     check_teacher_unchanged(schema, p.store.path)
-    teacher = load_teacher(schema.teacher, schema.teacher_revision, resolve_dtype(schema.compute_dtype), device)
+    teacher = load_store_teacher(schema, device)
     cond = reduce(Conditioning.cat, [encode_prompts(teacher, p.prompts[a:a + config.batch_size])
                                      for a in range(0, len(p.prompts), config.batch_size)])
     uncond = encode_uncond(teacher)

@@ -39,7 +39,7 @@ from rapm_core.execution import worker_cached
 from rapm_core.progress import Progress
 from rapm_core.sampler import guided_prediction
 from rapm_core.teacher import (
-    Teacher, decode_latents, encode_prompts, encode_uncond, load_teacher, resolve_device, resolve_dtype,
+    Teacher, decode_latents, encode_prompts, encode_uncond, load_store_teacher, resolve_device,
 )
 from rapm_core.trajectories.chain import initial_noise
 from storage.eval_store import EvalStore, EvalStoreSchema, check_compatible, exists
@@ -105,7 +105,7 @@ def worker_models(config: EvaluateConfig, p: Prepared, student: bool) -> WorkerM
     def load() -> WorkerModels:
         device = resolve_device(config.device)
         check_teacher_unchanged(schema, p.store.path)
-        teacher = load_teacher(schema.teacher, schema.teacher_revision, resolve_dtype(schema.compute_dtype), device)
+        teacher = load_store_teacher(schema, device)
         if student:
             p.student.load_into(teacher.pipe)  # the stock diffusers way, fused as deployed
         extractors = [m.extractor(config, device) for m in feature_metrics() if m.feature_config(config) is not None]

@@ -1,0 +1,114 @@
+"""RAPM on an SD3-class teacher end to end: ``rapm distill`` trains the transformer's LoRA from a
+tiny SD3 store and resumes bit-identically after SIGKILL; what is not built for transformers yet
+is refused in one line; the export loads into a stock StableDiffusion3Pipeline with every key
+matched and samples what the project's student sampler samples, with the model card's own call."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from distill_run_support import make_store, run_config
+from distill_support import method_config
+from rapm_core.distill.run import run_distillation
+from rapm_core.distill.trainer import Trainer
+from rapm_core.ode import SlotGrid
+from rapm_core.ode.flow import pre_shift_sigmas
+from rapm_core.teacher import encode_prompts, load_teacher, load_unet
+from rapm_testing.tiny_sd3 import build_tiny_sd3, load_tiny_sd3
+from test_exact_resume import _kill_when, _start
+
+T5_TOKENS = 8
+POINTWISE = {"loss_relative": "pointwise", "loss_absolute": "pointwise"}
+
+
+@pytest.fixture(scope="module")
+def sd3_teacher(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "teacher", with_t5=False)
+
+
+@pytest.fixture(scope="module")
+def sd3_store(sd3_teacher, tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("sd3-store"), sd3_teacher, max_sequence_length=T5_TOKENS)
+
+
+def _rapm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_rapm_distill_trains_the_transformer_lora_and_resumes_after_sigkill(sd3_store, tmp_path):
+    out = tmp_path / "cli-run"
+    done = _rapm("distill", "--trajectories", str(sd3_store), "--out", str(out), "--iterations", "2",
+                 "--checkpoint-every", "1", "--device", "cpu", "--loss-relative", "pointwise",
+                 "--loss-absolute", "pointwise")
+    assert done.returncode == 0, done.stderr
+    exported = load_file(out / "export" / "pytorch_lora_weights.safetensors")
+    assert exported and all(k.startswith("transformer.transformer_blocks.") for k in exported)
+
+    reference = run_config(sd3_store, tmp_path / "reference", method=POINTWISE, iterations=6)
+    run_distillation(reference, log=lambda _: None)
+    config = reference.model_copy(update={"out": str(tmp_path / "killed")})
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert _kill_when(_start(config, tmp_path / "child.log"), lambda: any(ckpts.glob("step-*")))
+    assert _start(config, tmp_path / "final.log").wait(timeout=300) == 0, (tmp_path / "final.log").read_text()
+    last = f"step-{config.iterations:07d}/trainable.safetensors"
+    want, got = load_file(tmp_path / "reference" / "checkpoints" / last), load_file(ckpts / last)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k)  # training moved the adapter
+
+
+@pytest.mark.parametrize("options,says", [
+    (["--loss-relative", "adversarial"], "adversarial training on an SD3-class"),
+    (["--method", "pcm"], "--method pcm on an SD3-class"),
+])
+def test_what_is_not_built_for_transformers_is_refused_in_one_line(sd3_store, tmp_path, options, says):
+    out = tmp_path / "run"
+    refused = _rapm("distill", "--trajectories", str(sd3_store), "--out", str(out), "--iterations", "1",
+                    "--device", "cpu", *options)
+    assert refused.returncode == 2 and says in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_the_export_loads_into_the_stock_sd3_pipeline_and_samples_as_the_student(sd3_teacher, tmp_path):
+    pipe = load_tiny_sd3(sd3_teacher)
+    grid = SlotGrid.from_scheduler(pipe.scheduler.config, 3, 2)
+    trainer = Trainer(load_unet(sd3_teacher, kind="sd3"), pipe.scheduler.config, grid, method_config(**POINTWISE))
+    g = torch.Generator().manual_seed(1)
+    trainer.load_trainable_state_dict({k: 0.05 * torch.randn(v.shape, generator=g) if ".lora_B." in k else v
+                                       for k, v in trainer.trainable_state_dict().items()})
+    export = trainer.export(tmp_path / "export", teacher=str(sd3_teacher), model_card={},
+                            load_arguments={"text_encoder_3": None, "tokenizer_3": None},
+                            call_arguments={"max_sequence_length": T5_TOKENS})
+    info = json.loads((export / "inference.json").read_text())
+    assert info["set_timesteps"] == {"sigmas": pre_shift_sigmas(3)} and info["pipeline"] == "StableDiffusion3Pipeline"
+
+    pipe.load_lora_weights(str(export))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(export / "scheduler")
+    (name,) = pipe.get_active_adapters()
+    loaded, ours = get_peft_model_state_dict(pipe.transformer, adapter_name=name), get_peft_model_state_dict(trainer.unet)
+    assert loaded.keys() == ours.keys() and all(torch.equal(loaded[k], ours[k]) for k in ours)  # nothing missing
+
+    prompts = ["a red circle", "green triangle"]
+    latents = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(4))
+    teacher = load_teacher(sd3_teacher, max_sequence_length=T5_TOKENS)
+    student = trainer.sample(latents, encode_prompts(teacher, prompts))
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(prompts, latents=latents.clone(), num_inference_steps=3, sigmas=info["set_timesteps"]["sigmas"],
+                 guidance_scale=1.0, max_sequence_length=T5_TOKENS, output_type="latent").images
+    assert (stock - student).abs().max() / stock.abs().max() <= 1e-4
+    assert (student - latents).abs().max() > 0.1
+
+    # The card's own code, as a user pastes it, runs.
+    card = (export / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("<this folder>", str(export))
+    assert f"max_sequence_length={T5_TOKENS}" in code and "text_encoder_3=None" in code
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the card's code is what is under test
+    assert scope["image"].size == (32, 32)
