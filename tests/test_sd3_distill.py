@@ -6,8 +6,10 @@ matched and samples what the project's student sampler samples, with the model c
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +114,31 @@ def test_the_export_loads_into_the_stock_sd3_pipeline_and_samples_as_the_student
     scope: dict = {}
     exec(code, scope)  # noqa: S102 - the card's code is what is under test
     assert scope["image"].size == (32, 32)
+
+
+def readme_flow_commands() -> list[list[str]]:
+    """The commands of the README's "Rectified-flow teachers" section, as argv lists."""
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Rectified-flow teachers"):]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line.split("  #", 1)[0]) for line in block.splitlines() if line.startswith("rapm ")]
+
+
+def test_the_readme_flow_teacher_commands_run_as_typed(tmp_path):
+    """Ingest, trajectories, store inspect, distill, evaluate on the embedded flow teacher, as the README has them."""
+    commands = readme_flow_commands()
+    assert [c[1] for c in commands] == ["ingest", "trajectories", "store", "distill", "evaluate"]
+    (tmp_path / "assets").symlink_to(Path(__file__).parent.parent / "assets")
+    captions = [f"a {size} {colour} circle at the {where}" for size in ("small", "large")
+                for colour in ("red", "blue") for where in ("left", "top")]
+    (tmp_path / "shapes-captions.txt").write_text("\n".join(captions) + "\n")
+    outputs = []
+    for argv in commands:
+        done = subprocess.run([sys.executable, "-m", "flows.cli", *argv[1:]], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+        outputs.append(done.stdout)
+    assert json.loads(outputs[2])["stock_sigmas"] == pre_shift_sigmas(4 * 10)
+    rows = {r["sampler"]: r for r in json.loads((tmp_path / "work/flow-run/eval/metrics.json").read_text())["samplers"]}
+    assert list(rows) == ["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
+    assert rows["student"]["nfe"] == 4 and rows["student"]["latent_mse"] > 0
