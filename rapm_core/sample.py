@@ -183,7 +183,8 @@ def sample_student(config: SampleConfig, plan: SamplePlan, log: Callable[[str], 
 
     device = resolve_device(config.device)
     k, student = config.num_images, plan.student
-    teacher = load_teacher(plan.teacher, plan.teacher_revision, resolve_dtype(config.dtype), device)
+    teacher = load_teacher(plan.teacher, plan.teacher_revision, resolve_dtype(config.dtype), device,
+                           **student.pipeline_call)  # the prompt encoding the student was trained on
     student.load_into(teacher.pipe)
     sampler = with_steps(student.sampler, plan.steps)
     spec = SamplerSpec("student", plan.steps, 1.0, f"{student.method.upper()} student {plan.steps} steps", sampler)

@@ -124,10 +124,11 @@ def readme_flow_commands() -> list[list[str]]:
     return [shlex.split(line.split("  #", 1)[0]) for line in block.splitlines() if line.startswith("rapm ")]
 
 
+@pytest.mark.slow
 def test_the_readme_flow_teacher_commands_run_as_typed(tmp_path):
     """Ingest, trajectories, store inspect, distill, evaluate on the embedded flow teacher, as the README has them."""
     commands = readme_flow_commands()
-    assert [c[1] for c in commands] == ["ingest", "trajectories", "store", "distill", "evaluate"]
+    assert [c[1] for c in commands] == ["ingest", "trajectories", "store", "distill", "evaluate", "sample"]
     (tmp_path / "assets").symlink_to(Path(__file__).parent.parent / "assets")
     captions = [f"a {size} {colour} circle at the {where}" for size in ("small", "large")
                 for colour in ("red", "blue") for where in ("left", "top")]
@@ -142,3 +143,4 @@ def test_the_readme_flow_teacher_commands_run_as_typed(tmp_path):
     rows = {r["sampler"]: r for r in json.loads((tmp_path / "work/flow-run/eval/metrics.json").read_text())["samplers"]}
     assert list(rows) == ["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
     assert rows["student"]["nfe"] == 4 and rows["student"]["latent_mse"] > 0
+    assert len(list((tmp_path / "work/flow-samples").glob("prompt000-image*.png"))) == 2

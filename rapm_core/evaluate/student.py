@@ -15,6 +15,8 @@ class StudentExport:
     directory: Path
     sampler: StockSampler  # the exported scheduler, step count and set_timesteps arguments
     method: str
+    # What the stock pipeline call needs besides the sampler (an SD3 teacher's max_sequence_length).
+    pipeline_call: dict = field(default_factory=dict)
     loaded: bool = field(default=False, compare=False)
 
     @property
@@ -38,4 +40,4 @@ def load_student_export(export_dir: str | Path) -> StudentExport:
     info = json.loads(settings.read_text(encoding="utf-8"))
     exported = json.loads((scheduler_dir / "scheduler_config.json").read_text(encoding="utf-8"))
     sampler = StockSampler(exported, int(info["num_inference_steps"]), dict(info.get("set_timesteps", {})))
-    return StudentExport(export_dir, sampler, info.get("method", "rapm"))
+    return StudentExport(export_dir, sampler, info.get("method", "rapm"), dict(info.get("pipeline_call", {})))
