@@ -19,10 +19,13 @@ from safetensors.torch import load_file
 
 from distill_run_support import make_store, run_config
 from distill_support import method_config
+from rapm_core.denoiser import denoise
+from rapm_core.distill.method import Example
 from rapm_core.distill.run import run_distillation
 from rapm_core.distill.trainer import Trainer
 from rapm_core.ode import SlotGrid
 from rapm_core.ode.flow import pre_shift_sigmas
+from rapm_core.sampler import ode_sample
 from rapm_core.teacher import encode_prompts, load_teacher, load_unet
 from rapm_testing.tiny_sd3 import build_tiny_sd3, load_tiny_sd3
 from test_exact_resume import _kill_when, _start
@@ -67,7 +70,7 @@ def test_rapm_distill_trains_the_transformer_lora_and_resumes_after_sigkill(sd3_
 
 
 @pytest.mark.parametrize("options,says", [
-    (["--loss-relative", "adversarial"], "adversarial training on an SD3-class"),
+    (["--loss-relative", "adversarial", "--disc-layout", "pcm"], "an SD3-class teacher has none"),
     (["--method", "pcm"], "--method pcm on an SD3-class"),
 ])
 def test_what_is_not_built_for_transformers_is_refused_in_one_line(sd3_store, tmp_path, options, says):
@@ -76,6 +79,36 @@ def test_what_is_not_built_for_transformers_is_refused_in_one_line(sd3_store, tm
                     "--device", "cpu", *options)
     assert refused.returncode == 2 and says in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_adversarial_rapm_reads_every_joint_block_of_the_transformer(sd3_teacher):
+    """The discriminator's features are the joint blocks' image streams on the patch grid (what
+    the blocks return, read by hooks), gradients reach the sample through them, and an adversarial
+    RAPM step on the transformer trains both head sets."""
+    pipe = load_tiny_sd3(sd3_teacher)
+    grid = SlotGrid.from_scheduler(pipe.scheduler.config, 2, 2)
+    trainer = Trainer(load_unet(sd3_teacher, kind="sd3"), pipe.scheduler.config, grid,
+                      method_config(loss_relative="both", loss_absolute="adversarial", disc_channels=8))
+    transformer = trainer.unet
+    cond = encode_prompts(load_teacher(sd3_teacher, max_sequence_length=T5_TOKENS), ["a red circle"])
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    taps = trainer.method.discriminators.taps
+    features = taps(x, torch.tensor(600.0), cond)
+    assert [tuple(f.shape) for f in features] == [(1, 16, 8, 8)] * len(transformer.transformer_blocks)
+    streams = []
+    hook = transformer.transformer_blocks[0].register_forward_hook(lambda _m, _i, out: streams.append(out[1]))
+    with torch.no_grad():
+        denoise(transformer, x, torch.tensor(600.0), cond)
+    hook.remove()
+    torch.testing.assert_close(features[0].flatten(2).transpose(1, 2), streams[0], rtol=0, atol=0)
+    sum(f.square().mean() for f in features).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+    positions = ode_sample(transformer, grid.ode, torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(1)),
+                           cond, grid.total_steps, return_positions=True)[0]
+    metrics = trainer.train_step(Example(positions=positions, cond=cond, index=0), torch.Generator().manual_seed(0), 1)
+    assert {"rel_adv", "abs_adv", "d_loss_rel", "d_loss_abs"} <= set(metrics)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
 
 
 def test_the_export_loads_into_the_stock_sd3_pipeline_and_samples_as_the_student(sd3_teacher, tmp_path):

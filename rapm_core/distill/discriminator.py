@@ -1,11 +1,13 @@
-"""PCM-style latent discriminators: the frozen teacher UNet as backbone, small trainable heads.
+"""PCM-style latent discriminators: the frozen teacher's denoiser as backbone, small trainable heads.
 
 The backbone is read, not rebuilt: forward hooks collect every down-block output and the
-mid-block output of the teacher (adapters bypassed), and the last tapped block's hook aborts the
-forward so nothing after it is computed. Two layouts: "down-mid" (the default: one head per
+mid-block output of the teacher UNet (adapters bypassed), and the last tapped block's hook aborts
+the forward so nothing after it is computed. Two layouts: "down-mid" (the default: one head per
 down/mid feature map, the up path never runs) and "pcm" (PCM's published discriminator: the
-up-block outputs too, four heads per feature map). RAPM keeps two head sets, one judging
-relative positions and one judging absolute positions.
+up-block outputs too, four heads per feature map). An SD3-class transformer is read the same way
+at every joint block's image-stream output, its tokens laid back on the latent's patch grid (the
+final norm and projection never run); it has no up path, so only "down-mid" applies. RAPM keeps
+two head sets, one judging relative positions and one judging absolute positions.
 """
 
 from __future__ import annotations
@@ -27,11 +29,6 @@ from rapm_core.distill.student import teacher_mode
 LAYOUTS: dict[str, tuple[bool, int]] = {"down-mid": (False, 1), "pcm": (True, 4)}
 
 
-ADVERSARIAL_ON_TRANSFORMER = ("the latent discriminators read a UNet's blocks; adversarial training on an SD3-class "
-                              "(transformer) teacher is not implemented yet: use the pointwise losses "
-                              "(--loss-relative pointwise --loss-absolute pointwise)")
-
-
 class _FeaturesCollected(Exception):
     """Raised from the last tapped block's hook to skip the rest; never leaves ``FeatureTaps``."""
 
@@ -40,9 +37,10 @@ class _FeaturesCollected(Exception):
 def _no_gradient_checkpointing(unet: nn.Module) -> Iterator[None]:
     # Non-reentrant checkpointing recomputes a block during backward, by which time the adapters
     # are enabled again: the backbone would be recomputed as the student. It runs unchecked.
-    # The flag lives on the blocks; ``unet.is_gradient_checkpointing`` would walk every submodule
-    # (found costly in bench_distill.py's profile) on each of the two discriminator calls per slot.
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    # The flag lives on a UNet's blocks (on a transformer, on the model itself);
+    # ``unet.is_gradient_checkpointing`` would walk every submodule (found costly in
+    # bench_distill.py's profile) on each of the two discriminator calls per slot.
+    blocks = [unet] if is_transformer(unet) else [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     was_on = any(getattr(b, "gradient_checkpointing", False) for b in blocks)
     if was_on:
         unet.disable_gradient_checkpointing()
@@ -55,27 +53,44 @@ def _no_gradient_checkpointing(unet: nn.Module) -> Iterator[None]:
 
 class FeatureTaps:
     """The teacher's down-block and mid-block outputs (with ``up_blocks``, the up-block outputs
-    too) for a (sample, t, c), via forward hooks.
+    too) for a (sample, t, c), via forward hooks; of an SD3-class transformer, every joint block's
+    image-stream output as a (B, width, H/patch, W/patch) map.
 
     Gradients flow from the features back to ``sample`` (the generator's path), while the
     backbone's own weights stay frozen.
     """
 
     def __init__(self, unet: nn.Module, up_blocks: bool = False):
+        self.unet = unet
         if is_transformer(unet):
-            raise ConfigError(ADVERSARIAL_ON_TRANSFORMER)
+            if up_blocks:
+                raise ConfigError("--disc-layout pcm reads a UNet's up blocks; an SD3-class teacher has none: "
+                                  "use --disc-layout down-mid")
+            self.blocks = list(unet.transformer_blocks)
+            width = int(unet.config.num_attention_heads * unet.config.attention_head_dim)
+            self.channels: tuple[int, ...] = (width,) * len(self.blocks)
+            return
         if getattr(unet, "mid_block", None) is None:
             raise ConfigError("the discriminator reads the teacher UNet's mid block, and this UNet has none")
-        self.unet = unet
         self.blocks = [*unet.down_blocks, unet.mid_block, *(unet.up_blocks if up_blocks else [])]
         widths = list(unet.config.block_out_channels)
-        self.channels: tuple[int, ...] = tuple(widths + [widths[-1]] + (widths[::-1] if up_blocks else []))
+        self.channels = tuple(widths + [widths[-1]] + (widths[::-1] if up_blocks else []))
+
+    def _feature(self, output, sample: torch.Tensor) -> torch.Tensor:
+        if not is_transformer(self.unet):
+            return output[0] if isinstance(output, tuple) else output
+        # A joint block returns (context, image) streams; the image tokens are the patch grid in
+        # row-major order (PatchEmbed's flatten), so they fold back into a feature map.
+        tokens = output[1]
+        patch = int(self.unet.config.patch_size)
+        h, w = sample.shape[-2] // patch, sample.shape[-1] // patch
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
     def __call__(self, sample: torch.Tensor, t: int, cond: Conditioning) -> list[torch.Tensor]:
         features: list[torch.Tensor] = []
 
         def keep(_module, _inputs, output):
-            features.append(output[0] if isinstance(output, tuple) else output)
+            features.append(self._feature(output, sample))
 
         def keep_and_stop(module, inputs, output):
             keep(module, inputs, output)

@@ -25,7 +25,6 @@ import torch
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.data import DataOrder, prefetched
-from rapm_core.distill.discriminator import ADVERSARIAL_ON_TRANSFORMER
 from rapm_core.distill.plots import plot_loss_curves
 from rapm_core.distill.previews import open_previews
 from rapm_core.distill.renders import render_latents
@@ -104,10 +103,10 @@ def already_done(config: DistillRunConfig) -> dict | None:
 def check_method_fits(config: DistillRunConfig, store: TrajectoryStore) -> None:
     """Refuse a method the store cannot train (e.g. a relative offset d ≥ M) before the run dir is claimed."""
     schema = store.schema
-    adversarial = ((config.method == "rapm" and (config.rapm.adversarial("rel") or config.rapm.adversarial("abs")))
-                   or (config.method == "pcm" and config.pcm.pcm_adversarial))
-    if schema.kind == "sd3" and adversarial:
-        raise ConfigError(ADVERSARIAL_ON_TRANSFORMER)
+    adversarial = config.method == "rapm" and (config.rapm.adversarial("rel") or config.rapm.adversarial("abs"))
+    if schema.kind == "sd3" and adversarial and config.adversarial.disc_layout == "pcm":
+        raise ConfigError("--disc-layout pcm reads a UNet's up blocks; an SD3-class teacher has none: "
+                          "use --disc-layout down-mid")
     if schema.kind == "sd3" and config.method in ("pcm", "lcm"):  # their skipping grid exists only on VP teachers
         raise ConfigError(f"--method {config.method} on an SD3-class (rectified-flow) teacher is not implemented yet; "
                           "use --method rapm")
