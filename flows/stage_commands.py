@@ -35,15 +35,6 @@ def ingest(parser: argparse.ArgumentParser) -> None:
                "Turn a prompt file into a prompt store: normalised, deduplicated, split into train and eval.")
 
 
-def ingest_summary(plan) -> str:
-    """One line: the store, its counts, the source; ``plan`` a :class:`rapm_core.ingest.engine.IngestPlan`."""
-    c = plan.counts
-    head = "already complete: " if plan.already_complete else ""
-    return (f"{head}{plan.config.out}: {c.kept} prompts ({c.train} train, {c.eval} eval at --eval-fraction "
-            f"{plan.config.eval_fraction:g}) from {plan.config.source} "
-            f"[{plan.format}]; read {c.read}, blank {c.blank}, duplicates {c.duplicates}")
-
-
 def _ingest(args: argparse.Namespace) -> int:
     from rapm_core.ingest.engine import plan_ingest
 
@@ -56,7 +47,7 @@ def _ingest(args: argparse.Namespace) -> int:
         from flows.ingest import ingest_flow
 
         plan = replace(plan, counts=run_flow(ingest_flow, config))
-    print(ingest_summary(plan))
+    print(plan.summary())
     return 0
 
 
