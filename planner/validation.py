@@ -181,10 +181,12 @@ def measure_distill(arch: Architecture, config: PlanConfig, seed: int = 0) -> di
 
 
 def run_plan_config(store_path: str, method: MethodConfig) -> PlanConfig:
-    """The plan of distilling ``store_path`` with ``method``: its teacher, grid, guidance and dtype."""
+    """The plan of distilling ``store_path`` with ``method``: its teacher, grid, guidance and dtype
+    (and an SD3-class store's T5 token count, which sets its embeddings' length)."""
     schema = TrajectoryStore(store_path).schema
+    tokens = {} if schema.max_sequence_length is None else {"max_sequence_length": schema.max_sequence_length}
     return PlanConfig(teacher=schema.teacher, slots=schema.num_slots, steps_per_slot=schema.steps_per_slot,
-                      guidance=schema.guidance, precision=schema.compute_dtype, method=method)
+                      guidance=schema.guidance, precision=schema.compute_dtype, method=method, **tokens)
 
 
 def measure_run(store_path: str, config: PlanConfig, seed: int = 0) -> dict:

@@ -5,6 +5,7 @@ a real CPU run of a mid-size SD3.5 layout."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,11 +15,12 @@ from planner import PlanConfig
 from planner.advice import GiB
 from planner.architecture import checkpoint_count, from_preset, from_teacher, parameter_count
 from planner.planner import architecture, store_bytes
-from planner.stages import encode
-from planner.validation import compare, mid_size_sd3
+from planner.stages import encode, trajectories
+from planner.validation import compare, compare_run, mid_size_sd3
 from rapm_core.distill.config import MethodConfig
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 from rapm_testing.tiny_sd3 import build_tiny_sd3
+from distill_run_support import make_store
 
 SD35_COMMAND = "rapm plan --preset sd35-medium --precision bf16 --gpu-memory 24"
 
@@ -83,10 +85,17 @@ def test_checkpointing_is_the_advice_when_sd35_large_distillation_does_not_fit(c
     assert code == 0, err
     import json
 
-    distill = json.loads(out)["stages"]["distill"]
+    stages = json.loads(out)["stages"]
+    distill = stages["distill"]
     assert distill["fits"] is False and distill["advice"]["changes"] == {"gradient_checkpointing": True}
     assert distill["advice"]["peak_bytes"] <= 23 * GiB
     assert set(distill["resident"]) >= {"transformer", "lora", "optimizer_state"}
+    # Stage A holds T5-XXL beside the 8 B transformer: past 24 GB at any batch; a teacher saved
+    # without T5 (zeros in its tokens' place) fits.
+    assert stages["trajectories"]["fits"] is False and stages["trajectories"]["weights_bytes"] > 23 * GiB
+    arch = from_preset("sd35-large")
+    without_t5 = replace(arch, text_encoders=arch.clip_encoders)
+    assert trajectories(without_t5, PlanConfig(preset="sd35-large", precision="bf16")).peak_bytes <= 23 * GiB
 
 
 # -- teachers from config files ---------------------------------------------------------------------
@@ -143,6 +152,15 @@ def test_planner_is_within_15_percent_of_a_real_cpu_run_of_a_mid_size_sd3(stage,
     result = compare(stage, arch, config)
     assert 0.85 <= result["ratio_live"] <= 1.15, result
 
+
+@pytest.mark.parametrize("variant", ["t5", "no-t5"])
+def test_planner_predicts_the_engines_run_on_an_sd3_store(tmp_path, sd3_teachers, variant):
+    """`rapm distill --weights-dtype bf16` as the engine builds it on a real SD3 store (its teacher's
+    transformer loaded by build_trainer, a stored trajectory with its T5-length embeddings),
+    against the plan made from the teacher's config files and the store's own settings."""
+    store = make_store(tmp_path, sd3_teachers[variant], num=1, max_sequence_length=8)
+    result = compare_run(str(store), MethodConfig.from_options(weights_dtype="bf16"))
+    assert 0.85 <= result["ratio_live"] <= 1.15, result
 
 # -- the GPU check's SD3 rows -----------------------------------------------------------------------
 def test_gpu_check_has_sd3_rows_at_1024_in_bf16():
