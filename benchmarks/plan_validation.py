@@ -152,8 +152,8 @@ def sd3_rows() -> list[str]:
                 options = MethodConfig.from_options(gradient_checkpointing=ckpt)
                 d = STAGES["distill"](arch, PlanConfig(preset=preset, precision=precision, method=options))
                 rows.append(f"| {preset} | {precision} | {'yes' if ckpt else 'no'} | {traj.peak_bytes / GiB:.2f} "
-                            f"({traj.weights_bytes / GiB:.2f}) | {d.peak_bytes / GiB:.2f} ({d.weights_bytes / GiB:.2f}) "
-                            f"| {ev:.2f} |")
+                            f"({traj.weights_bytes / GiB:.2f}) | {d.peak_bytes / GiB:.2f} "
+                            f"({d.weights_bytes / GiB:.2f}) | {ev:.2f} |")
                 print(rows[-1], file=sys.stderr, flush=True)
     return rows
 

@@ -1,7 +1,8 @@
 """Peak accelerator memory of each pipeline stage, measured by running the stage on meta tensors.
 
 Each function builds the modules the stage really puts on the device (real diffusers and
-transformers classes, on meta, in the target dtype) and runs the stage's own code on them —
+transformers classes, on meta, in the target dtype: a UNet, or an SD3-class teacher's
+transformer with T5 beside the CLIPs) and runs the stage's own code on them —
 ``teacher_trajectories``, the distillation ``Trainer`` (RAPM, PCM or LCM-LoRA as the registry
 builds them), ``ode_sample``, ``decode_latents`` and the figure's ``decode_in_batches`` — under
 a ``MemoryCounter``. Work that repeats with the same shapes is run once: a trajectory's N·M
@@ -267,10 +268,10 @@ def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
     dtype = _dtype(config)
     c, h, w = arch.latent_shape(config.resolution)
     batch, grid = config.trajectory_batch, _grid(arch, config.slots, config.steps_per_slot)
-    unet, encoders = arch.build_denoiser(dtype), arch.build_text_encoders(dtype)
+    net, encoders = arch.build_denoiser(dtype), arch.build_text_encoders(dtype)
     denoiser = arch.denoiser_folder
     rec = _Recorder(config.attention)
-    rec.add_resident(denoiser, module_tensors(unet))
+    rec.add_resident(denoiser, module_tensors(net))
     rec.add_resident("text_encoders", module_tensors(*encoders))
     guided = config.guidance > 1.0
     with torch.no_grad():
@@ -279,8 +280,8 @@ def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
             cond = encode(arch, encoders, batch, dtype)
         with rec.phase("sample N·M steps"):
             noise = torch.empty(batch, c, h, w, dtype=dtype, device=META)
-            with last_call_only(unet, grid.total_steps):
-                z = teacher_trajectories(unet, arch.scheduler_config(), grid, noise, cond, uncond, config.guidance)
+            with last_call_only(net, grid.total_steps):
+                z = teacher_trajectories(net, arch.scheduler_config(), grid, noise, cond, uncond, config.guidance)
             host_copy = z.detach().float()
             del host_copy, z
     est = rec.estimate("trajectories", (denoiser, "text_encoders"), [])
@@ -353,13 +354,13 @@ def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
     dtype = _dtype(config)
     c, h, w = arch.latent_shape(config.resolution)
     batch, images = config.eval_batch, config.eval_images
-    unet, vae, encoders = arch.build_denoiser(dtype), arch.build_vae(dtype), arch.build_text_encoders(dtype)
+    net, vae, encoders = arch.build_denoiser(dtype), arch.build_vae(dtype), arch.build_text_encoders(dtype)
     denoiser = arch.denoiser_folder
     rec = _Recorder(config.attention)
-    rec.add_resident(denoiser, module_tensors(unet))
+    rec.add_resident(denoiser, module_tensors(net))
     # The student's adapter as load_lora_weights leaves it (in the UNet's dtype): counted, not
     # attached, since the fused student samples like the bare UNet and peft's attach costs seconds.
-    rec.add_resident_bytes("lora", lora_parameter_count(unet, config.method.training.rank) * unet.dtype.itemsize)
+    rec.add_resident_bytes("lora", lora_parameter_count(net, config.method.training.rank) * net.dtype.itemsize)
     rec.add_resident("text_encoders", module_tensors(*encoders))
     rec.add_resident("vae", module_tensors(vae))
     guided = config.guidance > 1.0
@@ -375,7 +376,7 @@ def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
             uncond = encode(arch, encoders, 1, dtype) if guided else None
             noise = torch.empty(images, c, h, w, dtype=dtype, device=META)
         with rec.phase("sample one step"):
-            z = ode_sample(unet, scheduler, noise[:batch], cond[:batch], 1, config.guidance, uncond)
+            z = ode_sample(net, scheduler, noise[:batch], cond[:batch], 1, config.guidance, uncond)
         with rec.phase("decode"):
             decode_latents(vae, z)
             del z

@@ -13,7 +13,7 @@ import torch
 from flows.cli import main
 from planner import PlanConfig
 from planner.advice import GiB
-from planner.architecture import checkpoint_count, from_preset, from_teacher, parameter_count
+from planner.architecture import checkpoint_count, from_preset, parameter_count
 from planner.planner import architecture, store_bytes
 from planner.stages import encode, trajectories
 from planner.validation import compare, compare_run, mid_size_sd3
