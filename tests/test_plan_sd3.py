@@ -93,6 +93,9 @@ def test_checkpointing_is_the_advice_when_sd35_large_distillation_does_not_fit(c
     # Stage A holds T5-XXL beside the 8 B transformer: past 24 GB at any batch; a teacher saved
     # without T5 (zeros in its tokens' place) fits.
     assert stages["trajectories"]["fits"] is False and stages["trajectories"]["weights_bytes"] > 23 * GiB
+    advice = re.search(r"a teacher saved without T5 \(text_encoder_3=None\) fits with --batch-size 1 \(([\d.]+) GiB\)",
+                       stages["trajectories"]["advice"]["message"])
+    assert advice and float(advice.group(1)) <= 23
     arch = from_preset("sd35-large")
     without_t5 = replace(arch, text_encoders=arch.clip_encoders)
     assert trajectories(without_t5, PlanConfig(preset="sd35-large", precision="bf16")).peak_bytes <= 23 * GiB
