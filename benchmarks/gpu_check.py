@@ -6,14 +6,17 @@ cannot hold it:
 1. distillation: s/iteration and peak memory (``torch.cuda.max_memory_allocated``) of the
    real ``Trainer.train_step`` — RAPM with pointwise and adversarial losses, with and without
    gradient checkpointing, and adversarial PCM — on an SD 1.5-sized UNet at 512² and an
-   SDXL-sized one at 1024² (random weights built from the published configs on the GPU, bf16
-   weights as ``rapm distill --weights-dtype bf16`` holds them, fp32 LoRA), next to
-   ``rapm plan``'s prediction for the same setting;
+   SDXL-sized one at 1024², and RAPM pointwise (with and without checkpointing; adversarial is
+   not implemented there) on SD3 Medium- and SD3.5 Medium-sized transformers at 1024² (random
+   weights built from the published configs on the GPU, bf16 weights as ``rapm distill
+   --weights-dtype bf16`` holds them, fp32 LoRA), next to ``rapm plan``'s prediction for the
+   same setting;
    then RAPM's relative targets in one batched call against one call per slot (s/iteration of
    both, in turns, ``bench_relative_targets.py``'s comparison) at SD 1.5 size;
-2. UNet call times at bf16 and fp16, batch 1 (what ``rapm plan --seconds-per-call`` takes) and
-   the CFG batch of a 4-prompt trajectory batch, and trajectories/s;
-3. Stage A's peak (text encoders and UNet on the GPU, N·M guided steps) vs the planner;
+2. denoiser (UNet, SD3 transformer) call times at bf16 and fp16, batch 1 (what ``rapm plan
+   --seconds-per-call`` takes) and the CFG batch of a 4-prompt trajectory batch, and trajectories/s;
+3. Stage A's peak (text encoders, T5-XXL for SD3, and the denoiser on the GPU, N·M guided
+   steps) vs the planner;
 4. the fp16 store round trip: Stage A on the embedded teacher in fp16 on the GPU into a float16
    store, read back, equal to the same trajectories recomputed;
 5. the CUDA-marked tests (``pytest -m cuda``).
@@ -22,7 +25,7 @@ Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``. Without CUDA it say
 ``--smoke`` runs the same code on the CPU with a small architecture and the live-tensor counter
 instead of ``max_memory_allocated`` (it checks the script, not any GPU's numbers).
 
-Run: ``.venv/bin/python benchmarks/gpu_check.py [--out runs/gpu_check] [--budget-s 540]``.
+Run: ``.venv/bin/python benchmarks/gpu_check.py [--out runs/gpu_check] [--budget-s 540] [--only sd3]``.
 """
 
 from __future__ import annotations
@@ -50,13 +53,14 @@ import torch  # noqa: E402
 from bench_relative_targets import lockstep_seconds, summary  # noqa: E402
 from gpu_check_machine import Budget, Machine  # noqa: E402
 from rapm_core.conditioning import Conditioning  # noqa: E402
+from rapm_core.denoiser import denoise  # noqa: E402
 from planner import PlanConfig  # noqa: E402
 from planner.architecture import Architecture, from_preset  # noqa: E402
 from planner.engine import MethodConfig, Trainer, teacher_trajectories  # noqa: E402
 from planner.meta_memory import module_tensors, optimizer_tensors  # noqa: E402
 from planner.stages import STAGES, encode, stored_conditioning, training_inputs  # noqa: E402
 from planner.validation import foreach_steps  # noqa: E402
-from planner.validation import mid_size  # noqa: E402
+from planner.validation import mid_size, mid_size_sd3  # noqa: E402
 from rapm_core.ode import SlotGrid  # noqa: E402
 from rapm_core.teacher import DTYPES  # noqa: E402
 
@@ -67,8 +71,13 @@ LOSSES = {"pointwise": dict(loss_relative="pointwise", loss_absolute="pointwise"
           "pcm adversarial": dict(method="pcm", pcm_adversarial=True)}
 # Rough seconds per item on an A100/H100-class GPU (GPU work only; the planner's predictions
 # run beforehand in parallel), used only to skip what the budget cannot hold.
-COST_S = {"distill": {"sd15": 20, "sdxl": 45}, "relative_targets": {"sd15": 40}, "calls": {"sd15": 15, "sdxl": 30}, "stage_a": {"sd15": 20, "sdxl": 45},
-          "store": 40, "tests": 120}
+COST_S = {"distill": {"sd15": 20, "sdxl": 45, "sd3-medium": 40, "sd35-medium": 45}, "relative_targets": {"sd15": 40},
+          "calls": {"sd15": 15, "sdxl": 30, "sd3-medium": 30, "sd35-medium": 30},
+          "stage_a": {"sd15": 20, "sdxl": 45, "sd3-medium": 60, "sd35-medium": 60}, "store": 40, "tests": 120}
+# The architectures of each run (the smoke run's stand in for them at a CPU's size), and the
+# SD3-class ones, which train RAPM's pointwise losses only (adversarial is refused there).
+KINDS = {False: ["sd15", "sdxl", "sd3-medium", "sd35-medium"], True: ["smoke", "smoke-sd3"]}
+SD3_KINDS = ("sd3-medium", "sd35-medium", "smoke-sd3")
 
 
 # -- the planner's predictions (CPU work, in parallel worker processes) ------------------------------
@@ -85,7 +94,16 @@ def _predict(args: tuple[str, dict, str, dict]) -> int:
 
 
 def _architecture(spec: dict) -> Architecture:
-    return mid_size(width=32) if spec["kind"] == "smoke" else from_preset(spec["kind"])
+    if spec["kind"] == "smoke":
+        return mid_size(width=32)
+    if spec["kind"] == "smoke-sd3":
+        return mid_size_sd3()
+    return from_preset(spec["kind"])
+
+
+def _preset(kind: str) -> str:
+    """The preset a kind's PlanConfig names (the smoke architectures are built from these layouts)."""
+    return {"smoke": "sd15", "smoke-sd3": "sd35-medium"}.get(kind, kind)
 
 
 def predictions(jobs: list[tuple[str, dict, str, dict]], workers: int) -> dict[str, int | str]:
@@ -118,7 +136,7 @@ def _resolution(arch: Architecture, smoke: bool) -> int:
 def distill_item(machine: Machine, arch: Architecture, config: PlanConfig, steps: int) -> dict:
     method, device = config.distill_method(), machine.device
     torch.manual_seed(0)
-    unet = arch.build_unet(DTYPES[method.training.weights_dtype], device)
+    unet = arch.build_denoiser(DTYPES[method.training.weights_dtype], device)
     scheduler = arch.scheduler_config()
     grid = SlotGrid.from_scheduler(scheduler, config.slots, config.steps_per_slot)
     example, teacher = training_inputs(arch, config, torch.randn)
@@ -155,7 +173,7 @@ def relative_targets_item(machine: Machine, arch: Architecture, config: PlanConf
 
     def make() -> Trainer:
         torch.manual_seed(0)
-        unet = arch.build_unet(DTYPES[method.training.weights_dtype], device)
+        unet = arch.build_denoiser(DTYPES[method.training.weights_dtype], device)
         return Trainer(unet, scheduler, grid, method, device=device, teacher=teacher)
 
     out = summary(lockstep_seconds(make, [example], steps + 1, machine.sync))
@@ -166,20 +184,20 @@ def relative_targets_item(machine: Machine, arch: Architecture, config: PlanConf
 def unet_call_item(machine: Machine, arch: Architecture, precision: str, resolution: int, steps: int) -> dict:
     dtype, device = DTYPES[precision], machine.device
     torch.manual_seed(0)
-    unet = arch.build_unet(dtype, device)
+    unet = arch.build_denoiser(dtype, device)
     c, h, w = arch.latent_shape(resolution)
     times = {}
     with torch.no_grad():
         for batch in (1, 2, 2 * TRAJECTORY_BATCH):
             x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
-            kwargs = _cond(arch, batch, dtype, device).unet_kwargs()
+            cond = _cond(arch, batch, dtype, device)
             for _ in range(2):
-                unet(x, 500, **kwargs)
+                denoise(unet, x, 500, cond)
             machine.sync()
             reps = 3 if machine.smoke else 10
             t0 = time.perf_counter()
             for _ in range(reps):
-                unet(x, 500, **kwargs)
+                denoise(unet, x, 500, cond)
             machine.sync()
             times[batch] = (time.perf_counter() - t0) / reps
     del unet
@@ -193,7 +211,7 @@ def unet_call_item(machine: Machine, arch: Architecture, precision: str, resolut
 def stage_a_item(machine: Machine, arch: Architecture, config: PlanConfig) -> dict:
     dtype, device = DTYPES[config.precision], machine.device
     torch.manual_seed(0)
-    unet, encoders = arch.build_unet(dtype, device), arch.build_text_encoders(dtype, device)
+    unet, encoders = arch.build_denoiser(dtype, device), arch.build_text_encoders(dtype, device)
     grid = SlotGrid.from_scheduler(arch.scheduler_config(), config.slots, config.steps_per_slot)
     c, h, w = arch.latent_shape(config.resolution)
     noise = torch.randn(config.trajectory_batch, c, h, w, device=device, dtype=dtype)
@@ -264,27 +282,35 @@ def cuda_tests(budget: Budget) -> dict:
 
 # -- the run -------------------------------------------------------------------------------------------
 def plan_configs(smoke: bool) -> dict[str, tuple[dict, dict]]:
-    """label → (architecture spec, PlanConfig fields) of every distillation item."""
-    kinds = ["smoke"] if smoke else ["sd15", "sdxl"]
+    """label → (architecture spec, PlanConfig fields) of every distillation and Stage A item, at
+    each architecture's native resolution (SD3-class: 1024², the T5 token count of the smoke layout)."""
     items = {}
-    for kind in kinds:
-        for loss, losses in LOSSES.items():
+    for kind in KINDS[smoke]:
+        losses_here = {"pointwise": LOSSES["pointwise"]} if kind in SD3_KINDS else LOSSES
+        for loss, losses in losses_here.items():
             for ckpt in ((False,) if loss.startswith("pcm") else (False, True)):
                 method = {**losses, "gradient_checkpointing": ckpt}
                 if smoke:
                     method["disc_channels"] = 32
-                config = {"preset": "sd15" if kind == "smoke" else kind, "precision": "bf16", "method": method,
+                config = {"preset": _preset(kind), "precision": "bf16", "method": method,
                           "slots": 4, "steps_per_slot": 2 if smoke else 10}
                 if smoke:
                     config.update(resolution=128, precision="fp32")
                 items[f"distill {kind} {loss}{' ckpt' if ckpt else ''}"] = ({"kind": kind}, config)
-    for kind in kinds:
-        config = {"preset": "sd15" if kind == "smoke" else kind, "precision": "fp32" if smoke else "bf16",
+    for kind in KINDS[smoke]:
+        config = {"preset": _preset(kind), "precision": "fp32" if smoke else "bf16",
                   "batch_size": TRAJECTORY_BATCH}
         if smoke:
             config.update(resolution=128, steps_per_slot=2)
         items[f"stage A {kind}"] = ({"kind": kind}, config)
+    for _spec, config in items.values():
+        if _spec["kind"] == "smoke-sd3":
+            config["max_sequence_length"] = mid_size_sd3().max_sequence_length
     return items
+
+
+def selected(label: str, only: list[str] | None) -> bool:
+    return not only or any(part in label for part in only)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -292,7 +318,7 @@ def run(args: argparse.Namespace) -> dict:
     budget = Budget(args.budget_s)
     results: dict = {"probe": machine.probe, "device": torch.cuda.get_device_name() if not args.smoke else "cpu",
                      "torch": torch.__version__, "budget_s": args.budget_s, "items": {}}
-    items = plan_configs(args.smoke)
+    items = {label: item for label, item in plan_configs(args.smoke).items() if selected(label, args.only)}
     jobs = [("distill" if label.startswith("distill") else "trajectories", spec, label, cfg)
             for label, (spec, cfg) in items.items()]
     t0 = time.perf_counter()
@@ -300,6 +326,8 @@ def run(args: argparse.Namespace) -> dict:
     results["planner_seconds"] = time.perf_counter() - t0
 
     def record(label: str, cost: float, fn: Callable[[], dict]) -> None:
+        if not selected(label, args.only):
+            return
         if not budget.holds(cost):
             results["items"][label] = {"skipped": f"budget: {budget.left():.0f} s left, needs ~{cost:.0f} s"}
             return
@@ -321,8 +349,10 @@ def run(args: argparse.Namespace) -> dict:
             arch = _architecture(spec)
             record(label, COST_S["distill"].get(spec["kind"], 5),
                    lambda arch=arch, cfg=cfg: distill_item(machine, arch, plan_config(cfg), 1 if args.smoke else 3))
-    kinds = ["smoke"] if args.smoke else ["sd15", "sdxl"]
+    kinds = KINDS[args.smoke]
     for kind in kinds[:1]:
+        if f"distill {kind} pointwise" not in items:
+            break
         spec, cfg = items[f"distill {kind} pointwise"]
         arch = _architecture(spec)
         record(f"batched relative targets {kind} pointwise", COST_S["relative_targets"].get(kind, 10),
@@ -330,11 +360,13 @@ def run(args: argparse.Namespace) -> dict:
     for kind in kinds:
         arch = _architecture({"kind": kind})
         for precision in (["fp32"] if args.smoke else ["bf16", "fp16"]):
-            record(f"unet calls {kind} {precision}", COST_S["calls"].get(kind, 5),
+            record(f"denoiser calls {kind} {precision}", COST_S["calls"].get(kind, 5),
                    lambda arch=arch, precision=precision: unet_call_item(machine, arch, precision,
                                                                          _resolution(arch, args.smoke), 40))
     for kind in kinds:
         label = f"stage A {kind}"
+        if label not in items:
+            continue
         spec, cfg = items[label]
         arch = _architecture(spec)
         record(label, COST_S["stage_a"].get(kind, 5), lambda arch=arch, cfg=cfg: stage_a_item(machine, arch,
@@ -381,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="wall-clock budget; items that would not fit are skipped (default: 540)")
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes computing the planner's predictions in parallel")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="run only the items whose label contains TEXT (repeatable; e.g. --only sd3)")
     parser.add_argument("--smoke", action="store_true",
                         help="run everything on the CPU with a small architecture (checks the script only)")
     args = parser.parse_args(argv)

@@ -11,9 +11,11 @@ planner on meta tensors. Part 2 (the engine): ``rapm distill``'s own trainer
 mid-size teacher directory, and on ``--engine-teacher DIR`` (e.g. the SD 1.5-sized dry run's,
 ``benchmarks/sd_dry_run.py``) at its native size. Part 3: the planner's peaks for SD 1.5
 (512²) and SDXL (1024²): fp32 vs bf16, pointwise vs adversarial, with and without gradient
-checkpointing, the peers, and the math-attention upper bound for two of them.
+checkpointing, the peers, and the math-attention upper bound for two of them. ``--sd3``: the
+same for SD3-class teachers instead — a mid-size SD3.5 layout (``planner.validation.mid_size_sd3``)
+against real CPU runs, and the SD3 Medium, SD3.5 Medium and SD3.5 Large presets at 1024².
 
-Run: ``.venv/bin/python benchmarks/plan_validation.py [--skip-presets] [--engine-teacher DIR]``
+Run: ``.venv/bin/python benchmarks/plan_validation.py [--skip-presets] [--engine-teacher DIR] [--sd3]``
 (prints markdown).
 """
 
@@ -36,7 +38,7 @@ from planner import PlanConfig  # noqa: E402
 from planner.architecture import from_preset  # noqa: E402
 from rapm_testing.random_pipeline import save_random_pipeline  # noqa: E402
 from planner.stages import STAGES  # noqa: E402
-from planner.validation import compare, compare_run, mid_size  # noqa: E402
+from planner.validation import compare, compare_run, mid_size, mid_size_sd3  # noqa: E402
 from rapm_core.trajectories.config import TrajectoriesConfig  # noqa: E402
 from rapm_core.trajectories.generate import generate_trajectories  # noqa: E402
 
@@ -124,6 +126,38 @@ def preset_rows() -> list[str]:
     return rows
 
 
+def sd3_rows() -> list[str]:
+    """SD3 class: the mid-size layout against real CPU runs, then the presets' peaks at 1024²
+    (RAPM pointwise: adversarial losses and the peers are refused on SD3-class teachers)."""
+    mid = mid_size_sd3()
+    rows = ["| transformer | stage | precision | method " + HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
+    for stage, precision, method in (("distill", "fp32", {}), ("distill", "fp32", {"gradient_checkpointing": True}),
+                                     ("distill", "bf16", {}), ("distill", "bf16", {"slots_per_iteration": "random"}),
+                                     ("trajectories", "fp32", {}), ("trajectories", "bf16", {})):
+        config = PlanConfig(preset="sd35-medium", resolution=256, slots=2, steps_per_slot=2, batch_size=2,
+                            precision=precision, max_sequence_length=mid.max_sequence_length,
+                            method=MethodConfig.from_options(**method))
+        r = compare(stage, mid, config)
+        rows.append(f"| {mid.source}, 256 px | {stage} | {precision} | {_label(method)} | {_cells(r)}")
+        print(rows[-1], file=sys.stderr, flush=True)
+    rows += ["", "| preset | precision | checkpointing | trajectories GiB (weights) | distill GiB (weights) | "
+                 "evaluate GiB |", "|---|---|---|---|---|---|"]
+    for preset in ("sd3-medium", "sd35-medium", "sd35-large"):
+        arch = from_preset(preset)
+        for precision in ("fp32", "bf16"):
+            base = PlanConfig(preset=preset, precision=precision)
+            traj = STAGES["trajectories"](arch, base)
+            ev = STAGES["evaluate"](arch, base).peak_bytes / GiB
+            for ckpt in (False, True):
+                options = MethodConfig.from_options(gradient_checkpointing=ckpt)
+                d = STAGES["distill"](arch, PlanConfig(preset=preset, precision=precision, method=options))
+                rows.append(f"| {preset} | {precision} | {'yes' if ckpt else 'no'} | {traj.peak_bytes / GiB:.2f} "
+                            f"({traj.weights_bytes / GiB:.2f}) | {d.peak_bytes / GiB:.2f} "
+                            f"({d.weights_bytes / GiB:.2f}) | {ev:.2f} |")
+                print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=64, help="mid-size UNet's first width (SD 1.5: 320)")
@@ -131,10 +165,14 @@ def main() -> int:
     parser.add_argument("--engine-teacher", nargs="*", default=[],
                         help="teacher dirs to validate the engine's own run on too (native size)")
     parser.add_argument("--engine-only", action="store_true", help="only part 2, the engine's own runs")
+    parser.add_argument("--sd3", action="store_true", help="the SD3 class instead: mid-size validation and presets")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     lines = [f"Machine: {machine()}."]
+    if args.sd3:
+        print("\n".join([*lines, "", *sd3_rows(), "", f"({time.perf_counter() - t0:.0f} s)"]))
+        return 0
     if not args.engine_only:
         lines += ["", *validation_rows(args.width)]
     with tempfile.TemporaryDirectory() as tmp:

@@ -153,7 +153,7 @@ def teacher_architecture(args: argparse.Namespace):
 
     arch = mid_size(width=32, text_dim=64, preset=args.preset) if args.reduced else from_preset(args.preset)
     if args.resolution:
-        arch = replace(arch, unet={**arch.unet, "sample_size": args.resolution // arch.vae_scale_factor})
+        arch = replace(arch, denoiser={**arch.denoiser, "sample_size": args.resolution // arch.vae_scale_factor})
     return with_text_layers(arch, args.text_layers)
 
 
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
     if not (teacher / "model_index.json").is_file():
         save_random_pipeline(arch, teacher, DTYPES[args.dtype])
     results["build_s"] = time.perf_counter() - t0
-    unet = arch.build_unet(torch.float32)
+    unet = arch.build_denoiser(torch.float32)
     results["unet_parameters"] = parameter_count(unet)
     results["text_encoder_parameters"] = [parameter_count(e) for e in arch.build_text_encoders(torch.float32)]
     del unet

@@ -77,7 +77,7 @@ def format_table(result: dict) -> str:
     lines.append(f"store: {store['bytes_per_trajectory'] / 2**20:.2f} MiB per trajectory, "
                  f"{store['recipe_bytes'] / GiB:.2f} GiB for {result['time']['trajectories']} ({store['note']})")
     t = result["time"]
-    lines.append(f"time (estimate; {t['basis']}; {t['seconds_per_call'] * 1000:.3g} ms per UNet call): "
+    lines.append(f"time (estimate; {t['basis']}; {t['seconds_per_call'] * 1000:.3g} ms per denoiser call): "
                  f"trajectories {_hours(t['trajectories_s'])}, distill {_hours(t['distill_s'])} for "
                  f"{t['iterations']} iterations, total {_hours(t['total_s'])} ({t['reference']})")
     return "\n".join(lines)

@@ -3,12 +3,15 @@
 Candidates go from what changes nothing the stage computes to what changes the method:
 a smaller batch (trajectories and evaluation), gradient checkpointing (distillation: the same
 gradients, one more forward), bf16 (numerics; for distillation ``--weights-dtype bf16``, the
-frozen weights alone), and last, for an adversarial method, pointwise losses. Every candidate is planned again on meta tensors, so
-the advice's peak is a measurement of that setting, not an extrapolation.
+frozen weights alone), and last, for an adversarial method, pointwise losses. When none fits a
+stage that loads an SD3-class teacher's T5-XXL, the same teacher saved without T5 is tried (no
+flag does that: the user saves such a teacher). Every candidate is planned again on meta
+tensors, so the advice's peak is a measurement of that setting, not an extrapolation.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 from planner.architecture import Architecture
@@ -108,4 +111,17 @@ def advise(stage: str, arch: Architecture, config: PlanConfig, estimate: StageEs
         tried.append(flags(change))
     return {"changes": None, "flags": None, "peak_bytes": None,
             "message": f"nothing tried fits {limit / GiB:.1f} GiB (tried: {'; '.join(t for t in tried if t)}); "
-                       "a larger GPU or a lower --resolution"}
+                       f"{_without_t5(stage, arch, config, limit)}a larger GPU or a lower --resolution"}
+
+
+def _without_t5(stage: str, arch: Architecture, config: PlanConfig, limit: int) -> str:
+    """For a stage that loads an SD3-class teacher's T5-XXL: whether the same teacher saved without
+    T5 (the pipeline then puts zeros in its tokens' place) fits at batch 1, planned again."""
+    if stage == "distill" or not arch.has_t5:
+        return ""
+    change = {"batch_size": 1, **({"precision": "bf16"} if config.precision == "fp32" else {})}
+    est = STAGES[stage](replace(arch, text_encoders=arch.clip_encoders), with_changes(config, change))
+    if not _fits(est, limit):
+        return ""
+    return (f"a teacher saved without T5 (text_encoder_3=None) fits with {flags(change)} "
+            f"({est.peak_bytes / GiB:.2f} GiB); ")

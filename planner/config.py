@@ -92,11 +92,14 @@ class PlanConfig(FrozenModel, SlotOptions):
                            description="GiB kept free of tensors for the CUDA context and the allocator's "
                                        "fragmentation")
     seconds_per_call: float | None = Field(
-        None, gt=0, description="measured seconds of one teacher UNet forward at batch 1 at this resolution and "
-                                "precision (benchmarks/gpu_check.py prints it); default: an assumed A6000 rate")
+        None, gt=0, description="measured seconds of one teacher denoiser (UNet or SD3 transformer) forward at "
+                                "batch 1 at this resolution and precision (benchmarks/gpu_check.py prints it); "
+                                "default: an assumed A6000 rate")
     trajectories: int = Field(1000, ge=1, description="trajectories of the recipe to time (the paper's 1000)")
     iterations: int = Field(20000, ge=1, description="distillation iterations of the recipe to time (the paper's 20K)")
     eval_images: int = Field(EVAL_IMAGES, ge=2, description="images per method in the evaluate stage")
+    # rapm trajectories' own option: the stored prompt embeddings' length depends on it.
+    max_sequence_length: int = TrajectoriesOptions.model_fields["max_sequence_length"]
     method: MethodConfig = Field(default_factory=MethodConfig,
                                  description="the distillation method, as `rapm distill` takes it")
 

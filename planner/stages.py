@@ -1,7 +1,8 @@
 """Peak accelerator memory of each pipeline stage, measured by running the stage on meta tensors.
 
 Each function builds the modules the stage really puts on the device (real diffusers and
-transformers classes, on meta, in the target dtype) and runs the stage's own code on them —
+transformers classes, on meta, in the target dtype: a UNet, or an SD3-class teacher's
+transformer with T5 beside the CLIPs) and runs the stage's own code on them —
 ``teacher_trajectories``, the distillation ``Trainer`` (RAPM, PCM or LCM-LoRA as the registry
 builds them), ``ode_sample``, ``decode_latents`` and the figure's ``decode_in_batches`` — under
 a ``MemoryCounter``. Work that repeats with the same shapes is run once: a trajectory's N·M
@@ -19,14 +20,15 @@ from functools import reduce
 from typing import Iterable, Iterator
 
 import torch
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
 from planner.architecture import Architecture
-from planner.config import FIGURE_ROWS, PlanConfig
+from planner.config import FIGURE_ROWS, PlanConfig, is_adversarial
 from planner.engine import (
-    TARGET_MODULES, Example, GuidedTeacher, Trainer, decode_in_batches, teacher_trajectories,
+    ADVERSARIAL_ON_TRANSFORMER, Example, GuidedTeacher, Trainer, decode_in_batches, lora_targets, teacher_trajectories,
 )
 from planner.meta_memory import MemoryCounter, efficient_attention, module_tensors, optimizer_tensors
 from rapm_core.sampler import ode_sample
@@ -110,17 +112,26 @@ def encode(arch: Architecture, encoders: list[torch.nn.Module], batch: int, dtyp
            device: torch.device = META) -> Conditioning:
     """The text encoders' forward as ``rapm_core.teacher.encode_prompts`` runs it (via the stock
     ``encode_prompt``): SD 1.5 takes the last hidden state; SDXL the penultimate hidden state of
-    both encoders, concatenated, and the second one's projected pooled output."""
-    ids = torch.zeros(batch, arch.text_length, dtype=torch.long, device=device)
+    both encoders, concatenated, and the second one's projected pooled output; SD3 the same two
+    CLIP states padded to T5's width, T5's last state (zeros without T5) after them along the
+    sequence, and both CLIPs' projected pooled outputs side by side."""
+    ids = torch.zeros(batch, arch.clip_length, dtype=torch.long, device=device)
     if arch.kind == "sd15":
         return Conditioning(encoders[0](ids)[0])
-    hidden, pooled = [], None
-    for encoder in encoders:
+    hidden, pooled = [], []
+    for encoder in encoders[:len(arch.clip_encoders)]:
         out = encoder(ids, output_hidden_states=True)
-        pooled = out[0]
+        pooled.append(out[0])
         hidden.append(out.hidden_states[-2])
-    time_ids = torch.zeros(batch, 6, dtype=dtype, device=device)
-    return Conditioning(torch.cat(hidden, dim=-1), pooled, time_ids)
+    if arch.kind == "sdxl":
+        time_ids = torch.zeros(batch, 6, dtype=dtype, device=device)
+        return Conditioning(torch.cat(hidden, dim=-1), pooled[-1], time_ids)
+    t5_ids = torch.zeros(batch, arch.max_sequence_length, dtype=torch.long, device=device)
+    t5 = (encoders[-1](t5_ids)[0] if arch.has_t5
+          else torch.zeros(batch, arch.max_sequence_length, arch.embed_dim, dtype=dtype, device=device))
+    clip = torch.cat(hidden, dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return Conditioning(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
 
 
 def _shaped_like(cond: Conditioning, batch: int) -> Conditioning:
@@ -130,13 +141,13 @@ def _shaped_like(cond: Conditioning, batch: int) -> Conditioning:
     return Conditioning(empty(cond.prompt_embeds), empty(cond.pooled_prompt_embeds), empty(cond.time_ids))
 
 
-def lora_parameter_count(unet: torch.nn.Module, rank: int) -> int:
-    """Parameters of a rank-``rank`` adapter on ``TARGET_MODULES``, matched as peft matches them
-    (a module whose name is, or ends with ".", a target key): r·(in + out) per Linear, r·in·k²
-    + out·r per Conv2d."""
-    total = 0
-    for name, module in unet.named_modules():
-        if not any(name == key or name.endswith("." + key) for key in TARGET_MODULES):
+def lora_parameter_count(model: torch.nn.Module, rank: int) -> int:
+    """Parameters of a rank-``rank`` adapter on ``model``'s family's LoRA targets, matched as peft
+    matches them (a module whose name is, or ends with ".", a target key): r·(in + out) per
+    Linear, r·in·k² + out·r per Conv2d."""
+    total, targets = 0, lora_targets(model)
+    for name, module in model.named_modules():
+        if not any(name == key or name.endswith("." + key) for key in targets):
             continue
         if isinstance(module, torch.nn.Linear):
             total += rank * (module.in_features + module.out_features)
@@ -157,7 +168,7 @@ def stored_conditioning(arch: Architecture, dtype: torch.dtype, make=host_placeh
     """One trajectory's conditioning as the store gives it to distillation (host memory);
     ``make(*shape)`` fills it (a placeholder for a plan, random values for a real run)."""
     pooled = None if arch.pooled_dim is None else make(1, arch.pooled_dim).to(dtype)
-    time_ids = None if arch.pooled_dim is None else make(1, 6).to(dtype)
+    time_ids = make(1, 6).to(dtype) if arch.has_time_ids else None
     return Conditioning(make(1, arch.text_length, arch.embed_dim).to(dtype), pooled, time_ids)
 
 
@@ -174,22 +185,42 @@ def training_inputs(arch: Architecture, config: PlanConfig,
     return example, GuidedTeacher(stored_conditioning(arch, embed_dtype(config), make), config.guidance)
 
 
-class _LastCallOnly:
-    """Stands in for the UNet in a sampling loop: every call but the last returns an output of
-    the right shape without computing it. A loop's memory is its positions plus one call's
-    working set, which is the same for every call, so the last call (all positions held) is the
-    peak; the stand-ins keep every other op of the loop real."""
+@contextmanager
+def last_call_only(model: torch.nn.Module, calls: int) -> Iterator[None]:
+    """In a sampling loop of ``calls`` calls, every call of ``model`` but the last returns an
+    output of the right shape without computing it. A loop's memory is its positions plus one
+    call's working set, which is the same for every call, so the last call (all positions held)
+    is the peak; the stand-ins keep every other op of the loop real. The module's own ``forward``
+    is swapped, so the loop calls it through ``rapm_core.denoiser`` as it calls the real one."""
+    real, made = model.forward, 0
+    out_channels = int(model.config.out_channels)
 
-    def __init__(self, unet: torch.nn.Module, calls: int):
-        self.unet, self.calls, self.made = unet, calls, 0
-        self.out_channels = int(unet.config.out_channels)
+    def forward(*args, **kwargs):
+        nonlocal made
+        made += 1
+        if made == calls:
+            return real(*args, **kwargs)
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        out = torch.empty(sample.shape[0], out_channels, *sample.shape[2:], dtype=sample.dtype, device=sample.device)
+        # Both families' output classes read as ``.sample`` and as ``[0]``.
+        return Transformer2DModelOutput(sample=out)
 
-    def __call__(self, sample: torch.Tensor, t, **kwargs) -> UNet2DConditionOutput:
-        self.made += 1
-        if self.made < self.calls:
-            return UNet2DConditionOutput(sample=torch.empty(sample.shape[0], self.out_channels, *sample.shape[2:],
-                                                            dtype=sample.dtype, device=sample.device))
-        return self.unet(sample, t, **kwargs)
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+def refuse_on_transformer(arch: Architecture, method) -> None:
+    """What ``rapm distill`` refuses on an SD3-class teacher (``check_method_fits``), in its words."""
+    if not arch.is_transformer:
+        return
+    if is_adversarial(method):
+        raise ConfigError(ADVERSARIAL_ON_TRANSFORMER)
+    if method.method in ("pcm", "lcm"):
+        raise ConfigError(f"--method {method.method} on an SD3-class (rectified-flow) teacher is not implemented "
+                          "yet; use --method rapm")
 
 
 def _prime_optimizers(*optimizers: torch.optim.Optimizer | None) -> None:
@@ -230,15 +261,17 @@ def _iteration(trainer: Trainer, example: Example, generator: torch.Generator, a
 
 # -- stages ----------------------------------------------------------------------------------------
 def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
-    """Stage A at batch B: text encoders and UNet on the device (``sampling_teacher`` keeps the
-    VAE in host memory), prompts encoded, then N·M guided DDIM steps keeping every position, and
-    the device-side float copy ``generate_trajectories`` makes before writing."""
+    """Stage A at batch B: text encoders (T5 too, when the teacher has it) and the denoiser on the
+    device (``sampling_teacher`` keeps the VAE in host memory), prompts encoded, then N·M guided
+    steps of the teacher's ODE (DDIM, or a flow teacher's Euler) keeping every position, and the
+    device-side float copy ``generate_trajectories`` makes before writing."""
     dtype = _dtype(config)
     c, h, w = arch.latent_shape(config.resolution)
     batch, grid = config.trajectory_batch, _grid(arch, config.slots, config.steps_per_slot)
-    unet, encoders = arch.build_unet(dtype), arch.build_text_encoders(dtype)
+    net, encoders = arch.build_denoiser(dtype), arch.build_text_encoders(dtype)
+    denoiser = arch.denoiser_folder
     rec = _Recorder(config.attention)
-    rec.add_resident("unet", module_tensors(unet))
+    rec.add_resident(denoiser, module_tensors(net))
     rec.add_resident("text_encoders", module_tensors(*encoders))
     guided = config.guidance > 1.0
     with torch.no_grad():
@@ -247,11 +280,11 @@ def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
             cond = encode(arch, encoders, batch, dtype)
         with rec.phase("sample N·M steps"):
             noise = torch.empty(batch, c, h, w, dtype=dtype, device=META)
-            z = teacher_trajectories(_LastCallOnly(unet, grid.total_steps), arch.scheduler_config(), grid, noise,
-                                     cond, uncond, config.guidance)
+            with last_call_only(net, grid.total_steps):
+                z = teacher_trajectories(net, arch.scheduler_config(), grid, noise, cond, uncond, config.guidance)
             host_copy = z.detach().float()
             del host_copy, z
-    est = rec.estimate("trajectories", ("unet", "text_encoders"), [])
+    est = rec.estimate("trajectories", (denoiser, "text_encoders"), [])
     unet_batch = batch * (2 if guided else 1)
     est.flops["unet_forward_batch1"] = est.flops["sample N·M steps"] / unet_batch
     est.flops["per_trajectory"] = est.flops["sample N·M steps"] * grid.total_steps / batch
@@ -259,10 +292,12 @@ def trajectories(arch: Architecture, config: PlanConfig) -> StageEstimate:
 
 
 def distill(arch: Architecture, config: PlanConfig) -> StageEstimate:
-    """Stage B's steady-state iteration: the frozen UNet, LoRA (fp32) and its AdamW states, heads
-    and theirs when adversarial, and the real ``Trainer`` step of the method: RAPM's on a one-slot
-    grid of the same N·M positions, a peer's whole iteration (its guided teacher step included)."""
+    """Stage B's steady-state iteration: the frozen denoiser, LoRA (fp32) and its AdamW states,
+    heads and theirs when adversarial, and the real ``Trainer`` step of the method: RAPM's on a
+    one-slot grid of the same N·M positions, a peer's whole iteration (its guided teacher step
+    included). On an SD3-class teacher, what ``rapm distill`` refuses is refused here too."""
     method = config.distill_method()
+    refuse_on_transformer(arch, method)
     training = method.training
     weights = DTYPES[training.weights_dtype]
     compute = weights if training.mixed_precision == "no" else DTYPES[training.mixed_precision]
@@ -275,20 +310,21 @@ def distill(arch: Architecture, config: PlanConfig) -> StageEstimate:
     # planned as a UNet in the compute dtype, its fp32 master weights added below.
     on_meta = method.model_copy(update={"training": training.model_copy(update={"mixed_precision": "no"})})
     example, teacher = training_inputs(arch, config)
-    trainer = Trainer(arch.build_unet(compute), scheduler, grid, on_meta, device=META, teacher=teacher)
+    trainer = Trainer(arch.build_denoiser(compute), scheduler, grid, on_meta, device=META, teacher=teacher)
     optimizers = (trainer.g_optimizer, trainer.d_optimizer)
     _prime_optimizers(*optimizers)
     lora_ids = {id(p) for p in trainer.lora_params}
     frozen = [t for t in module_tensors(trainer.unet) if id(t) not in lora_ids]
     rec = _Recorder(config.attention)
     notes = []
+    denoiser = arch.denoiser_folder
     if compute == weights:
-        rec.add_resident("unet", frozen)
+        rec.add_resident(denoiser, frozen)
     else:
         # Autocast casts each frozen weight per op and the student's backward keeps the casts:
         # at the peak a compute-dtype copy of the UNet sits beside the master weights.
         rec.add_resident("autocast_copies", frozen)
-        rec.add_resident_bytes("unet", sum(t.numel() for t in frozen) * weights.itemsize)
+        rec.add_resident_bytes(denoiser, sum(t.numel() for t in frozen) * weights.itemsize)
         notes.append(f"--mixed-precision {training.mixed_precision}: planned as {training.mixed_precision} compute "
                      f"with {training.weights_dtype} master weights and a {training.mixed_precision} copy of them")
     rec.add_resident("lora", trainer.lora_params)
@@ -305,7 +341,7 @@ def distill(arch: Architecture, config: PlanConfig) -> StageEstimate:
         _iteration(trainer, example, generator, accumulating)
     if method.method != "rapm":
         notes.append(f"{method.method}: one iteration of rapm_core.distill.{method.method} through the Trainer")
-    est = rec.estimate("distill", ("unet",), notes)
+    est = rec.estimate("distill", (denoiser,), notes)
     est.trainable_parameters = sum(p.numel() for p in trainer.lora_params) + sum(
         p.numel() for p in trainer.heads.parameters())
     return est
@@ -318,12 +354,13 @@ def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
     dtype = _dtype(config)
     c, h, w = arch.latent_shape(config.resolution)
     batch, images = config.eval_batch, config.eval_images
-    unet, vae, encoders = arch.build_unet(dtype), arch.build_vae(dtype), arch.build_text_encoders(dtype)
+    net, vae, encoders = arch.build_denoiser(dtype), arch.build_vae(dtype), arch.build_text_encoders(dtype)
+    denoiser = arch.denoiser_folder
     rec = _Recorder(config.attention)
-    rec.add_resident("unet", module_tensors(unet))
+    rec.add_resident(denoiser, module_tensors(net))
     # The student's adapter as load_lora_weights leaves it (in the UNet's dtype): counted, not
     # attached, since the fused student samples like the bare UNet and peft's attach costs seconds.
-    rec.add_resident_bytes("lora", lora_parameter_count(unet, config.method.training.rank) * unet.dtype.itemsize)
+    rec.add_resident_bytes("lora", lora_parameter_count(net, config.method.training.rank) * net.dtype.itemsize)
     rec.add_resident("text_encoders", module_tensors(*encoders))
     rec.add_resident("vae", module_tensors(vae))
     guided = config.guidance > 1.0
@@ -339,7 +376,7 @@ def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
             uncond = encode(arch, encoders, 1, dtype) if guided else None
             noise = torch.empty(images, c, h, w, dtype=dtype, device=META)
         with rec.phase("sample one step"):
-            z = ode_sample(unet, scheduler, noise[:batch], cond[:batch], 1, config.guidance, uncond)
+            z = ode_sample(net, scheduler, noise[:batch], cond[:batch], 1, config.guidance, uncond)
         with rec.phase("decode"):
             decode_latents(vae, z)
             del z
@@ -348,9 +385,9 @@ def evaluate(arch: Architecture, config: PlanConfig) -> StageEstimate:
             decode_in_batches(lambda latents: decode_latents(vae, latents), figure)
             del figure
     notes = ["Inception, CLIP and the shapes evaluator (when used) are not counted"]
-    if arch.kind == "sdxl" and config.precision == "fp16":
-        notes.append("SDXL's VAE overflows in fp16 (its config sets force_upcast); decode_latents does not upcast")
-    est = rec.estimate("evaluate", ("unet", "lora", "text_encoders", "vae"), notes)
+    if arch.vae.get("force_upcast") and config.precision == "fp16":
+        notes.append("this VAE overflows in fp16 (its config sets force_upcast); decode_latents does not upcast")
+    est = rec.estimate("evaluate", (denoiser, "lora", "text_encoders", "vae"), notes)
     est.flops["per_image_step"] = est.flops["sample one step"] / batch
     return est
 

@@ -1,11 +1,11 @@
 """Wall time of the paper's recipe (1000 trajectories + 20K iterations): an estimate, not a measurement.
 
 The meta runs count every op's FLOPs (forward, backward, checkpointing's recomputation,
-discriminator passes), so each stage's work is known exactly in units of one teacher UNet
-forward at batch 1. What is not known without the GPU is how fast that forward runs: given
-as ``--seconds-per-call`` (``benchmarks/gpu_check.py`` measures it), it calibrates
-everything; otherwise an assumed rate stands in, named in the output. Host-side costs (data
-loading, checkpoints, Python between kernels) are not counted.
+discriminator passes), so each stage's work is known exactly in units of one teacher
+denoiser (UNet or transformer) forward at batch 1. What is not known without the GPU is how
+fast that forward runs: given as ``--seconds-per-call`` (``benchmarks/gpu_check.py`` measures
+it), it calibrates everything; otherwise an assumed rate stands in, named in the output.
+Host-side costs (data loading, checkpoints, Python between kernels) are not counted.
 """
 
 from __future__ import annotations

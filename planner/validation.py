@@ -20,7 +20,6 @@ import threading
 from typing import Callable, Iterator
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from planner.architecture import Architecture
 from planner.config import PlanConfig
@@ -62,6 +61,31 @@ def mid_size(width: int = 64, text_dim: int = 256, preset: str = "sd15") -> Arch
                         tuple((index[sub][1], {**configs[sub], **text}) for sub in encoders))
 
 
+def mid_size_sd3(width: int = 256, layers: int = 6, text_dim: int = 128, t5_tokens: int = 32,
+                 preset: str = "sd35-medium") -> Architecture:
+    """An SD3-class preset's layout (joint blocks, SD3.5's dual-attention blocks and q/k norm, patch
+    size, 16 latent channels, three text encoders, the flow scheduler) at ``width`` channels (32 per
+    head) and ``layers`` blocks, 2-layer CLIPs of ``text_dim``, a 2-layer T5 of 2·``text_dim`` and a
+    small 8× VAE: what ``rapm_testing/tiny_sd3.py`` builds, scaled up to millions of parameters
+    whose 256 px step still takes seconds on one core."""
+    _, configs = preset_configs(preset)
+    t5_dim = 2 * text_dim
+    dual = [i for i in configs["transformer"].get("dual_attention_layers", ()) if i < layers // 2]
+    transformer = {**configs["transformer"], "attention_head_dim": 32, "num_attention_heads": width // 32,
+                   "num_layers": layers, "caption_projection_dim": width, "joint_attention_dim": t5_dim,
+                   "pooled_projection_dim": 2 * text_dim, "pos_embed_max_size": 64, "sample_size": 32,
+                   "dual_attention_layers": dual}
+    clip = {"hidden_size": text_dim, "intermediate_size": 4 * text_dim, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "projection_dim": text_dim}
+    t5 = {**configs["text_encoder_3"], "d_model": t5_dim, "d_ff": 2 * t5_dim, "d_kv": 32, "num_heads": 4,
+          "num_layers": 2, "vocab_size": 1000}
+    vae = {**configs["vae"], "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "sample_size": 256}
+    index = configs["model_index"]
+    encoders = tuple((index[sub][1], {**configs[sub], **clip}) for sub in ("text_encoder", "text_encoder_2"))
+    return Architecture(f"{preset} layout at width {width} ({layers} blocks)", "sd3", transformer, vae,
+                        configs["scheduler"], (*encoders, (index["text_encoder_3"][1], t5)), t5_tokens)
+
+
 class PeakRSS:
     """Peak resident set growth of this process during the block (sampled every 2 ms from
     /proc/self/statm; a peak shorter than that can be missed)."""
@@ -92,9 +116,9 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def _real_unet(arch: Architecture, dtype: torch.dtype, seed: int) -> UNet2DConditionModel:
+def _real_unet(arch: Architecture, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return arch.build_unet(dtype, "cpu")
+    return arch.build_denoiser(dtype, "cpu")
 
 
 def _trim_heap() -> None:
@@ -157,10 +181,12 @@ def measure_distill(arch: Architecture, config: PlanConfig, seed: int = 0) -> di
 
 
 def run_plan_config(store_path: str, method: MethodConfig) -> PlanConfig:
-    """The plan of distilling ``store_path`` with ``method``: its teacher, grid, guidance and dtype."""
+    """The plan of distilling ``store_path`` with ``method``: its teacher, grid, guidance and dtype
+    (and an SD3-class store's T5 token count, which sets its embeddings' length)."""
     schema = TrajectoryStore(store_path).schema
+    tokens = {} if schema.max_sequence_length is None else {"max_sequence_length": schema.max_sequence_length}
     return PlanConfig(teacher=schema.teacher, slots=schema.num_slots, steps_per_slot=schema.steps_per_slot,
-                      guidance=schema.guidance, precision=schema.compute_dtype, method=method)
+                      guidance=schema.guidance, precision=schema.compute_dtype, method=method, **tokens)
 
 
 def measure_run(store_path: str, config: PlanConfig, seed: int = 0) -> dict:

@@ -54,10 +54,10 @@ def save_random_pipeline(arch: Architecture, directory: str | Path, dtype: torch
     directory = Path(directory)
     # A published config's old "_diffusers_version" makes StableDiffusionPipeline rewrite a
     # sample_size below 64 to 64; the modules made here are of the installed version.
-    arch = replace(arch, unet={k: v for k, v in arch.unet.items() if k != "_diffusers_version"})
+    arch = replace(arch, denoiser={k: v for k, v in arch.denoiser.items() if k != "_diffusers_version"})
     torch.manual_seed(seed)
     with _default_dtype(dtype):
-        unet = arch.build_unet(dtype, "cpu")
+        unet = arch.build_denoiser(dtype, "cpu")
         vae = arch.build_vae(dtype, "cpu")
         encoders = arch.build_text_encoders(dtype, "cpu")
     tokenizer = char_tokenizer(arch.text_length)

@@ -24,6 +24,7 @@ from planner.meta_memory import MemoryCounter
 from planner.planner import store_bytes
 from planner.stages import distill, trajectories
 from planner.validation import compare, compare_run, mid_size
+from test_plan_sd3 import SD35_COMMAND
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_TEACHER = ROOT / "assets" / "shapes-teacher"
@@ -32,7 +33,7 @@ SHAPES_TEACHER = ROOT / "assets" / "shapes-teacher"
 SD15_COMMAND = "rapm plan --preset sd15 --precision bf16 --gradient-checkpointing --gpu-memory 8 --json"
 SDXL_COMMAND = "rapm plan --preset sdxl --loss-relative adversarial --loss-absolute adversarial --gpu-memory 24"
 SHAPES_COMMAND = "rapm plan --teacher assets/shapes-teacher"
-DOCUMENTED = (SD15_COMMAND, SDXL_COMMAND, SHAPES_COMMAND)
+DOCUMENTED = (SD15_COMMAND, SDXL_COMMAND, SHAPES_COMMAND, SD35_COMMAND)  # SD35: tests/test_plan_sd3.py
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -62,8 +63,8 @@ def readme_commands() -> list[list[str]]:
 # -- presets ----------------------------------------------------------------------------------------
 def test_presets_build_the_published_parameter_counts():
     sd15, sdxl = from_preset("sd15"), from_preset("sdxl")
-    assert abs(parameter_count(sd15.build_unet(torch.float32)) - 859.5e6) < 1e6
-    assert abs(parameter_count(sdxl.build_unet(torch.float32)) - 2.567e9) < 2e6
+    assert abs(parameter_count(sd15.build_denoiser(torch.float32)) - 859.5e6) < 1e6
+    assert abs(parameter_count(sdxl.build_denoiser(torch.float32)) - 2.567e9) < 2e6
     clip_l, = sd15.build_text_encoders(torch.float32)
     assert abs(parameter_count(clip_l) - 123.1e6) < 0.5e6
     _, clip_g = sdxl.build_text_encoders(torch.float32)
@@ -128,7 +129,7 @@ def test_sd15_bf16_checkpointed_distillation_fits_8gb(capsys):
     if not evaluate["fits"]:
         assert evaluate["advice"]["flags"].startswith("--batch-size")
         assert evaluate["advice"]["peak_bytes"] <= result["limit_bytes"]
-    assert result["teacher"]["unet_parameters"] == 859520964
+    assert result["teacher"]["denoiser_parameters"] == 859520964
     assert result["time"]["estimate"] is True and result["time"]["total_s"] > 0
 
 
@@ -272,7 +273,7 @@ def test_planner_is_within_15_percent_of_max_memory_allocated(method):
     scheduler = arch.scheduler_config()
     grid = SlotGrid.from_scheduler(scheduler, 2, 2)
     example, teacher = training_inputs(arch, config, torch.randn)
-    trainer = Trainer(arch.build_unet(torch.bfloat16, "cuda"), scheduler, grid, config.distill_method(),
+    trainer = Trainer(arch.build_denoiser(torch.bfloat16, "cuda"), scheduler, grid, config.distill_method(),
                       device="cuda", teacher=teacher)
     gen = torch.Generator().manual_seed(0)
     for i in range(2):
