@@ -63,6 +63,23 @@ def test_lcm_scalings_equal_diffusers_lcm_scheduler(tiny_sd15_dir):
     assert lcm.boundary(0) == (1.0, 0.0)  # f(x, 0) = x: the consistency boundary condition
 
 
+def test_the_exported_lcm_scheduler_steps_the_grid_and_scalings_the_student_learned(tiny_sd15_dir, tmp_path):
+    """diffusers' LCMScheduler read from the export, at a solver grid and a timestep scaling other
+    than its defaults: it visits only the K-step grid the student was distilled along and applies the
+    student's own c_skip/c_out there (a scheduler left at its defaults samples another model)."""
+    trainer = _trainer(tiny_sd15_dir, method="lcm", solver_steps=20, timestep_scaling=4.0)
+    lcm = trainer.method
+    export = trainer.export(tmp_path / "export", teacher=str(tiny_sd15_dir), model_card={})
+    stock = LCMScheduler.from_pretrained(export, subfolder="scheduler")
+    stock.set_timesteps(trainer.grid.num_slots)
+    visited = [int(t) for t in stock.timesteps]
+    assert visited == [999, 749, 499, 249]  # LCM's script: every (K/N)-th point of its K-step grid, from the top
+    assert set(visited) <= set(lcm.solver.timesteps)
+    for t in visited:
+        c_skip, c_out = stock.get_scalings_for_boundary_condition_discrete(t)
+        assert lcm.boundary(t) == pytest.approx((float(c_skip), float(c_out)), rel=1e-6)
+
+
 @pytest.mark.parametrize("method", ["pcm", "lcm"])
 def test_the_online_teacher_step_is_the_bare_teacher_guided(tiny_sd15_dir, method):
     """One guided DDIM step t₊ → t by the UNet with its LoRA bypassed, from x0 noised to t₊."""
