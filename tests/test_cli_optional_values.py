@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 
-from hardening_support import ROOT, rapm_env, run_rapm
+from flows.cli import main
+from rapm_testing.helpers import ROOT
 
 
-def test_grad_clip_none_turns_clipping_off_as_typed(tmp_path):
+def test_grad_clip_none_turns_clipping_off_as_typed(capsys):
     teacher = ROOT / "assets" / "shapes-teacher"
     args = ["plan", "--teacher", str(teacher), "--slots", "2", "--steps-per-slot", "2", "--json"]
-    env = rapm_env(tmp_path / "prefect")
-    code, out, err = run_rapm([*args, "--grad-clip", "none", "--lora-alpha", "None"], env, tmp_path / "off")
-    assert code == 0, err[-2000:]
-    training = json.loads(out)["method"]["training"]
+    assert main([*args, "--grad-clip", "none", "--lora-alpha", "None"]) == 0, capsys.readouterr().err[-2000:]
+    training = json.loads(capsys.readouterr().out)["method"]["training"]
     assert training["grad_clip"] is None and training["lora_alpha"] is None
-    code, out, err = run_rapm([*args, "--grad-clip", "0.5"], env, tmp_path / "on")
-    assert code == 0 and json.loads(out)["method"]["training"]["grad_clip"] == 0.5, err[-2000:]
+    assert main([*args, "--grad-clip", "0.5"]) == 0, capsys.readouterr().err[-2000:]
+    assert json.loads(capsys.readouterr().out)["method"]["training"]["grad_clip"] == 0.5

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from hardening_support import rapm_env, run_rapm
 from rapm_core.errors import ConfigError
 from rapm_core.pipeline import PipelineConfig, preflight
 from rapm_shapes.shapes import all_prompts
+from rapm_testing.helpers import rapm_env, run_rapm
 
 
 def _args(work, prompts, teacher, *extra: str) -> list[str]:

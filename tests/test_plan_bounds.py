@@ -8,9 +8,9 @@ import resource
 
 import torch
 
-from hardening_support import rapm_env, run_rapm
 from planner.meta_memory import MemoryCounter, is_host_placeholder
 from planner.stages import host_placeholder
+from rapm_testing.helpers import rapm_env, run_rapm
 
 ADDRESS_SPACE = 6 * 2**30  # bytes: torch and diffusers imported, no room for a full-size tensor
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from distill_run_support import make_store
-from hardening_support import rapm_env, run_rapm
+from rapm_testing.helpers import rapm_env, run_rapm
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_sd15_dir):
+def store(tmp_path_factory, tiny_sd15_dir, make_store):
     return make_store(tmp_path_factory.mktemp("refused-store"), tiny_sd15_dir, num=1)
 
 

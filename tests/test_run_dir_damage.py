@@ -12,24 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from eval_support import build_tiny_run
-from hardening_support import rapm_env, run_rapm, start_rapm, wait_until
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.run import run_distillation
+from rapm_testing.helpers import rapm_env, run_rapm, start_rapm, wait_until, without_dac_override
 from storage.checkpoints import CheckpointStore
 from storage.run_dir import RunDir
-from hardening_support import without_dac_override
 
 LORA = "pytorch_lora_weights.safetensors"
-ITERATIONS = 3
-# The options build_tiny_run trained with, as a user types them again.
+ITERATIONS = 3  # the tiny_run fixture's
+# The options the tiny_run fixture trained with, as a user types them again.
 OPTIONS = ["--disc-channels", "8", "--lr", "0.01", "--lr-disc", "0.01", "--loss-relative", "both",
            "--loss-absolute", "both", "--checkpoint-every", str(ITERATIONS), "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_sd15_dir):
-    return build_tiny_run(tmp_path_factory.mktemp("damage"), tiny_sd15_dir, iterations=ITERATIONS)
 
 
 @pytest.fixture

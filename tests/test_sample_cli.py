@@ -14,7 +14,6 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from eval_support import build_tiny_run
 from flows.cli import main
 from prefect_home import prefect_home
 from rapm_core.evaluate.config import EvaluateConfig
@@ -27,11 +26,6 @@ from storage.eval_store import EvalStore
 from storage.prompt_store import PromptStore
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_sd15_dir):
-    return build_tiny_run(tmp_path_factory.mktemp("sample-run"), tiny_sd15_dir)
 
 
 def pixels(path: Path) -> np.ndarray:

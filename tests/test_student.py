@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from distill_support import LATENT, load_unet, random_cond
 from rapm_core.errors import ConfigError
 from rapm_core.distill.student import (
     attach_lora,
+from rapm_testing.helpers import LATENT, load_unet, random_cond
     load_lora_state_dict,
     lora_config,
     lora_parameters,

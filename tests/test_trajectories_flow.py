@@ -16,10 +16,10 @@ import zarr
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from distill_support import perturb_unet_weights
 from flows.cli import main as rapm_main
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories, preflight
+from rapm_testing.helpers import perturb_unet_weights
 from storage.errors import ConfigMismatchError
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 from storage.teacher_fingerprint import teacher_fingerprint
