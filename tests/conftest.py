@@ -21,7 +21,8 @@ import torch
 from rapm_testing.helpers import EVAL_PROMPTS, TinyFeatures, method_config
 from rapm_testing.tiny_teacher import build_tiny_sd15, build_tiny_sdxl, char_tokenizer
 
-pytest_plugins = ["s3_server"]  # the s3_bucket fixture: a real S3 server in a subprocess
+# s3_bucket: a real S3 server in a subprocess; prefect_stack: the project's own local Prefect stack
+pytest_plugins = ["s3_server", "prefect_stack"]
 
 torch.set_num_threads(1)
 
