@@ -15,7 +15,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.common import publish, run_logger
-from flows.stage_commands import ingest_summary
 from rapm_core.ingest.config import IngestConfig
 from rapm_core.ingest.engine import IngestCounts, IngestPlan, ingest_config_hash, ingest_prompts
 from storage.prompt_store import PromptStore
@@ -44,6 +43,6 @@ def _publish(plan: IngestPlan) -> None:
 @flow(name="ingest", flow_run_name=_flow_run_name)
 def ingest_flow(config: IngestConfig) -> IngestCounts:
     plan = ingest_prompts(config)
-    run_logger().info(ingest_summary(plan))
+    run_logger().info(plan.summary())
     _publish(plan)
     return plan.counts

@@ -13,8 +13,10 @@ import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
 from flows.cli_model import add_model_arguments, model_from_args
+from rapm_core.config import Device, Precision
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.ingest.config import IngestConfig
@@ -35,15 +37,6 @@ def ingest(parser: argparse.ArgumentParser) -> None:
                "Turn a prompt file into a prompt store: normalised, deduplicated, split into train and eval.")
 
 
-def ingest_summary(plan) -> str:
-    """One line: the store, its counts, the source; ``plan`` a :class:`rapm_core.ingest.engine.IngestPlan`."""
-    c = plan.counts
-    head = "already complete: " if plan.already_complete else ""
-    return (f"{head}{plan.config.out}: {c.kept} prompts ({c.train} train, {c.eval} eval at --eval-fraction "
-            f"{plan.config.eval_fraction:g}) from {plan.config.source} "
-            f"[{plan.format}]; read {c.read}, blank {c.blank}, duplicates {c.duplicates}")
-
-
 def _ingest(args: argparse.Namespace) -> int:
     from rapm_core.ingest.engine import plan_ingest
 
@@ -56,7 +49,7 @@ def _ingest(args: argparse.Namespace) -> int:
         from flows.ingest import ingest_flow
 
         plan = replace(plan, counts=run_flow(ingest_flow, config))
-    print(ingest_summary(plan))
+    print(plan.summary())
     return 0
 
 
@@ -160,8 +153,8 @@ def sample(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, metavar="N", help=_sample_help("steps"))
     parser.add_argument("--out", required=True, metavar="DIR", help=_sample_help("out"))
     parser.add_argument("--batch-size", type=int, metavar="B", help=_sample_help("batch_size"))
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help=_sample_help("dtype"))
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_sample_help("device"))
+    parser.add_argument("--dtype", choices=get_args(Precision), help=_sample_help("dtype"))
+    parser.add_argument("--device", choices=get_args(Device), help=_sample_help("device"))
     parser.set_defaults(func=_sample)
 
 
@@ -177,11 +170,11 @@ def _sample(args: argparse.Namespace) -> int:
     from flows.common import run_flow
     from flows.sample import sample_flow
     from rapm_core.sample import plan_sample
-    from rapm_core.teacher import resolve_device
+    from rapm_core.teacher import check_dtype_on_device, resolve_device
 
     config = sample_config_from_args(args)
     plan = plan_sample(config)
-    resolve_device(config.device)
+    check_dtype_on_device(config.dtype, resolve_device(config.device))
     result = run_flow(sample_flow, config)
     print(f"{result['out']}: {len(result['images'])} images of {len(plan.prompts)} prompts "
           f"({plan.steps} steps), contact sheet {result['contact_sheet']}")

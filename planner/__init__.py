@@ -6,14 +6,6 @@ No weights and no GPU: the stages run on meta tensors under a counting dispatch 
 
 from planner.config import PlanConfig
 
-__all__ = ["PlanConfig", "plan"]
-
-
-def __getattr__(name: str):
-    # ``plan`` runs the stages (torch, diffusers, peft); imported on first use, so that the
-    # config, and ``rapm plan --help`` built from it, stay cheap.
-    if name == "plan":
-        from planner.planner import plan
-
-        return plan
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ``plan`` itself (planner.planner) runs the stages with torch, diffusers and peft: imported where
+# it is used, so that the config, and ``rapm plan --help`` built from it, stay cheap.
+__all__ = ["PlanConfig"]

@@ -17,13 +17,13 @@ import json
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image
 from pydantic import Field, field_validator
 
-from rapm_core.config import StrictModel
+from rapm_core.config import Device, Precision, StrictModel
 from rapm_core.errors import ConfigError
 from storage.atomic import write_bytes_atomic, write_json_atomic
 
@@ -49,8 +49,8 @@ class SampleConfig(StrictModel):
     steps: int | None = Field(None, ge=1, le=1000, description="sampling steps (default: the exported step count)")
     out: str = Field(description="directory for the PNGs, the contact sheet and sample.json")
     batch_size: int = Field(4, ge=1, le=1024, description="images per sampling batch (speed only)")
-    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype the teacher is loaded in")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
+    dtype: Precision = Field("fp32", description="dtype the teacher is loaded in")
+    device: Device = Field("auto", description="compute device")
 
     @field_validator("prompt")
     @classmethod

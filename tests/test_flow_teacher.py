@@ -1,7 +1,6 @@
 """The embedded flow teacher: the recipe's pieces against stock diffusers, the recipe end to end at
 toy size, and the tiny random SD3 builders later SD3 tests start from."""
 
-import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-from flows import recipe
+from flows.cli import build_parser
 from rapm_shapes.train_flow_teacher import T5_TOKENS, noisy_latents, prompt_embeddings, sample_sigmas
 from rapm_testing.tiny_sd3 import build_tiny_sd3, load_tiny_sd3
 from tests.test_embedded_teacher import EVALUATOR, ROOT, TEACHER
@@ -19,9 +18,7 @@ FLOW_TEACHER = ROOT / "assets" / "shapes-flow-teacher"
 
 
 def _rapm(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="rapm")
-    recipe.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(list(argv))
+    args = build_parser("recipe").parse_args(list(argv))
     return args.func(args)
 
 

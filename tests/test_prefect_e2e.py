@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from flows.ingest import run_name as ingest_run_name
 from rapm_core.ingest.config import IngestConfig
 from rapm_testing.helpers import ROOT
+from storage.manifest import write_manifest
 
 LORA = Path("run") / "export" / "pytorch_lora_weights.safetensors"
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
@@ -224,6 +225,9 @@ def test_a_user_error_in_a_flow_run_on_a_server_is_one_line_and_a_failed_run(pre
     run.mkdir()
     (run / "run.json").write_text('{"format": 1, "config": {}, "config_hash": "c", "store_config_hash": "s"}')
     (run / "done.json").write_text('{"step": 2, "config_hash": "c", "export": "export"}')
+    (run / "export").mkdir()
+    (run / "export" / "inference.json").write_text("{}")
+    write_manifest(run / "export", {})  # an export that verifies: the error is the run.json's, found in the flow
     proc = _rapm_on(prefect_stack, ["evaluate", "--run", str(run), "--device", "cpu"], tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "Finished in state Failed" not in proc.stderr, proc.stderr

@@ -121,6 +121,7 @@ def no_export_run(tmp_path_factory, tiny_run):
     ("blank file", ["--run", "{run}", "--prompts", "{blank}"], "{blank}: no prompts in it"),
     ("out is a file", ["--run", "{run}", "--prompt", "a", "--out", "{blank}"], "{blank}: a file, not a directory"),
     ("zero images", ["--run", "{run}", "--prompt", "a", "--num-images", "0"], "--num-images: Input should be"),
+    ("fp16 on the cpu", ["--run", "{run}", "--prompt", "a", "--dtype", "fp16"], "--dtype fp16 on the CPU"),
 ], ids=lambda v: v if isinstance(v, str) and " " in v else None)
 def test_rapm_sample_refuses_in_one_line(tmp_path, capsys, tiny_run, no_export_run, case, argv, problem):
     blank = tmp_path / "blank.txt"

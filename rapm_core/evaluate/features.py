@@ -167,7 +167,8 @@ def frechet_distance(reference: GaussianStats, generated: Iterable[torch.Tensor 
         images += block.shape[0]
     if images < 2:
         raise ConfigError(f"FID needs at least 2 images per set, got {images}")
-    return float(metric.compute())
+    # A squared distance: a set against its own statistics comes out a rounding error below zero.
+    return max(float(metric.compute()), 0.0)
 
 
 @torch.no_grad()

@@ -73,7 +73,7 @@ FACT_COLUMNS = (
 
 def table_columns() -> list[Column]:
     """Every column a metrics table can have, in order; the label first."""
-    return [Column("label", "method", "{}", chart=False), *(c for m in registered_metrics() for c in m.columns),
+    return [Column("label", "sampler", "{}", chart=False), *(c for m in registered_metrics() for c in m.columns),
             *FACT_COLUMNS]
 
 

@@ -39,6 +39,14 @@ class IngestPlan:
     already_complete: bool
     records: list[PromptRecord] = field(default_factory=list, repr=False)
 
+    def summary(self) -> str:
+        """One line: the store, its counts, the source (the CLI's answer and the flow's log line)."""
+        c = self.counts
+        head = "already complete: " if self.already_complete else ""
+        return (f"{head}{self.config.out}: {c.kept} prompts ({c.train} train, {c.eval} eval at --eval-fraction "
+                f"{self.config.eval_fraction:g}) from {self.config.source} "
+                f"[{self.format}]; read {c.read}, blank {c.blank}, duplicates {c.duplicates}")
+
 
 def ingest_config_hash(config: IngestConfig) -> str:
     # Where the store lives is not what it is made of: ``out`` stays out of the hash.
