@@ -4,13 +4,13 @@ import torch
 from rapm_core.errors import ConfigError
 from rapm_core.distill.student import (
     attach_lora,
-from rapm_testing.helpers import LATENT, load_unet, random_cond
     load_lora_state_dict,
     lora_config,
     lora_parameters,
     lora_state_dict,
     teacher_mode,
 )
+from rapm_testing.helpers import LATENT, load_unet, random_cond
 
 
 def _predict(unet, cond, t=500):
