@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rapm_testing.helpers import rapm_env, run_rapm
+from flows.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,9 @@ def store_copy(tmp_path, store):
     return Path(shutil.copytree(store, tmp_path / "trajectories.zarr"))
 
 
-def _error_line(command: str, args: list[str], tmp_path: Path) -> str:
-    code, _, err = run_rapm(args, rapm_env(tmp_path / "prefect"), tmp_path / "logs")
+def _error_line(command: str, args: list[str], capsys) -> str:
+    code = main(args)
+    err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
@@ -37,23 +38,23 @@ def _commands(store: Path, tmp_path: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("damaged,commands", [("zarr.json", ["store inspect", "store verify", "distill"]),
                                               ("positions/zarr.json", ["store verify"])])
-def test_a_truncated_zarr_json_is_one_line_naming_it(tmp_path, store_copy, damaged, commands):
+def test_a_truncated_zarr_json_is_one_line_naming_it(tmp_path, store_copy, damaged, commands, capsys):
     (store_copy / damaged).open("r+b").truncate(100)
     for name, args in _commands(store_copy, tmp_path).items():
         if name not in commands:
             continue
         command = name.split()[0]
-        message = _error_line(command, args, tmp_path / name.replace(" ", "-"))
+        message = _error_line(command, args, capsys)
         assert message.startswith(f"{store_copy}: damaged trajectory store: its {damaged} (Zarr metadata) "
                                   f"is not valid JSON"), (name, message)
     assert not (tmp_path / "run").exists()  # the refused distill left nothing behind
 
 
-def test_a_store_without_its_root_zarr_json_is_called_damaged_not_missing(tmp_path, store_copy):
+def test_a_store_without_its_root_zarr_json_is_called_damaged_not_missing(tmp_path, store_copy, capsys):
     (store_copy / "zarr.json").unlink()
     for name, args in _commands(store_copy, tmp_path).items():
         if name == "store inspect":  # opened the same way as by verify
             continue
-        message = _error_line(name.split()[0], args, tmp_path / name.replace(" ", "-"))
+        message = _error_line(name.split()[0], args, capsys)
         assert message.startswith(f"{store_copy}: damaged trajectory store: its root zarr.json "), (name, message)
         assert "positions" in message and "no trajectory store here" not in message
