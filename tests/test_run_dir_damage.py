@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli import main
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.run import run_distillation
 from rapm_testing.helpers import rapm_env, run_rapm, start_rapm, wait_until, without_dac_override
@@ -32,14 +33,24 @@ def run_copy(tmp_path, tiny_run):
     return store, Path(shutil.copytree(run, tmp_path / "run"))
 
 
-def _distill(store: Path, run: Path, tmp_path: Path, *extra: str) -> tuple[int, str, str]:
-    return run_rapm(["distill", "--trajectories", str(store), "--out", str(run), "--iterations", str(ITERATIONS),
-                     *OPTIONS, *extra], rapm_env(tmp_path / "prefect"), tmp_path / "logs-distill")
+def _distill_args(store: Path, run: Path) -> list[str]:
+    return ["distill", "--trajectories", str(store), "--out", str(run), "--iterations", str(ITERATIONS), *OPTIONS]
 
 
-def _evaluate(run: Path, tmp_path: Path, **popen) -> tuple[int, str, str]:
-    return run_rapm(["evaluate", "--run", str(run), "--num-images", "2", "--device", "cpu"],
-                    rapm_env(tmp_path / "prefect"), tmp_path / "logs-evaluate", **popen)
+def _evaluate_args(run: Path) -> list[str]:
+    return ["evaluate", "--run", str(run), "--num-images", "2", "--device", "cpu"]
+
+
+def _distill(store: Path, run: Path, tmp_path: Path) -> tuple[int, str, str]:
+    """In its own process: a rebuilt export must not depend on the process (its hash seed)."""
+    return run_rapm(_distill_args(store, run), rapm_env(tmp_path / "prefect"), tmp_path / "logs-distill")
+
+
+def _in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    """A refusal, through rapm's own main in this process (the checks run before any flow)."""
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def _one_line(command: str, err: str) -> str:
@@ -77,22 +88,22 @@ def test_distill_rebuilds_a_damaged_export_or_done_json_from_the_last_checkpoint
 
 
 @pytest.mark.parametrize("damage", ["export-deleted", "export-truncated"])
-def test_evaluate_on_a_damaged_export_says_to_rebuild_it_in_one_line(tmp_path, run_copy, damage):
+def test_evaluate_on_a_damaged_export_says_to_rebuild_it_in_one_line(run_copy, damage, capsys):
     _store, run = run_copy
     DAMAGE[damage](run)
-    code, _, err = _evaluate(run, tmp_path)
+    code, _, err = _in_process(_evaluate_args(run), capsys)
     assert code == 2, err
     line = _one_line("evaluate", err)
     assert line.startswith(f"rapm evaluate: error: {run / 'export'}: {LORA} ")
     assert line.endswith("run `rapm distill` with the run's options to rebuild the export from the last checkpoint")
 
 
-def test_a_truncated_run_json_is_one_line_in_distill_and_evaluate(tmp_path, run_copy):
+def test_a_truncated_run_json_is_one_line_in_distill_and_evaluate(run_copy, capsys):
     store, run = run_copy
     (run / "run.json").open("r+b").truncate(40)
     kept = sorted(p.relative_to(run) for p in run.rglob("*"))
-    for command, (code, _, err) in {"distill": _distill(store, run, tmp_path),
-                                    "evaluate": _evaluate(run, tmp_path)}.items():
+    for command, args in {"distill": _distill_args(store, run), "evaluate": _evaluate_args(run)}.items():
+        code, _, err = _in_process(args, capsys)
         assert code == 2, err
         line = _one_line(command, err)
         assert line.startswith(f"rapm {command}: error: {run / 'run.json'}: damaged (not valid JSON")
@@ -100,10 +111,10 @@ def test_a_truncated_run_json_is_one_line_in_distill_and_evaluate(tmp_path, run_
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == kept  # nothing touched
 
 
-def test_evaluate_on_a_corrupt_done_json_says_to_rebuild_it_in_one_line(tmp_path, run_copy):
+def test_evaluate_on_a_corrupt_done_json_says_to_rebuild_it_in_one_line(run_copy, capsys):
     _store, run = run_copy
     DAMAGE["done-json-corrupt"](run)
-    code, _, err = _evaluate(run, tmp_path)
+    code, _, err = _in_process(_evaluate_args(run), capsys)
     assert code == 2, err
     assert _one_line("evaluate", err).startswith(f"rapm evaluate: error: {run / 'done.json'}: damaged (not valid JSON")
 
@@ -148,7 +159,8 @@ def test_evaluate_on_a_read_only_run_dir_fails_before_sampling(tmp_path, run_cop
     _store, run = run_copy
     run.chmod(0o555)
     try:
-        code, out, err = _evaluate(run, tmp_path, preexec_fn=without_dac_override)
+        code, out, err = run_rapm(_evaluate_args(run), rapm_env(tmp_path / "prefect"), tmp_path / "logs-evaluate",
+                                  preexec_fn=without_dac_override)  # its own process, without root's override
         if code == 0:
             pytest.skip("cannot make a directory unwritable for a child process here")
     finally:
