@@ -149,3 +149,22 @@ def tiny_features_pt2(tmp_path_factory) -> Path:
     program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, str(path))
     return path
+
+
+# -- a ``rapm`` command in this process --------------------------------------------------------------
+@pytest.fixture
+def rapm_in_process(capsys, monkeypatch):
+    """``rapm_in_process(args)`` → (exit code, stdout, stderr): ``rapm ARGS`` through its own main in
+    this process, without a Prefect server (a flow's body runs here). For what a command decides
+    before it runs anything; what depends on a process of its own (signals, locks between
+    processes, hash seeds, import-time output) is run with ``rapm_testing.helpers.run_rapm``."""
+    from flows.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()  # what came before is not this command's
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run

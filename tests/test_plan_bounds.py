@@ -8,7 +8,6 @@ import resource
 
 import torch
 
-from flows.cli import main
 from planner.meta_memory import MemoryCounter, is_host_placeholder
 from planner.stages import host_placeholder
 from rapm_testing.helpers import rapm_env, run_rapm
@@ -28,9 +27,8 @@ def test_a_plan_at_the_largest_resolution_allocates_nothing_at_that_size(tmp_pat
     assert "16384 px" in out and "evaluate" in out
 
 
-def test_an_absurd_resolution_is_one_line(capsys):
-    code = main(["plan", "--preset", "sd15", "--resolution", "1000000"])
-    err = capsys.readouterr().err
+def test_an_absurd_resolution_is_one_line(rapm_in_process):
+    code, _, err = rapm_in_process(["plan", "--preset", "sd15", "--resolution", "1000000"])
     assert code == 2 and err.count("\n") == 1 and "--resolution" in err and "16384" in err, err
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from flows.cli import main
 from rapm_testing.helpers import rapm_env, run_rapm
 
 
@@ -28,10 +27,11 @@ def _one_line(code: int, err: str) -> str:
     (["--iterations", "1000000000000000000000"], "--iterations: Input should be less than or equal to 1000000000"),
     (["--lr", "-1"], "--lr: Input should be greater than 0"),
 ])
-def test_a_refused_distill_leaves_no_trace(tmp_path, store, option, message, capsys):
+def test_a_refused_distill_leaves_no_trace(tmp_path, store, option, message, rapm_in_process):
     out = tmp_path / "run"
-    code = main(["distill", "--trajectories", str(store), "--out", str(out), "--device", "cpu", *option])
-    line = _one_line(code, capsys.readouterr().err)
+    code, _, err = rapm_in_process(["distill", "--trajectories", str(store), "--out", str(out), "--device", "cpu",
+                                    *option])
+    line = _one_line(code, err)
     assert line.startswith("rapm distill: error: ") and message in line, line
     assert not out.exists()  # neither run.json (which would refuse every later config) nor the lock file
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.run import run_distillation
 from rapm_testing.helpers import rapm_env, run_rapm, start_rapm, wait_until, without_dac_override
@@ -44,13 +43,6 @@ def _evaluate_args(run: Path) -> list[str]:
 def _distill(store: Path, run: Path, tmp_path: Path) -> tuple[int, str, str]:
     """In its own process: a rebuilt export must not depend on the process (its hash seed)."""
     return run_rapm(_distill_args(store, run), rapm_env(tmp_path / "prefect"), tmp_path / "logs-distill")
-
-
-def _in_process(args: list[str], capsys) -> tuple[int, str, str]:
-    """A refusal, through rapm's own main in this process (the checks run before any flow)."""
-    code = main(args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _one_line(command: str, err: str) -> str:
@@ -88,22 +80,22 @@ def test_distill_rebuilds_a_damaged_export_or_done_json_from_the_last_checkpoint
 
 
 @pytest.mark.parametrize("damage", ["export-deleted", "export-truncated"])
-def test_evaluate_on_a_damaged_export_says_to_rebuild_it_in_one_line(run_copy, damage, capsys):
+def test_evaluate_on_a_damaged_export_says_to_rebuild_it_in_one_line(run_copy, damage, rapm_in_process):
     _store, run = run_copy
     DAMAGE[damage](run)
-    code, _, err = _in_process(_evaluate_args(run), capsys)
+    code, _, err = rapm_in_process(_evaluate_args(run))
     assert code == 2, err
     line = _one_line("evaluate", err)
     assert line.startswith(f"rapm evaluate: error: {run / 'export'}: {LORA} ")
     assert line.endswith("run `rapm distill` with the run's options to rebuild the export from the last checkpoint")
 
 
-def test_a_truncated_run_json_is_one_line_in_distill_and_evaluate(run_copy, capsys):
+def test_a_truncated_run_json_is_one_line_in_distill_and_evaluate(run_copy, rapm_in_process):
     store, run = run_copy
     (run / "run.json").open("r+b").truncate(40)
     kept = sorted(p.relative_to(run) for p in run.rglob("*"))
     for command, args in {"distill": _distill_args(store, run), "evaluate": _evaluate_args(run)}.items():
-        code, _, err = _in_process(args, capsys)
+        code, _, err = rapm_in_process(args)
         assert code == 2, err
         line = _one_line(command, err)
         assert line.startswith(f"rapm {command}: error: {run / 'run.json'}: damaged (not valid JSON")
@@ -111,10 +103,10 @@ def test_a_truncated_run_json_is_one_line_in_distill_and_evaluate(run_copy, caps
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == kept  # nothing touched
 
 
-def test_evaluate_on_a_corrupt_done_json_says_to_rebuild_it_in_one_line(run_copy, capsys):
+def test_evaluate_on_a_corrupt_done_json_says_to_rebuild_it_in_one_line(run_copy, rapm_in_process):
     _store, run = run_copy
     DAMAGE["done-json-corrupt"](run)
-    code, _, err = _in_process(_evaluate_args(run), capsys)
+    code, _, err = rapm_in_process(_evaluate_args(run))
     assert code == 2, err
     assert _one_line("evaluate", err).startswith(f"rapm evaluate: error: {run / 'done.json'}: damaged (not valid JSON")
 
