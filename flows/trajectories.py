@@ -41,7 +41,8 @@ def trajectory_shard(config: TrajectoriesConfig, start: int, stop: int) -> Gener
 
 def generate_sharded(config: TrajectoriesConfig, opened: Opened, progress: Callable[[Progress], None],
                      log: Callable[[str], None]) -> list[GenerationReport]:
-    """Stage A fanned out over ``config.execution``'s Dask cluster (inside a flow).
+    """Stage A fanned out over ``config.execution``'s Dask cluster (inside a flow); ``opened`` is
+    what :func:`~rapm_core.trajectories.generate.open_existing` found at ``config.out``.
 
     One task creates the store (on a worker, whose cached teacher the shards then reuse), then
     every batch-aligned index range is a task writing its own chunks. Per-trajectory seeds and
