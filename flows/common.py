@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 from typing import Any, Callable
 
 from prefect import get_run_logger
@@ -34,16 +35,35 @@ def in_run() -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
-def run_flow(flow, *args: Any) -> Any:
-    """``flow(*args)`` as a Prefect flow run when a server is configured (or as a subflow inside a
-    run); otherwise the flow's body, called directly in this process."""
-    if in_run() or api_configured():
-        from flows.console import attach_quiet_console
+# What a command found before its flow started, for that flow's body (see ``run_flow``).
+_FOUND_BEFORE: ContextVar[tuple[Any, tuple, Any] | None] = ContextVar("rapm_found_before", default=None)
 
-        if not in_run():
-            attach_quiet_console()
-        return flow(*args)
-    return flow.fn(*args)
+
+def run_flow(flow, *args: Any, found: Any = None) -> Any:
+    """``flow(*args)`` as a Prefect flow run when a server is configured (or as a subflow inside a
+    run); otherwise the flow's body, called directly in this process.
+
+    ``found``: what the command's checks already opened (a store, say), handed to the flow body in
+    this process (read there with :func:`found_before`) rather than as a flow parameter, which
+    Prefect would serialise into its database."""
+    token = _FOUND_BEFORE.set((flow, args, found))
+    try:
+        if in_run() or api_configured():
+            from flows.console import attach_quiet_console
+
+            if not in_run():
+                attach_quiet_console()
+            return flow(*args)
+        return flow.fn(*args)
+    finally:
+        _FOUND_BEFORE.reset(token)
+
+
+def found_before(flow, *args: Any) -> Any:
+    """What ``run_flow(flow, *args, found=…)`` was handed for these very arguments; None otherwise
+    (another flow, other arguments, or a call that did not come through ``run_flow``)."""
+    handed = _FOUND_BEFORE.get()
+    return handed[2] if handed is not None and handed[0] is flow and handed[1] == args else None
 
 
 def run_task(task, **params: Any) -> Any:

@@ -64,8 +64,7 @@ def _trajectories(args: argparse.Namespace) -> int:
     from rapm_core.trajectories.generate import preflight
 
     config = model_from_args(TrajectoriesConfig, args)
-    preflight(config)
-    s = run_flow(trajectories_flow, config)
+    s = run_flow(trajectories_flow, config, found=preflight(config))  # the store it opened, passed on
     print(f"{s['path']}: {s['complete']}/{s['total']} trajectories complete ({s['kind']}, N={s['num_slots']}, "
           f"M={s['steps_per_slot']}, w={s['guidance']}, {s['bytes_on_disk'] / 2**20:.1f} MiB)")
     return 0

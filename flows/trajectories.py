@@ -11,14 +11,14 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.common import ProgressArtifact, publish, run_logger
+from flows.common import ProgressArtifact, found_before, publish, run_logger
 from flows.sharding import ShardRunner
 from rapm_core.execution import default_shard_size, shard_ranges, worker_cached
 from rapm_core.progress import Progress
 from rapm_core.teacher import Teacher, load_teacher, resolve_device, resolve_dtype, teacher_identifier
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import (
-    GenerationReport, generate_trajectories, open_existing, store_lock,
+    GenerationReport, Opened, generate_trajectories, open_existing, store_lock,
 )
 from storage.hashing import config_hash
 from storage.trajectory_inspect import inspect_store
@@ -39,21 +39,21 @@ def trajectory_shard(config: TrajectoriesConfig, start: int, stop: int) -> Gener
     return generate_trajectories(config, start, stop, teacher=teacher, log=run_logger().info, lock=False)
 
 
-def generate_sharded(config: TrajectoriesConfig, progress: Callable[[Progress], None],
+def generate_sharded(config: TrajectoriesConfig, opened: Opened, progress: Callable[[Progress], None],
                      log: Callable[[str], None]) -> list[GenerationReport]:
-    """Stage A fanned out over ``config.execution``'s Dask cluster (inside a flow).
+    """Stage A fanned out over ``config.execution``'s Dask cluster (inside a flow); ``opened`` is
+    what :func:`~rapm_core.trajectories.generate.open_existing` found at ``config.out``.
 
     One task creates the store (on a worker, whose cached teacher the shards then reuse), then
     every batch-aligned index range is a task writing its own chunks. Per-trajectory seeds and
     aligned batches make the store bit-identical to the in-process one.
     """
     with store_lock(config.out):
-        return _fan_out(config, progress, log)
+        return _fan_out(config, opened, progress, log)
 
 
-def _fan_out(config: TrajectoriesConfig, progress: Callable[[Progress], None],
+def _fan_out(config: TrajectoriesConfig, opened: Opened, progress: Callable[[Progress], None],
              log: Callable[[str], None]) -> list[GenerationReport]:
-    opened = open_existing(config)
     num = len(opened.records)
     pending = opened.store.pending_batches(0, num, config.batch_size) if opened.store else [(0, num)]
     if not pending:
@@ -87,15 +87,16 @@ def trajectories_flow(config: TrajectoriesConfig) -> dict:
     """Stage A: progress artifact while generating, summary table artifact at the end."""
     logger = run_logger()
     progress = ProgressArtifact(f"trajectories → {config.out}", log=logger.info)
+    opened = found_before(trajectories_flow, config) or open_existing(config)
     if config.execution.backend == "in-process":
-        result = generate_trajectories(config, progress=progress, log=logger.info)
+        result = generate_trajectories(config, progress=progress, log=logger.info, opened=opened)
         logger.info(f"generated {result.generated} trajectories in {result.seconds:.1f} s "
                     f"(writer busy {result.write_seconds:.2f} s, generation waited {result.wait_seconds:.2f} s)")
     else:
-        shards = generate_sharded(config, progress, logger.info)
+        shards = generate_sharded(config, opened, progress, logger.info)
         logger.info(f"generated {sum(r.generated for r in shards)} trajectories in {len(shards)} shards")
     progress.finish()
-    summary = inspect_store(config.out)
+    summary = inspect_store(opened.store or config.out)  # a store made by this run is opened here, once
     rows = [{"field": k, "value": str(summary[k])} for k in SUMMARY_FIELDS]
     rows.append({"field": "positions shape", "value": str(summary["shapes"]["positions"])})
     publish(create_table_artifact, table=rows, key="trajectory-store", description=f"trajectory store {config.out}")

@@ -10,9 +10,9 @@ import numpy as np
 from storage.trajectory_store import DamagedTrajectoryError, TrajectoryStore
 
 
-def inspect_store(path: str) -> dict[str, Any]:
-    """Identity, shapes, progress, size and compression of the store at ``path``."""
-    store = TrajectoryStore(path)
+def inspect_store(store: TrajectoryStore | str) -> dict[str, Any]:
+    """Identity, shapes, progress, size and compression of a store (opened already, or at a path)."""
+    store = store if isinstance(store, TrajectoryStore) else TrajectoryStore(store)
     s = store.schema
     arrays = store.arrays()
     positions = arrays["positions"]

@@ -1,4 +1,4 @@
-"""A real local Prefect stack for tests, brought up and taken down by the project's own
+"""The ``prefect_stack`` fixture (a plugin of tests/conftest.py): a real local Prefect stack for tests, brought up and taken down by the project's own
 ``scripts/stack.sh`` (exactly what ``make up`` / ``make down`` run) in a temporary state dir on a
 free port, plus the few things a test does to it: run the CLI against it, read it through the
 API, and kill its worker the way a dying machine would.
@@ -16,13 +16,15 @@ import time
 from pathlib import Path
 from uuid import UUID
 
+import pytest
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun, StateType
 
 from prefect_home import prefect_home
 
-ROOT = Path(__file__).resolve().parent.parent
+from rapm_testing.helpers import ROOT
+
 STACK = ROOT / "scripts" / "stack.sh"
 PREFECT = ROOT / ".venv" / "bin" / "prefect"
 
@@ -33,9 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The automation's window: two 30 s heartbeats plus slack, so a busy machine never crashes a live run.
+ZOMBIE_AFTER_S = 60
+
+
 class Stack:
     def __init__(self, state_dir: Path, port: int, extra_env: dict[str, str] | None = None):
         self.state_dir, self.port = state_dir, port
+        self.zombie_after_s = ZOMBIE_AFTER_S
         self.api_url = f"http://127.0.0.1:{port}/api"
         self.env = {**os.environ, **(extra_env or {}), "RAPM_STATE_DIR": str(state_dir),
                     "RAPM_PREFECT_PORT": str(port), "PREFECT_HOME": str(prefect_home(state_dir / "prefect")),
@@ -114,3 +121,15 @@ class Stack:
             except ProcessLookupError:
                 pass
         return [worker, *map(int, children)]
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(tmp_path_factory):
+    # One intra-op thread per flow run: with two, torch on a busy 2-core machine spins ~10× slower.
+    stack = Stack(tmp_path_factory.mktemp("prefect-stack"), free_port(),
+                  {"RAPM_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_S), "OMP_NUM_THREADS": "1"})
+    try:
+        stack.timings = {"up (cold)": stack.up()}
+        yield stack
+    finally:
+        stack.down()

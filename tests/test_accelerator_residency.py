@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from distill_run_support import make_store, run_config
 from rapm_core.distill.run import run_distillation
 from rapm_core.evaluate.student import load_student_export
 from rapm_core.evaluate.trajectory_figure import FIGURE_DECODE_BATCH, trajectory_figure
 from rapm_core.teacher import decode_latents, load_teacher
 from rapm_core.trajectories.generate import sampling_teacher
+from rapm_testing.helpers import run_config
 from storage.trajectory_store import TrajectoryStore
 
 
@@ -24,7 +24,7 @@ def test_stage_a_keeps_the_vae_off_the_accelerator(tiny_sdxl_dir):
     assert teacher.device.type == "meta"  # where generate_trajectories puts its noise and conditioning
 
 
-def test_trajectory_figure_decodes_a_few_latents_at_a_time(tmp_path, tiny_sd15_dir):
+def test_trajectory_figure_decodes_a_few_latents_at_a_time(tmp_path, tiny_sd15_dir, make_store):
     store_path = make_store(tmp_path, tiny_sd15_dir, num=3)
     config = run_config(store_path, tmp_path / "run", iterations=1, method={"loss_relative": "pointwise",
                                                                             "loss_absolute": "pointwise"})

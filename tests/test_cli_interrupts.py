@@ -12,13 +12,12 @@ import time
 
 import pytest
 
-from distill_run_support import make_store
-from hardening_support import alive, children, rapm_env, run_rapm, session_processes, start_rapm, wait_until
+from rapm_testing.helpers import alive, children, rapm_env, run_rapm, session_processes, start_rapm, wait_until
 from storage.checkpoints import CheckpointStore
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_sd15_dir):
+def store(tmp_path_factory, tiny_sd15_dir, make_store):
     return make_store(tmp_path_factory.mktemp("interrupt-store"), tiny_sd15_dir)
 
 

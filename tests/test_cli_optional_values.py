@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 
-from hardening_support import ROOT, rapm_env, run_rapm
+from rapm_testing.helpers import ROOT
 
 
-def test_grad_clip_none_turns_clipping_off_as_typed(tmp_path):
+def test_grad_clip_none_turns_clipping_off_as_typed(rapm_in_process):
     teacher = ROOT / "assets" / "shapes-teacher"
     args = ["plan", "--teacher", str(teacher), "--slots", "2", "--steps-per-slot", "2", "--json"]
-    env = rapm_env(tmp_path / "prefect")
-    code, out, err = run_rapm([*args, "--grad-clip", "none", "--lora-alpha", "None"], env, tmp_path / "off")
+    code, out, err = rapm_in_process([*args, "--grad-clip", "none", "--lora-alpha", "None"])
     assert code == 0, err[-2000:]
     training = json.loads(out)["method"]["training"]
     assert training["grad_clip"] is None and training["lora_alpha"] is None
-    code, out, err = run_rapm([*args, "--grad-clip", "0.5"], env, tmp_path / "on")
+    code, out, err = rapm_in_process([*args, "--grad-clip", "0.5"])
     assert code == 0 and json.loads(out)["method"]["training"]["grad_clip"] == 0.5, err[-2000:]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from hardening_support import ROOT, rapm_env, run_rapm, without_dac_override
+from rapm_testing.helpers import ROOT, rapm_env, run_rapm, without_dac_override
 from storage.manifest import write_manifest
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 

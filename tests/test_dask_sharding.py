@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import zarr
 from prefect import task
-from s3_server import s3_bucket  # noqa: F401  (fixture)
 
 from flows.sharding import ShardRunner, local_worker_envs
 from rapm_core.execution import ExecutionConfig, default_shard_size, shard_ranges, worker_cached

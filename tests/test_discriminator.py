@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from distill_support import LATENT, grid_for, load_unet, make_distiller, random_cond, teacher_trajectory
 from rapm_core.distill.discriminator import FeatureTaps, HeadSet
 from rapm_core.distill.student import attach_lora, lora_config
+from rapm_testing.helpers import LATENT, grid_for, load_unet, make_distiller, random_cond, teacher_trajectory
 
 
 def _reference_features(unet, x, t, cond):

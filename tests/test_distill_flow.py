@@ -10,18 +10,17 @@ import pytest
 import zarr
 from safetensors.torch import load_file
 
-from distill_run_support import make_store, run_config
-from distill_support import perturb_unet_weights
 from flows.cli import build_parser, main
 from flows.cli_model import model_from_args
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.run import DistillationDivergedError, run_config_hash, run_distillation
+from rapm_testing.helpers import perturb_unet_weights, run_config
 from storage.checkpoints import CheckpointStore
 from storage.errors import ConfigMismatchError
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_sd15_dir):
+def store(tmp_path_factory, tiny_sd15_dir, make_store):
     return make_store(tmp_path_factory.mktemp("distill-store"), tiny_sd15_dir)
 
 
@@ -136,7 +135,7 @@ def test_rapm_distill_command_runs_the_flow(tmp_path, store):
     assert [s for s, _ in ckpts.steps()] == [2, 3] and all(ckpts.verify(p) is None for _, p in ckpts.steps())
 
 
-def test_a_store_is_not_distilled_against_other_weights_at_its_teacher_path(tmp_path, tiny_sd15_dir):
+def test_a_store_is_not_distilled_against_other_weights_at_its_teacher_path(tmp_path, tiny_sd15_dir, make_store):
     teacher = Path(shutil.copytree(tiny_sd15_dir, tmp_path / "teacher"))
     own_store = make_store(tmp_path, teacher, num=1)
     perturb_unet_weights(teacher)

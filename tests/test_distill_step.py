@@ -4,13 +4,14 @@ import pydantic
 import pytest
 import torch
 
-from distill_support import grid_for, make_distiller, method_config, scheduler_config, teacher_trajectory
 from rapm_core.distill.config import MethodConfig
 from rapm_core.distill.method import Example
 from rapm_core.distill.rapm import slot_targets
 from rapm_core.distill.trainer import NonFiniteLossError, Trainer
 from rapm_core.errors import ConfigError
 from rapm_core.sampler import ode_sample
+from rapm_testing.helpers import (grid_for, load_unet, make_distiller, method_config, scheduler_config,
+                                  teacher_trajectory)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,6 @@ def _record_unet_calls(unet):
 
 def _student_positions(tiny_sd15_dir, grid, example):
     """The N-step trailing DDIM chain of the (still untrained, = teacher) student from Z[0]."""
-    from distill_support import load_unet
     return ode_sample(load_unet(tiny_sd15_dir), scheduler_config(tiny_sd15_dir), example.positions[:1],
                        example.cond, grid.num_slots, return_positions=True)[0]
 
@@ -242,7 +242,6 @@ def test_config_errors(tiny_sd15_dir, setup):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_autocast_step_on_cuda_keeps_fp32_trainables(tiny_sd15_dir):
-    from distill_support import load_unet
     grid = grid_for(tiny_sd15_dir, 2, 2)
     example = teacher_trajectory(tiny_sd15_dir, grid)
     dist = Trainer(load_unet(tiny_sd15_dir), scheduler_config(tiny_sd15_dir), grid,

@@ -20,14 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from eval_support import PROMPTS, TinyFeatures, build_tiny_clip, build_tiny_run, export_tiny_features
 from flows.cli import main as rapm_main
 from flows.interrupts import where_stopped
-from s3_server import s3_bucket  # noqa: F401  (fixture)
 from rapm_core.errors import ConfigError
 from rapm_core.evaluate import features, measures
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.run import evaluate_run
+from rapm_testing.helpers import EVAL_PROMPTS, TinyFeatures
 from storage.eval_store import EvalStore
 from storage.hashing import file_sha256
 
@@ -48,12 +47,12 @@ def _write_folder(folder: Path, images: torch.Tensor, size: tuple[int, int] | No
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, tiny_sd15_dir):
+def assets(tmp_path_factory, tiny_run, tiny_features_pt2, tiny_clip_dir):
     """A tiny finished run, the tiny feature network and CLIP, and a folder of real images."""
     root = tmp_path_factory.mktemp("eval-scale")
-    prompts, store, run = build_tiny_run(root, tiny_sd15_dir)
+    prompts, store, run = tiny_run
     return {"root": root, "prompts": prompts, "store": store, "run": run,
-            "weights": export_tiny_features(root / "features.pt2"), "clip": build_tiny_clip(root / "clip"),
+            "weights": tiny_features_pt2, "clip": tiny_clip_dir,
             "real": _write_folder(root / "real", _images(7, 5), size=(40, 32))}  # 4:3-ish, cropped to square
 
 
@@ -117,7 +116,7 @@ def test_fid_from_accumulated_features_equals_torchmetrics():
 
 def test_clip_score_from_terms_equals_torchmetrics(assets):
     images = _images(3, 5)
-    prompts = PROMPTS[:5]
+    prompts = EVAL_PROMPTS[:5]
     expected = measures.clip_score(images, prompts, assets["clip"], batch_size=2)
     clip = measures.load_clip(assets["clip"])
     terms = torch.cat([measures.clip_scores_per_image(images[a:a + 3], prompts[a:a + 3], clip) for a in (0, 3)])
@@ -236,7 +235,7 @@ def _readme_commands() -> str:
 
 
 def _coco_captions(path: Path) -> Path:
-    captions = [{"id": i, "image_id": i, "caption": p} for i, p in enumerate(PROMPTS)]
+    captions = [{"id": i, "image_id": i, "caption": p} for i, p in enumerate(EVAL_PROMPTS)]
     path.write_text(json.dumps({"annotations": captions}), encoding="utf-8")
     return path
 

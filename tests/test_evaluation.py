@@ -8,8 +8,6 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from distill_support import perturb_unet_weights
-from eval_support import PROMPTS, build_tiny_run
 from flows.cli import main as rapm_main
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.eval_dir import finished
@@ -21,14 +19,14 @@ from rapm_core.sampler import sample_stock
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 from rapm_core.trajectories.chain import initial_noise
 from rapm_shapes.evaluator import ShapesClassifier, save_evaluator
+from rapm_testing.helpers import EVAL_PROMPTS, perturb_unet_weights
 from storage.errors import ConfigMismatchError, StoreError
-
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_dpm_solver_equals_stock_pipeline(kind, tiny_sd15_dir, tiny_sdxl_dir):
     teacher = load_teacher(tiny_sd15_dir if kind == "sd15" else tiny_sdxl_dir)
-    prompts = PROMPTS[:2]
+    prompts = EVAL_PROMPTS[:2]
     noise = initial_noise([1, 2], teacher.latent_shape, torch.float32, "cpu")
     sampler = ode_for(teacher.scheduler_config).dpm_solver(4)
     ours = sample_stock(teacher.unet, sampler, noise, encode_prompts(teacher, prompts), 3.0, encode_uncond(teacher))
@@ -49,11 +47,6 @@ def test_sampler_specs_cost(tiny_sd15_dir):
     assert {k: s.nfe for k, s in specs.items()} == {"teacher_ref": 80, "teacher_ddim": 8, "dpm_solver": 8,
                                                     "student": 4}
     assert specs["student"].guidance == 1.0
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_sd15_dir):
-    return build_tiny_run(tmp_path_factory.mktemp("tiny-run"), tiny_sd15_dir)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +120,7 @@ def test_evaluate_is_reproducible_across_batch_sizes(tiny_run, tmp_path):
     assert "domain_fid" not in a[1]
 
 
-def test_evaluate_refuses_other_weights_at_the_teacher_path(tmp_path, tiny_sd15_dir, tiny_evaluator):
+def test_evaluate_refuses_other_weights_at_the_teacher_path(tmp_path, tiny_sd15_dir, tiny_evaluator, build_tiny_run):
     teacher = Path(shutil.copytree(tiny_sd15_dir, tmp_path / "teacher"))
     _, store, run = build_tiny_run(tmp_path, teacher, iterations=1)
     perturb_unet_weights(teacher)

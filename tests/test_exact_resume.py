@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill_run_support import make_store, run_config
 from rapm_core.distill.run import TIMING_FIELDS, run_distillation
+from rapm_testing.helpers import run_config
 
 TESTS = Path(__file__).parent
 CHILD = (
@@ -80,7 +80,7 @@ METHODS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,seed", [("rapm", 0), ("pcm-adversarial", 1), ("lcm", 2)])
-def test_sigkilled_and_resumed_run_equals_uninterrupted(tmp_path, tiny_sd15_dir, case, seed):
+def test_sigkilled_and_resumed_run_equals_uninterrupted(tmp_path, tiny_sd15_dir, case, seed, make_store):
     method, has_heads = METHODS[case]
     store = make_store(tmp_path, tiny_sd15_dir)
     reference = run_config(store, tmp_path / "reference", method=method)

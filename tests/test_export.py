@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from distill_support import LATENT, grid_for, make_distiller, random_cond
+from rapm_testing.helpers import LATENT, grid_for, make_distiller, random_cond
+
 
 N = 4
 

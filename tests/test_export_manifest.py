@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from hardening_support import ROOT
+from rapm_testing.helpers import ROOT
 from storage.manifest import MANIFEST, manifest_problem, write_manifest
 from storage.run_dir import RunDir
 

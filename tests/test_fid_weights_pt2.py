@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from eval_support import TinyFeatures, export_tiny_features
 from rapm_core.errors import ConfigError
 from rapm_core.evaluate.features import image_features
 from rapm_core.evaluate.measures import feature_network
+from rapm_testing.helpers import TinyFeatures
 
 
 class _Payload:
@@ -34,9 +36,9 @@ def _with_member(src, dst, suffix: str, data: bytes):
     return dst
 
 
-def test_a_crafted_pt2_runs_no_code(tmp_path):
+def test_a_crafted_pt2_runs_no_code(tmp_path, tiny_features_pt2):
     marker = tmp_path / "payload-ran"
-    good = export_tiny_features(tmp_path / "good.pt2")
+    good = tiny_features_pt2
     crafted = _with_member(good, tmp_path / "crafted.pt2", "data/sample_inputs/model.pt",
                            pickle.dumps(_Payload(str(marker))))
     with pytest.raises(ConfigError, match="crafted.pt2: not a torch.export feature network of tensors only"):
@@ -44,8 +46,8 @@ def test_a_crafted_pt2_runs_no_code(tmp_path):
     assert not marker.exists(), "the archive's pickle ran"
 
 
-def test_an_archive_with_pickled_objects_is_refused_unread(tmp_path):
-    good = export_tiny_features(tmp_path / "good.pt2")
+def test_an_archive_with_pickled_objects_is_refused_unread(tmp_path, tiny_features_pt2):
+    good = Path(shutil.copy(tiny_features_pt2, tmp_path / "good.pt2"))  # altered below
     with zipfile.ZipFile(good, "a") as archive:
         prefix = next(n for n in archive.namelist() if "/data/" in n).split("/data/")[0]
         archive.writestr(f"{prefix}/data/constants/custom_obj_0", b"\x80\x04N.")

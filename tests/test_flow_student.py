@@ -10,7 +10,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from distill_support import LATENT, load_unet, method_config, random_cond
 from rapm_core.distill.method import Example, GuidedTeacher
 from rapm_core.distill.trainer import Trainer
 from rapm_core.errors import ConfigError
@@ -18,6 +17,7 @@ from rapm_core.evaluate.student import load_student_export
 from rapm_core.ode import RectifiedFlow, SlotGrid
 from rapm_core.ode.flow import pre_shift_sigmas
 from rapm_core.sampler import ode_sample
+from rapm_testing.helpers import LATENT, load_unet, method_config, random_cond
 
 FLOW = dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
 

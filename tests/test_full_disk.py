@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distill_run_support import make_store
-from hardening_support import rapm_env, run_rapm
+from rapm_testing.helpers import rapm_env, run_rapm
 from storage.checkpoints import CheckpointStore
 
 
@@ -29,7 +28,8 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(tmp_path, small_disk, tiny_sd15_dir):
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(tmp_path, small_disk, tiny_sd15_dir,
+                                                                                 make_store):
     store = make_store(tmp_path, tiny_sd15_dir, num=1)
     run = small_disk / "run"
     code, out, err = run_rapm(["distill", "--trajectories", str(store), "--out", str(run), "--iterations", "20",

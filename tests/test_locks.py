@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from distill_run_support import make_store
-from hardening_support import ROOT, rapm_env, run_rapm, start_rapm, wait_until
+from rapm_testing.helpers import ROOT, rapm_env, run_rapm, start_rapm, wait_until
 from storage.errors import StoreError
 from storage.locks import LOCK_NAME, DirLock, LockedError
 from storage.run_dir import RunDir
@@ -77,7 +76,7 @@ def test_a_trajectory_store_lock_lives_beside_the_store(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_sd15_dir):
+def store(tmp_path_factory, tiny_sd15_dir, make_store):
     return make_store(tmp_path_factory.mktemp("lock-store"), tiny_sd15_dir)
 
 

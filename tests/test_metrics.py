@@ -14,7 +14,6 @@ from rapm_core.evaluate.measures import (
     psnr,
     to_uint8,
 )
-from eval_support import build_tiny_clip
 
 
 def test_mse_and_psnr_known_values():
@@ -50,11 +49,6 @@ def _images(seed, n=24, shift=0):
 def test_missing_inception_weights_say_what_to_pass(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         feature_network(tmp_path / "missing.pth")
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def test_clip_score_matches_direct_cosine(tiny_clip_dir):

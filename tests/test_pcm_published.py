@@ -9,9 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_run_support import make_store
-from distill_support import (LATENT, grid_for, load_unet, method_config, random_cond, scheduler_config,
-                             teacher_trajectory)
 from rapm_core.conditioning import Conditioning
 from flows.cli import build_parser
 from flows.cli_model import model_from_args
@@ -21,6 +18,8 @@ from rapm_core.distill.method import GuidedTeacher
 from rapm_core.distill.run import run_distillation
 from rapm_core.distill.student import attach_lora, lora_config
 from rapm_core.distill.trainer import Trainer
+from rapm_testing.helpers import (LATENT, grid_for, load_unet, method_config, random_cond, scheduler_config,
+                                  teacher_trajectory)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +35,7 @@ def _config(argv: list[str]) -> DistillRunConfig:
     return model_from_args(DistillRunConfig, build_parser().parse_args(argv))
 
 
-def test_the_readme_runs_pcm_as_published_and_run_json_records_it(tmp_path, tiny_sd15_dir):
+def test_the_readme_runs_pcm_as_published_and_run_json_records_it(tmp_path, tiny_sd15_dir, make_store):
     commands = {argv[argv.index("--method") + 1]: argv for argv in readme_distill_commands()}
     assert set(commands) == {"pcm", "lcm"}
     lcm = _config(commands["lcm"])

@@ -10,8 +10,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline
 
-from distill_run_support import make_store, run_config
-from distill_support import LATENT, grid_for, load_unet, method_config, random_cond, scheduler_config
 from flows.cli import build_parser
 from flows.cli_model import model_from_args
 from rapm_core.distill.config import DistillRunConfig, MethodConfig
@@ -26,6 +24,7 @@ from rapm_core.sampler import guided_prediction
 from rapm_core.ode.vp import VpDdim, ddim_step, inference_scheduler
 from rapm_shapes.assets import EMBEDDED_TEACHER
 from rapm_shapes.shapes import all_prompts
+from rapm_testing.helpers import LATENT, grid_for, load_unet, method_config, random_cond, run_config, scheduler_config
 from storage.trajectory_store import TrajectoryStore
 
 
@@ -61,6 +60,23 @@ def test_lcm_scalings_equal_diffusers_lcm_scheduler(tiny_sd15_dir):
         c_skip, c_out = stock.get_scalings_for_boundary_condition_discrete(t)
         assert lcm.boundary(t) == pytest.approx((float(c_skip), float(c_out)), rel=1e-6)
     assert lcm.boundary(0) == (1.0, 0.0)  # f(x, 0) = x: the consistency boundary condition
+
+
+def test_the_exported_lcm_scheduler_steps_the_grid_and_scalings_the_student_learned(tiny_sd15_dir, tmp_path):
+    """diffusers' LCMScheduler read from the export, at a solver grid and a timestep scaling other
+    than its defaults: it visits only the K-step grid the student was distilled along and applies the
+    student's own c_skip/c_out there (a scheduler left at its defaults samples another model)."""
+    trainer = _trainer(tiny_sd15_dir, method="lcm", solver_steps=20, timestep_scaling=4.0)
+    lcm = trainer.method
+    export = trainer.export(tmp_path / "export", teacher=str(tiny_sd15_dir), model_card={})
+    stock = LCMScheduler.from_pretrained(export, subfolder="scheduler")
+    stock.set_timesteps(trainer.grid.num_slots)
+    visited = [int(t) for t in stock.timesteps]
+    assert visited == [999, 749, 499, 249]  # LCM's script: every (K/N)-th point of its K-step grid, from the top
+    assert set(visited) <= set(lcm.solver.timesteps)
+    for t in visited:
+        c_skip, c_out = stock.get_scalings_for_boundary_condition_discrete(t)
+        assert lcm.boundary(t) == pytest.approx((float(c_skip), float(c_out)), rel=1e-6)
 
 
 @pytest.mark.parametrize("method", ["pcm", "lcm"])
@@ -118,7 +134,7 @@ def test_method_options_reach_the_cli_and_name_the_run():
         MethodConfig.from_options(teacher_guidance=(6.0, 5.0))
 
 
-def test_x0_is_the_stores_own_sample_or_a_real_render(tmp_path):
+def test_x0_is_the_stores_own_sample_or_a_real_render(tmp_path, make_store):
     store_path = make_store(tmp_path, EMBEDDED_TEACHER, num=2, prompts=all_prompts()[:2])
     store = TrajectoryStore(str(store_path))
     from_store = load_example(store, 1)
@@ -130,7 +146,7 @@ def test_x0_is_the_stores_own_sample_or_a_real_render(tmp_path):
     assert torch.equal(load_example(store, 1, renders).x0, renders[1])
 
 
-def test_renders_need_a_domain_that_renders(tmp_path, tiny_sd15_dir):
+def test_renders_need_a_domain_that_renders(tmp_path, tiny_sd15_dir, make_store):
     store = make_store(tmp_path, tiny_sd15_dir, num=1)  # "a red circle" is no shapes caption
     config = run_config(store, tmp_path / "run", iterations=1, method={"method": "lcm", "x0_source": "renders"})
     with pytest.raises(ConfigError, match="needs a renderer"):
@@ -163,7 +179,7 @@ def test_the_stock_pipeline_with_a_peers_export_reproduces_its_sampler(method, t
         assert (other - ours).abs().max() > 1e-3
 
 
-def test_an_lcm_run_is_evaluated_with_its_own_scheduler(tmp_path, tiny_sd15_dir):
+def test_an_lcm_run_is_evaluated_with_its_own_scheduler(tmp_path, tiny_sd15_dir, make_store):
     from rapm_core.evaluate.config import EvaluateConfig
     from rapm_core.evaluate.run import evaluate_run
     from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from hardening_support import rapm_env, run_rapm
 from rapm_core.errors import ConfigError
 from rapm_core.pipeline import PipelineConfig, preflight
 from rapm_shapes.shapes import all_prompts
@@ -29,10 +28,10 @@ def _prompts(tmp_path, n: int):
     (1, [], "leave the eval split empty"),
     (6, ["--distill-relative-offset", "5"], "--distill-relative-offset 5 must be below --trajectories-steps-per-slot 2"),
 ], ids=["fraction-0", "one-prompt", "relative-offset"])
-def test_pipeline_refuses_before_the_first_stage(tmp_path, tiny_sd15_dir, n, extra, problem):
+def test_pipeline_refuses_before_the_first_stage(tmp_path, tiny_sd15_dir, n, extra, problem,
+                                                 rapm_in_process):
     work = tmp_path / "work"
-    code, out, err = run_rapm(_args(work, _prompts(tmp_path, n), tiny_sd15_dir, *extra),
-                              rapm_env(tmp_path / "prefect-home"), tmp_path / "logs")
+    code, out, err = rapm_in_process(_args(work, _prompts(tmp_path, n), tiny_sd15_dir, *extra))
     assert code == 2, out + err
     assert err.startswith("rapm pipeline: error: ") and problem in err and err.count("\n") == 1, err
     assert not (work / "prompts").exists() and not (work / "trajectories.zarr").exists(), "a stage ran"

@@ -8,9 +8,9 @@ import resource
 
 import torch
 
-from hardening_support import rapm_env, run_rapm
 from planner.meta_memory import MemoryCounter, is_host_placeholder
 from planner.stages import host_placeholder
+from rapm_testing.helpers import rapm_env, run_rapm
 
 ADDRESS_SPACE = 6 * 2**30  # bytes: torch and diffusers imported, no room for a full-size tensor
 
@@ -27,9 +27,8 @@ def test_a_plan_at_the_largest_resolution_allocates_nothing_at_that_size(tmp_pat
     assert "16384 px" in out and "evaluate" in out
 
 
-def test_an_absurd_resolution_is_one_line(tmp_path):
-    code, _out, err = run_rapm(["plan", "--preset", "sd15", "--resolution", "1000000"],
-                               rapm_env(tmp_path / "prefect"), tmp_path / "logs")
+def test_an_absurd_resolution_is_one_line(rapm_in_process):
+    code, _, err = rapm_in_process(["plan", "--preset", "sd15", "--resolution", "1000000"])
     assert code == 2 and err.count("\n") == 1 and "--resolution" in err and "16384" in err, err
 
 

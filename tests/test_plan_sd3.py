@@ -20,7 +20,6 @@ from planner.validation import compare, compare_run, mid_size_sd3
 from rapm_core.distill.config import MethodConfig
 from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 from rapm_testing.tiny_sd3 import build_tiny_sd3
-from distill_run_support import make_store
 
 SD35_COMMAND = "rapm plan --preset sd35-medium --precision bf16 --gpu-memory 24"
 
@@ -157,7 +156,7 @@ def test_planner_is_within_15_percent_of_a_real_cpu_run_of_a_mid_size_sd3(stage,
 
 
 @pytest.mark.parametrize("variant", ["t5", "no-t5"])
-def test_planner_predicts_the_engines_run_on_an_sd3_store(tmp_path, sd3_teachers, variant):
+def test_planner_predicts_the_engines_run_on_an_sd3_store(tmp_path, sd3_teachers, variant, make_store):
     """`rapm distill --weights-dtype bf16` as the engine builds it on a real SD3 store (its teacher's
     transformer loaded by build_trainer, a stored trajectory with its T5-length embeddings),
     against the plan made from the teacher's config files and the store's own settings."""

@@ -25,12 +25,10 @@ from prefect.client.schemas.objects import StateType
 from safetensors.torch import load_file
 
 from flows.ingest import run_name as ingest_run_name
-from prefect_stack import ROOT, Stack, free_port
 from rapm_core.ingest.config import IngestConfig
+from rapm_testing.helpers import ROOT
 from storage.manifest import write_manifest
 
-# The automation's window: two 30 s heartbeats plus slack, so a busy machine never crashes a live run.
-ZOMBIE_AFTER_S = 60
 LORA = Path("run") / "export" / "pytorch_lora_weights.safetensors"
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
 
@@ -83,18 +81,6 @@ def test_demo_deployments_carry_the_demo_configs():
     assert out.stdout.strip() == "False"
 
 
-@pytest.fixture(scope="session")
-def prefect_stack(tmp_path_factory):
-    # One intra-op thread per flow run: with two, torch on a busy 2-core machine spins ~10× slower.
-    stack = Stack(tmp_path_factory.mktemp("prefect-stack"), free_port(),
-                  {"RAPM_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_S), "OMP_NUM_THREADS": "1"})
-    try:
-        stack.timings = {"up (cold)": stack.up()}
-        yield stack
-    finally:
-        stack.down()
-
-
 def _params(work: Path, teacher: Path) -> dict:
     # The built-in prompts cut to 6 (4 train, 2 eval with this split), N=2, M=2, 12 iterations.
     return {"config": {
@@ -107,13 +93,13 @@ def _params(work: Path, teacher: Path) -> dict:
     }}
 
 
-def _logs(stack: Stack, run_id: UUID) -> str:
+def _logs(stack, run_id: UUID) -> str:
     with stack.client() as client:
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
     return "\n".join(log.message for log in logs)
 
 
-def _check_monitoring(stack: Stack, run_id: UUID, teacher: str) -> None:
+def _check_monitoring(stack, run_id: UUID, teacher: str) -> None:
     """Each stage is a named subflow; long stages report progress and end with a table."""
     runs = {r.name.split("-")[0]: r for r in stack.subflow_runs(run_id)}
     assert set(runs) == {"ingest", "trajectories", "distill", "evaluate"}, [r.name for r in runs.values()]
@@ -178,7 +164,7 @@ def test_pipeline_deployment_completes_and_resumes_after_its_worker_is_killed(pr
     assert refused.returncode != 0 and "cannot be retried" in " ".join((refused.stdout + refused.stderr).split())
     # ...until the zombie automation marks it Crashed; meanwhile `make up` brings a new worker.
     timings["up (worker restart)"] = stack.up()
-    crashed = stack.wait_for_state(run_b, {StateType.CRASHED}, timeout=ZOMBIE_AFTER_S + 120)
+    crashed = stack.wait_for_state(run_b, {StateType.CRASHED}, timeout=stack.zombie_after_s + 120)
     timings["kill → Crashed"] = time.perf_counter() - t_killed
     assert "heartbeat" in (crashed.state.message or "")
 
@@ -204,13 +190,13 @@ def test_pipeline_deployment_completes_and_resumes_after_its_worker_is_killed(pr
     print("\nprefect e2e timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
 
 
-def _rapm_on(stack: Stack, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def _rapm_on(stack, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     """``rapm ARGS`` as a user types it after ``source .state/prefect-stack/env``."""
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], env={**stack.env, "PYTHONPATH": str(ROOT)},
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
-def _runs_named(stack: Stack, name: str) -> list:
+def _runs_named(stack, name: str) -> list:
     with stack.client() as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
 

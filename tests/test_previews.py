@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from distill_run_support import run_config
 from rapm_core.distill.previews import CACHE, LATEST, PREVIEW_DIR, preview_name
 from rapm_core.distill.run import TIMING_FIELDS, run_distillation
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.run import evaluate_run
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories
+from rapm_testing.helpers import run_config
 from storage.eval_store import EvalStore
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 

@@ -4,9 +4,9 @@ batched relative targets against one student call per slot."""
 import pytest
 import torch
 
-from distill_support import grid_for, make_distiller, teacher_trajectory
 from rapm_core.distill.reference import rapm_iteration
 from rapm_core.distill.rapm import slot_targets
+from rapm_testing.helpers import grid_for, make_distiller, teacher_trajectory
 
 CASES = {
     "pointwise": dict(loss_relative="pointwise", loss_absolute="pointwise"),

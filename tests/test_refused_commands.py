@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from distill_run_support import make_store
-from hardening_support import rapm_env, run_rapm
+from rapm_testing.helpers import rapm_env, run_rapm
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_sd15_dir):
+def store(tmp_path_factory, tiny_sd15_dir, make_store):
     return make_store(tmp_path_factory.mktemp("refused-store"), tiny_sd15_dir, num=1)
 
 
-def _refused(args: list[str], tmp_path) -> str:
-    code, _, err = run_rapm(args, rapm_env(tmp_path / "prefect"), tmp_path / "logs")
+def _one_line(code: int, err: str) -> str:
     assert code == 2, err
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
@@ -29,10 +27,11 @@ def _refused(args: list[str], tmp_path) -> str:
     (["--iterations", "1000000000000000000000"], "--iterations: Input should be less than or equal to 1000000000"),
     (["--lr", "-1"], "--lr: Input should be greater than 0"),
 ])
-def test_a_refused_distill_leaves_no_trace(tmp_path, store, option, message):
+def test_a_refused_distill_leaves_no_trace(tmp_path, store, option, message, rapm_in_process):
     out = tmp_path / "run"
-    line = _refused(["distill", "--trajectories", str(store), "--out", str(out), "--device", "cpu", *option],
-                    tmp_path)
+    code, _, err = rapm_in_process(["distill", "--trajectories", str(store), "--out", str(out), "--device", "cpu",
+                                    *option])
+    line = _one_line(code, err)
     assert line.startswith("rapm distill: error: ") and message in line, line
     assert not out.exists()  # neither run.json (which would refuse every later config) nor the lock file
 
@@ -40,5 +39,7 @@ def test_a_refused_distill_leaves_no_trace(tmp_path, store, option, message):
 def test_a_refused_command_leaves_a_directory_it_did_not_make_as_it_was(tmp_path, store):
     out = tmp_path / "run"
     out.mkdir()
-    _refused(["distill", "--trajectories", str(store), "--out", str(out), "--lr", "-1"], tmp_path)
+    code, _, err = run_rapm(["distill", "--trajectories", str(store), "--out", str(out), "--lr", "-1"],
+                            rapm_env(tmp_path / "prefect"), tmp_path / "logs")  # as typed, in its own process
+    _one_line(code, err)
     assert list(out.iterdir()) == []

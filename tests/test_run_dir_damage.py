@@ -12,24 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from eval_support import build_tiny_run
-from hardening_support import rapm_env, run_rapm, start_rapm, wait_until
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.run import run_distillation
+from rapm_testing.helpers import rapm_env, run_rapm, start_rapm, wait_until, without_dac_override
 from storage.checkpoints import CheckpointStore
 from storage.run_dir import RunDir
-from hardening_support import without_dac_override
 
 LORA = "pytorch_lora_weights.safetensors"
-ITERATIONS = 3
-# The options build_tiny_run trained with, as a user types them again.
+ITERATIONS = 3  # the tiny_run fixture's
+# The options the tiny_run fixture trained with, as a user types them again.
 OPTIONS = ["--disc-channels", "8", "--lr", "0.01", "--lr-disc", "0.01", "--loss-relative", "both",
            "--loss-absolute", "both", "--checkpoint-every", str(ITERATIONS), "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_sd15_dir):
-    return build_tiny_run(tmp_path_factory.mktemp("damage"), tiny_sd15_dir, iterations=ITERATIONS)
 
 
 @pytest.fixture
@@ -39,14 +32,17 @@ def run_copy(tmp_path, tiny_run):
     return store, Path(shutil.copytree(run, tmp_path / "run"))
 
 
-def _distill(store: Path, run: Path, tmp_path: Path, *extra: str) -> tuple[int, str, str]:
-    return run_rapm(["distill", "--trajectories", str(store), "--out", str(run), "--iterations", str(ITERATIONS),
-                     *OPTIONS, *extra], rapm_env(tmp_path / "prefect"), tmp_path / "logs-distill")
+def _distill_args(store: Path, run: Path) -> list[str]:
+    return ["distill", "--trajectories", str(store), "--out", str(run), "--iterations", str(ITERATIONS), *OPTIONS]
 
 
-def _evaluate(run: Path, tmp_path: Path, **popen) -> tuple[int, str, str]:
-    return run_rapm(["evaluate", "--run", str(run), "--num-images", "2", "--device", "cpu"],
-                    rapm_env(tmp_path / "prefect"), tmp_path / "logs-evaluate", **popen)
+def _evaluate_args(run: Path) -> list[str]:
+    return ["evaluate", "--run", str(run), "--num-images", "2", "--device", "cpu"]
+
+
+def _distill(store: Path, run: Path, tmp_path: Path) -> tuple[int, str, str]:
+    """In its own process: a rebuilt export must not depend on the process (its hash seed)."""
+    return run_rapm(_distill_args(store, run), rapm_env(tmp_path / "prefect"), tmp_path / "logs-distill")
 
 
 def _one_line(command: str, err: str) -> str:
@@ -84,22 +80,22 @@ def test_distill_rebuilds_a_damaged_export_or_done_json_from_the_last_checkpoint
 
 
 @pytest.mark.parametrize("damage", ["export-deleted", "export-truncated"])
-def test_evaluate_on_a_damaged_export_says_to_rebuild_it_in_one_line(tmp_path, run_copy, damage):
+def test_evaluate_on_a_damaged_export_says_to_rebuild_it_in_one_line(run_copy, damage, rapm_in_process):
     _store, run = run_copy
     DAMAGE[damage](run)
-    code, _, err = _evaluate(run, tmp_path)
+    code, _, err = rapm_in_process(_evaluate_args(run))
     assert code == 2, err
     line = _one_line("evaluate", err)
     assert line.startswith(f"rapm evaluate: error: {run / 'export'}: {LORA} ")
     assert line.endswith("run `rapm distill` with the run's options to rebuild the export from the last checkpoint")
 
 
-def test_a_truncated_run_json_is_one_line_in_distill_and_evaluate(tmp_path, run_copy):
+def test_a_truncated_run_json_is_one_line_in_distill_and_evaluate(run_copy, rapm_in_process):
     store, run = run_copy
     (run / "run.json").open("r+b").truncate(40)
     kept = sorted(p.relative_to(run) for p in run.rglob("*"))
-    for command, (code, _, err) in {"distill": _distill(store, run, tmp_path),
-                                    "evaluate": _evaluate(run, tmp_path)}.items():
+    for command, args in {"distill": _distill_args(store, run), "evaluate": _evaluate_args(run)}.items():
+        code, _, err = rapm_in_process(args)
         assert code == 2, err
         line = _one_line(command, err)
         assert line.startswith(f"rapm {command}: error: {run / 'run.json'}: damaged (not valid JSON")
@@ -107,10 +103,10 @@ def test_a_truncated_run_json_is_one_line_in_distill_and_evaluate(tmp_path, run_
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == kept  # nothing touched
 
 
-def test_evaluate_on_a_corrupt_done_json_says_to_rebuild_it_in_one_line(tmp_path, run_copy):
+def test_evaluate_on_a_corrupt_done_json_says_to_rebuild_it_in_one_line(run_copy, rapm_in_process):
     _store, run = run_copy
     DAMAGE["done-json-corrupt"](run)
-    code, _, err = _evaluate(run, tmp_path)
+    code, _, err = rapm_in_process(_evaluate_args(run))
     assert code == 2, err
     assert _one_line("evaluate", err).startswith(f"rapm evaluate: error: {run / 'done.json'}: damaged (not valid JSON")
 
@@ -155,7 +151,8 @@ def test_evaluate_on_a_read_only_run_dir_fails_before_sampling(tmp_path, run_cop
     _store, run = run_copy
     run.chmod(0o555)
     try:
-        code, out, err = _evaluate(run, tmp_path, preexec_fn=without_dac_override)
+        code, out, err = run_rapm(_evaluate_args(run), rapm_env(tmp_path / "prefect"), tmp_path / "logs-evaluate",
+                                  preexec_fn=without_dac_override)  # its own process, without root's override
         if code == 0:
             pytest.skip("cannot make a directory unwritable for a child process here")
     finally:

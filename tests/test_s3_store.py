@@ -13,7 +13,6 @@ import uuid
 import numpy as np
 import pytest
 import zarr
-from s3_server import s3_bucket  # noqa: F401  (fixture)
 
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories

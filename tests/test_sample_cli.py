@@ -2,7 +2,6 @@
 and the very images evaluation makes of the student for the same prompt and noise."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,36 +13,24 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from eval_support import build_tiny_run
 from flows.cli import main
-from prefect_home import prefect_home
 from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.evaluate.run import evaluate_run
 from rapm_core.evaluate.samplers import eval_seed
 from rapm_core.sample import SampleConfig, image_name, plan_sample, sample_student
 from rapm_core.teacher import latent_shape
 from rapm_core.trajectories.chain import initial_noise
+from rapm_testing.helpers import ROOT, rapm_env
 from storage.eval_store import EvalStore
 from storage.prompt_store import PromptStore
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_sd15_dir):
-    return build_tiny_run(tmp_path_factory.mktemp("sample-run"), tiny_sd15_dir)
-
 
 def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
 def rapm(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home(tmp_path / "prefect")), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, env=rapm_env(tmp_path / "prefect"),
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_rapm_sample_is_evaluations_student_and_reproducible(tmp_path, tiny_run):

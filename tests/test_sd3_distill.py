@@ -17,8 +17,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from distill_run_support import make_store, run_config
-from distill_support import method_config
 from rapm_core.denoiser import denoise
 from rapm_core.distill.method import Example
 from rapm_core.distill.run import run_distillation
@@ -27,6 +25,7 @@ from rapm_core.ode import SlotGrid
 from rapm_core.ode.flow import pre_shift_sigmas
 from rapm_core.sampler import ode_sample
 from rapm_core.teacher import encode_prompts, load_teacher, load_unet
+from rapm_testing.helpers import method_config, run_config
 from rapm_testing.tiny_sd3 import build_tiny_sd3, load_tiny_sd3
 from test_exact_resume import _kill_when, _start
 
@@ -40,7 +39,7 @@ def sd3_teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sd3_store(sd3_teacher, tmp_path_factory):
+def sd3_store(sd3_teacher, tmp_path_factory, make_store):
     return make_store(tmp_path_factory.mktemp("sd3-store"), sd3_teacher, max_sequence_length=T5_TOKENS)
 
 

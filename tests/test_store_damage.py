@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from distill_run_support import make_store
-from hardening_support import rapm_env, run_rapm
-
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_sd15_dir):
+def store(tmp_path_factory, tiny_sd15_dir, make_store):
     return make_store(tmp_path_factory.mktemp("damaged-store"), tiny_sd15_dir, num=2)
 
 
@@ -22,8 +19,8 @@ def store_copy(tmp_path, store):
     return Path(shutil.copytree(store, tmp_path / "trajectories.zarr"))
 
 
-def _error_line(command: str, args: list[str], tmp_path: Path) -> str:
-    code, _, err = run_rapm(args, rapm_env(tmp_path / "prefect"), tmp_path / "logs")
+def _error_line(command: str, args: list[str], rapm_in_process) -> str:
+    code, _, err = rapm_in_process(args)
     assert code == 2, err
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
@@ -38,23 +35,23 @@ def _commands(store: Path, tmp_path: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("damaged,commands", [("zarr.json", ["store inspect", "store verify", "distill"]),
                                               ("positions/zarr.json", ["store verify"])])
-def test_a_truncated_zarr_json_is_one_line_naming_it(tmp_path, store_copy, damaged, commands):
+def test_a_truncated_zarr_json_is_one_line_naming_it(tmp_path, store_copy, damaged, commands, rapm_in_process):
     (store_copy / damaged).open("r+b").truncate(100)
     for name, args in _commands(store_copy, tmp_path).items():
         if name not in commands:
             continue
         command = name.split()[0]
-        message = _error_line(command, args, tmp_path / name.replace(" ", "-"))
+        message = _error_line(command, args, rapm_in_process)
         assert message.startswith(f"{store_copy}: damaged trajectory store: its {damaged} (Zarr metadata) "
                                   f"is not valid JSON"), (name, message)
     assert not (tmp_path / "run").exists()  # the refused distill left nothing behind
 
 
-def test_a_store_without_its_root_zarr_json_is_called_damaged_not_missing(tmp_path, store_copy):
+def test_a_store_without_its_root_zarr_json_is_called_damaged_not_missing(tmp_path, store_copy, rapm_in_process):
     (store_copy / "zarr.json").unlink()
     for name, args in _commands(store_copy, tmp_path).items():
         if name == "store inspect":  # opened the same way as by verify
             continue
-        message = _error_line(name.split()[0], args, tmp_path / name.replace(" ", "-"))
+        message = _error_line(name.split()[0], args, rapm_in_process)
         assert message.startswith(f"{store_copy}: damaged trajectory store: its root zarr.json "), (name, message)
         assert "positions" in message and "no trajectory store here" not in message

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import zarr
 
-from distill_run_support import make_store, run_config
 from flows.cli import main as rapm_main
 from rapm_core.distill.run import run_distillation
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories
+from rapm_testing.helpers import run_config
 from storage.trajectory_inspect import verify_store
 from storage.trajectory_store import DamagedTrajectoryError, TrajectoryStore
 
@@ -29,7 +29,7 @@ def _flip(store: Path, index: int, array: str = "positions", offset: int | None 
 
 
 @pytest.fixture()
-def store(tmp_path, tiny_sd15_dir):
+def store(tmp_path, tiny_sd15_dir, make_store):
     return make_store(tmp_path, tiny_sd15_dir, num=3)
 
 

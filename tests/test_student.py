@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from distill_support import LATENT, load_unet, random_cond
 from rapm_core.errors import ConfigError
 from rapm_core.distill.student import (
     attach_lora,
@@ -11,6 +10,7 @@ from rapm_core.distill.student import (
     lora_state_dict,
     teacher_mode,
 )
+from rapm_testing.helpers import LATENT, load_unet, random_cond
 
 
 def _predict(unet, cond, t=500):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hardening_support import rapm_env, run_rapm
 from rapm_core.errors import ConfigError
 from rapm_core.teacher import encode_uncond, load_teacher, load_unet, load_vae
+from rapm_testing.helpers import rapm_env, run_rapm
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 
 CASES = [

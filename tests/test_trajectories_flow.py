@@ -16,10 +16,10 @@ import zarr
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from distill_support import perturb_unet_weights
 from flows.cli import main as rapm_main
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories, preflight
+from rapm_testing.helpers import perturb_unet_weights
 from storage.errors import ConfigMismatchError
 from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 from storage.teacher_fingerprint import teacher_fingerprint
@@ -251,3 +251,21 @@ def test_a_run_reads_its_store_schema_once(tmp_path, tiny_sd15_dir, monkeypatch)
     parses.clear()
     again = generate_trajectories(config, log=_quiet)  # without preflight: the engine opens it itself, once
     assert again.already_complete == 2 and len(parses) == 1
+
+
+def test_the_command_opens_its_store_once(tmp_path, tiny_sd15_dir, monkeypatch, capsys):
+    """`rapm trajectories` (in-process): the store its checks opened before the flow is the one the
+    flow resumes and summarises: one schema parse per command, resuming or with nothing left to do."""
+    config = _config(tmp_path, tiny_sd15_dir, steps_per_slot=2, limit=2, batch_size=1)
+    generate_trajectories(config, stop=1, log=_quiet)  # a store to resume: trajectory 1 missing
+    real = StoreSchema.model_validate
+    parses = []
+    monkeypatch.setattr(StoreSchema, "model_validate", lambda *a, **k: parses.append(a) or real(*a, **k))
+    args = ["trajectories", "--prompts", config.prompts, "--teacher", str(tiny_sd15_dir), "--out", config.out,
+            "--slots", "2", "--steps-per-slot", "2", "--guidance", "7.5", "--seed", "3", "--limit", "2",
+            "--batch-size", "1", "--device", "cpu", "--store-dtype", "float32"]
+    for done_before in (1, 2):
+        parses.clear()
+        assert rapm_main(args) == 0
+        assert "2/2 trajectories complete" in capsys.readouterr().out
+        assert len(parses) == 1, f"{len(parses)} schema parses with {done_before} of 2 trajectories done before"

@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 
-from distill_run_support import make_store, run_config
 from flows.cli import build_parser
 from flows.distill import run_distillation
+from rapm_testing.helpers import run_config
 from storage.checkpoints import CheckpointStore, CorruptCheckpointWarning
 from storage.errors import SourceError
 from rapm_core.ingest.sources import read_source
@@ -64,7 +64,7 @@ def test_rejecting_every_checkpoint_says_the_run_starts_over(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_sd15_dir):
+def store(tmp_path_factory, tiny_sd15_dir, make_store):
     return make_store(tmp_path_factory.mktemp("messages-store"), tiny_sd15_dir, num=1)
 
 

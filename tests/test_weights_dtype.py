@@ -14,17 +14,17 @@ from peft.utils import get_peft_model_state_dict
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from distill_run_support import make_store, run_config
 from flows.cli import main
 from rapm_core.distill.config import DistillRunConfig, MethodConfig
 from rapm_core.distill.run import build_trainer, run_distillation
+from rapm_testing.helpers import run_config
 from storage.trajectory_store import TrajectoryStore
 
 BF16 = {"weights_dtype": "bf16"}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_sd15_dir):
+def store(tmp_path_factory, tiny_sd15_dir, make_store):
     return make_store(tmp_path_factory.mktemp("bf16-store"), tiny_sd15_dir, num=2)
 
 
