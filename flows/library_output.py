@@ -13,8 +13,9 @@ peft, torch and torchmetrics warn through :mod:`warnings`, every model load draw
   file is written beside a run or a store, which may be an ``s3://`` URL);
 - one that reports an error (``ERROR`` and above) matters to the user: it is one line of ours,
   ``<library>: <its first line>``, on the terminal (and in the run's log);
-- Dask's ``distributed`` keeps its own handlers, at ``warning`` instead of its chatty ``info``:
-  a worker restarted for memory is worth seeing as Dask words it.
+- Dask's ``distributed`` logs from ``warning`` up (its ``info`` is a cluster's every start and
+  stop), routed the same way; the worker processes of a local cluster, whose stderr is the
+  command's terminal too, route theirs from their start (:func:`dask_setup`).
 
 ``RAPM_LIBRARY_OUTPUT=show`` leaves the libraries printing as they do by default, for debugging.
 """
@@ -30,7 +31,8 @@ SHOW = ("RAPM_LIBRARY_OUTPUT", "show")
 # The top loggers of the libraries a stage runs; their children (``diffusers.loaders.peft`` …)
 # propagate to them. Ours are ``rapm`` and ``prefect.*`` (the run's own lines).
 LIBRARY_LOGGERS = ("py.warnings", "transformers", "diffusers", "huggingface_hub", "peft", "torch",
-                   "torchmetrics", "accelerate", "safetensors", "PIL", "fsspec", "zarr", "numcodecs")
+                   "torchmetrics", "accelerate", "safetensors", "PIL", "fsspec", "zarr", "numcodecs",
+                   "distributed")
 
 # Read at import by the libraries (and by the Dask worker processes this one starts).
 ENVIRONMENT = {"TQDM_DISABLE": "1", "DASK_LOGGING__DISTRIBUTED": "warning"}
@@ -111,3 +113,8 @@ def route_library_output() -> None:
             logger.removeHandler(handler)
         logger.addHandler(_records)
     logging.captureWarnings(True)  # warnings become records of py.warnings
+
+
+def dask_setup(worker) -> None:
+    """Dask's preload hook (``preload=["flows.library_output"]``): a worker process routes too."""
+    route_library_output()

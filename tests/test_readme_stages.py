@@ -72,7 +72,12 @@ def test_the_readme_stage_commands_run_as_typed_and_print_only_their_own_lines(t
     captions = [{"id": i, "caption": p} for i, p in enumerate(all_prompts()[:10])]
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions), encoding="utf-8")
     env = user_env(tmp_path)
-    for argv in map(on_cpu, readme_stage_commands()):
+    commands = list(map(on_cpu, readme_stage_commands()))
+    # The trajectories again on a local Dask cluster, whose worker processes print to this terminal too.
+    sharded = next(argv for argv in commands if argv[0] == "trajectories")
+    sharded = [*sharded, "--backend", "local-cluster", "--workers", "2", "--torch-threads", "1"]
+    sharded[sharded.index("--out") + 1] = "work/traj-sharded.zarr"
+    for argv in [*commands, sharded]:
         done = rapm(argv, tmp_path, env)
         shown = done.stdout + done.stderr
         assert done.returncode == 0, f"rapm {shlex.join(argv)}:\n{shown[-3000:]}"
