@@ -11,9 +11,9 @@ Prefect are imported only when the command runs, so ``rapm --help`` and ``rapm C
 answer at once. The libraries' own output (warnings, log lines, progress bars) stays off the
 terminal (:mod:`flows.library_output`). User errors (bad input, mismatched stores, invalid
 options, unwritable paths) print one line and exit 2, without a traceback, also when a flow
-raises them. Ctrl-C prints one line saying what was kept and exits 130. The stage engines lock what they write (a run dir, a
-store); the stage commands take the same lock first, so a second command on the same output is
-refused at once.
+raises them. Ctrl-C prints one line saying what was kept and exits 130. The stage engines lock
+what they write (a run dir, a store); the stage commands take the same lock first, so a second
+command on the same output is refused at once.
 """
 
 from __future__ import annotations
