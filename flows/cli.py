@@ -8,11 +8,12 @@ behind (:func:`flows.common.run_flow`).
 The subcommands are listed in :data:`COMMANDS` with their one-line help; only the chosen one's
 module is imported and its options built (from its config model), and the engines, torch and
 Prefect are imported only when the command runs, so ``rapm --help`` and ``rapm CMD --help``
-answer at once. User errors (bad input, mismatched stores, invalid options, unwritable paths)
-print one line and exit 2, without a traceback, also when a flow raises them. Ctrl-C prints one
-line saying what was kept and exits 130. The stage engines lock what they write (a run dir, a
-store); the stage commands take the same lock first, so a second command on the same output is
-refused at once.
+answer at once. The libraries' own output (warnings, log lines, progress bars) stays off the
+terminal (:mod:`flows.library_output`). User errors (bad input, mismatched stores, invalid
+options, unwritable paths) print one line and exit 2, without a traceback, also when a flow
+raises them. Ctrl-C prints one line saying what was kept and exits 130. The stage engines lock
+what they write (a run dir, a store); the stage commands take the same lock first, so a second
+command on the same output is refused at once.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import os
 import signal
 import sys
 
 from flows import console
 from flows.errors import is_user_error, path_error_message
 from flows.interrupts import EXIT_INTERRUPTED, where_stopped
+from flows.library_output import route_library_output
 
 DESCRIPTION = ("RAPM diffusion distillation as a staged pipeline: ingest prompts, generate teacher trajectories, "
                "distil a few-step student, evaluate it; plus tools to inspect stores and plan runs.")
@@ -95,7 +96,7 @@ def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
 
 def _command_lock(args: argparse.Namespace):
     """The one-writer lock of what ``args.command`` writes (the engine takes it again, reentrantly)."""
-    # Imported here, after main() has quietened transformers, and only for the command that needs it.
+    # Imported here, only for the command that needs it.
     if args.command == "distill":
         from storage.run_dir import RunDir
 
@@ -152,9 +153,8 @@ def _chosen(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # transformers warns at import that torchvision is missing; the PIL image processors it
-    # falls back to are never used here.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Before any library is imported: its own handlers and bars are set up at import.
+    route_library_output()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_chosen(argv))
     args = parser.parse_args(argv)

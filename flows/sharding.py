@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator
 from flows.common import in_run, run_task
 from rapm_core.execution import ExecutionConfig
 
+LIBRARY_OUTPUT_PRELOAD = "flows.library_output"  # its dask_setup runs in each worker process
+
 
 def _visible_gpus() -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -54,7 +56,8 @@ def local_cluster(execution: ExecutionConfig) -> Iterator[str]:
     """A Dask cluster of worker processes on this machine, yielding its scheduler address.
 
     Everything binds to 127.0.0.1 and the dashboard to a free port (the default 8787 collides
-    with any other cluster on the machine).
+    with any other cluster on the machine). The workers' stderr is this command's terminal: they
+    route the libraries' output as this process does (:mod:`flows.library_output`).
     """
     import dask
     from distributed import Nanny, Scheduler, SpecCluster
@@ -66,7 +69,8 @@ def local_cluster(execution: ExecutionConfig) -> Iterator[str]:
     pre_spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in envs[0].items() if k.endswith("_NUM_THREADS")}
     workers = {
         f"rapm-worker-{i}": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": env,
-                                                       "local_directory": scratch, "name": f"rapm-worker-{i}"}}
+                                                       "local_directory": scratch, "name": f"rapm-worker-{i}",
+                                                       "preload": [LIBRARY_OUTPUT_PRELOAD]}}
         for i, env in enumerate(envs)
     }
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}

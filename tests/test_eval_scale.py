@@ -256,6 +256,9 @@ def test_readme_commands_shard_over_two_workers_like_in_process(assets, tmp_path
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| RAPM student 2 steps |" in done.stdout and "Inception FID" in done.stdout
+    # The Dask workers print to the same terminal: neither they nor the libraries under them talk.
+    assert not [m for m in ("distributed.", "[transformers]", "No LoRA keys", "Warning", "it/s]")
+                if m in done.stdout + done.stderr], done.stderr
 
     monkeypatch.chdir(tmp_path)  # the store records the README's relative paths
     sharded = tmp_path / "work" / "eval-coco30k.zarr"

@@ -25,7 +25,9 @@ from prefect.client.schemas.objects import StateType
 from safetensors.torch import load_file
 
 from flows.ingest import run_name as ingest_run_name
+from flows.sample import run_name as sample_run_name
 from rapm_core.ingest.config import IngestConfig
+from rapm_core.sample import SampleConfig
 from rapm_testing.helpers import ROOT
 from storage.manifest import write_manifest
 
@@ -191,8 +193,10 @@ def test_pipeline_deployment_completes_and_resumes_after_its_worker_is_killed(pr
 
 
 def _rapm_on(stack, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """``rapm ARGS`` as a user types it after ``source .state/prefect-stack/env``."""
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env={**stack.env, "PYTHONPATH": str(ROOT)},
+    """``rapm ARGS`` as a user types it after ``source .state/prefect-stack/env`` (without the
+    test suite's library quieting)."""
+    env = {k: v for k, v in stack.env.items() if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env={**env, "PYTHONPATH": str(ROOT)},
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
@@ -237,3 +241,16 @@ def test_a_user_error_in_a_flow_run_on_a_server_is_one_line_and_a_failed_run(pre
     with prefect_stack.client() as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="evaluate-run-")))
     assert StateType.FAILED in [r.state_type for r in runs]
+
+
+@pytest.mark.slow
+def test_a_library_warning_goes_to_the_flow_runs_log_not_to_the_terminal(prefect_stack, tiny_sd15_dir, tmp_path,
+                                                                         build_tiny_run):
+    # Stock load_lora_weights warns that the UNet-only LoRA has no text-encoder keys.
+    _, _, run = build_tiny_run(tmp_path, tiny_sd15_dir, iterations=1)
+    proc = _rapm_on(prefect_stack, ["sample", "--run", str(run), "--prompt", "a red circle", "--num-images", "1",
+                                    "--out", str(tmp_path / "samples"), "--device", "cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "No LoRA keys" not in proc.stdout + proc.stderr, proc.stderr
+    runs = _runs_named(prefect_stack, sample_run_name(SampleConfig(run=str(run), prompt=["x"], out="x")))
+    assert "diffusers.loaders.lora_base: No LoRA keys associated to CLIPTextModel" in _logs(prefect_stack, runs[-1].id)
