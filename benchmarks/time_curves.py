@@ -17,8 +17,9 @@ renders, and latent MSE / image PSNR to the reference from the same noise. Total
 + the run's summed iteration seconds (``metrics.jsonl``; checkpoint writes and evaluation are
 not counted). The teacher's own N-step samplers are measured the same way, for scale.
 
-Writes ``WORK/time_curves.json`` (every point) and ``benchmarks/time_curves_total_seconds.png``,
-``benchmarks/time_curves_passes.png``; with ``--write``, its section of RESULTS.md.
+Writes ``WORK/time_curves.json`` (every point, the command, the machine) and
+``benchmarks/time_curves_total_seconds.png``, ``benchmarks/time_curves_passes.png``; with ``--write``,
+its section of RESULTS.md (``--report-only`` draws and writes them again from the JSON).
 Run: ``.venv/bin/python benchmarks/time_curves.py`` (see ``--help`` for the size; finished runs
 are reused from ``--work``, each run dir resumes).
 """
@@ -200,35 +201,22 @@ def equal_time(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(points, stage_s, teachers, args, seconds: float) -> str:
-    command = "`" + shlex.join([".venv/bin/python", "benchmarks/time_curves.py", *sys.argv[1:]]) + "`"
-    return (f"{SECTION}\n\n**Machine.** {machine()}.\n\n**Command.** {command} ({seconds:.0f} s in all).\n\n"
-            f"**Setup.** Teacher `assets/shapes-teacher`, built-in shapes captions ({args.eval_fraction:.0%} held "
-            f"out), N·M = {STEPS} teacher steps at guidance {args.guidance:g}; seeds {args.seeds}; "
-            f"{args.passes} student passes per run, measured at {args.points} checkpoints; {args.num_images} eval "
-            f"images per seed against the teacher's {STEPS}-step samples of the same noise. Cells: mean ± std "
+def report(result: dict) -> str:
+    args, stage_s, points, teachers = result["args"], result["stage_a_s"], result["points"], result["teachers"]
+    return (f"{SECTION}\n\n**Machine.** {result['machine']}.\n\n**Command.** `{result['command']}` "
+            f"({result['seconds']:.0f} s in all).\n\n"
+            f"**Setup.** Teacher `assets/shapes-teacher`, built-in shapes captions ({args['eval_fraction']:.0%} held "
+            f"out), N·M = {STEPS} teacher steps at guidance {args['guidance']:g}; seeds {args['seeds']}; "
+            f"{args['passes']} student passes per run, measured at {args['points']} checkpoints; {args['num_images']} "
+            f"eval images per seed against the teacher's {STEPS}-step samples of the same noise. Cells: mean ± std "
             f"over seeds [± half-width of the 95 % t-interval] (one value without intervals for one seed). "
             f"Curves: `benchmarks/{PNG['total_s']}`, `benchmarks/{PNG['passes']}`.\n\n"
             f"### At the end of each run\n\n{final_table(points, stage_s, teachers)}\n\n"
             f"### At equal total time\n\n{equal_time(points)}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default="runs/time-curves", help="work dir (re-run to reuse finished runs)")
-    parser.add_argument("--ns", nargs="+", type=int, default=[4, 2], help="student steps")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--passes", type=int, default=1200, help="student forward+backward passes per run")
-    parser.add_argument("--points", type=int, default=4, help="checkpoints measured along each run")
-    parser.add_argument("--num-images", type=int, default=128, help="eval images per seed")
-    parser.add_argument("--eval-fraction", type=float, default=0.2)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once")
-    parser.add_argument("--plots", default=str(REPO / "benchmarks"), help="where the two PNGs go")
-    parser.add_argument("--write", action="store_true", help="replace its section of RESULTS.md")
-    args = parser.parse_args(argv)
-    quiet()
+def measure(args: argparse.Namespace) -> dict:
+    """Stage A, every run's checkpoints and the teacher's samplers: the benchmark's result."""
     t0 = time.perf_counter()
     work = Path(args.work)
     configs, stage_s = stage_a(work, sorted(args.ns), args)
@@ -245,11 +233,47 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         p["stage_a_s"] = stage_s[p["n"]]
         p["total_s"] = p["stage_a_s"] + p["train_s"]
-    (work / "time_curves.json").write_text(json.dumps(
-        {"stage_a_s": stage_s, "points": points, "teachers": teachers, "args": vars(args)}, indent=1, default=str))
+    return {"stage_a_s": stage_s, "points": points, "teachers": teachers, "args": vars(args), "machine": machine(),
+            "command": shlex.join([".venv/bin/python", "benchmarks/time_curves.py", *sys.argv[1:]]),
+            "seconds": time.perf_counter() - t0}
+
+
+def load_result(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    result["stage_a_s"] = {int(n): v for n, v in result["stage_a_s"].items()}
+    result["teachers"] = {int(n): v for n, v in result["teachers"].items()}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="runs/time-curves", help="work dir (re-run to reuse finished runs)")
+    parser.add_argument("--ns", nargs="+", type=int, default=[4, 2], help="student steps")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--passes", type=int, default=1200, help="student forward+backward passes per run")
+    parser.add_argument("--points", type=int, default=4, help="checkpoints measured along each run")
+    parser.add_argument("--num-images", type=int, default=128, help="eval images per seed")
+    parser.add_argument("--eval-fraction", type=float, default=0.2)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once")
+    parser.add_argument("--plots", default=str(REPO / "benchmarks"), help="where the two PNGs go")
+    parser.add_argument("--write", action="store_true", help="replace its section of RESULTS.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="plot and report WORK/time_curves.json again, running nothing")
+    args = parser.parse_args(argv)
+    quiet()
+    saved = Path(args.work) / "time_curves.json"
+    if args.report_only:
+        result = load_result(saved)
+    else:
+        result = measure(args)
+        saved.write_text(json.dumps(result, indent=1, default=str))
+        result = load_result(saved)
+    points, teachers = result["points"], result["teachers"]
     plot(points, "total_s", "total seconds (Stage A + training)", Path(args.plots) / PNG["total_s"], teachers)
     plot(points, "passes", "student forward+backward passes", Path(args.plots) / PNG["passes"], teachers)
-    section = report(points, stage_s, teachers, args, time.perf_counter() - t0)
+    section = report(result)
     print(section)
     if args.write:
         write_section(section, SECTION)

@@ -44,3 +44,20 @@ def test_equal_time_compares_each_method_at_its_last_checkpoint_within_the_faste
     assert out.stat().st_size > 0
     table = curves.final_table(points, {4: 100.0}, teachers)
     assert "| 4 | RAPM | 400 | 100 | 100 | 200 | 10.00 |" in table and "| 4 | teacher DDIM 4 steps |" in table
+
+
+def test_the_report_is_rebuilt_from_the_saved_result(curves, tmp_path):
+    import json
+
+    points = [point("rapm", 2, 100, 200, 150, 12.0), point("pcm", 2, 100, 100, 180, 14.0)]
+    teachers = {2: [{"teacher_ddim": {"label": "teacher DDIM 2 steps", "domain_fid_to_teacher": 90.0,
+                                      "domain_fid": 78.0, "psnr": 23.5, "latent_mse": 0.45}}]}
+    args = {"eval_fraction": 0.2, "guidance": 4.0, "seeds": [0], "passes": 200, "points": 1, "num_images": 16}
+    saved = tmp_path / "time_curves.json"
+    saved.write_text(json.dumps({"stage_a_s": {2: 100.0}, "points": points, "teachers": teachers, "args": args,
+                                 "machine": "m", "command": "c", "seconds": 5.0}))
+    result = curves.load_result(saved)  # JSON's string keys back to N
+    assert result["stage_a_s"] == {2: 100.0} and set(result["teachers"]) == {2}
+    text = curves.report(result)
+    assert text.startswith(curves.SECTION) and "| 2 | RAPM | 200 | 100 | 50 | 150 | 12.00 |" in text
+    assert "N = 2, within 150 s total: RAPM 12.00" in text
