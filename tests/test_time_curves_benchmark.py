@@ -32,8 +32,15 @@ def test_equal_time_compares_each_method_at_its_last_checkpoint_within_the_faste
               point("lcm", 4, 100, 100, 210, 20.0), point("lcm", 4, 200, 200, 320, 9.0)]
     line = curves.equal_time(points)
     assert "within 200 s total" in line
-    assert "RAPM 10.00 FID to teacher" in line and "(400 passes)" in line
-    assert "PCM 14.00 FID to teacher" in line and "LCM no checkpoint yet" in line
+    assert "RAPM 10.00 FID to teacher, 29.00 dB (400 passes, 200 s)" in line
+    assert "PCM 14.00 FID to teacher, 28.60 dB (100 passes, 180 s)" in line and "LCM no checkpoint yet" in line
+    # two seeds: each checkpoint's total seconds is their mean, and the cell their interval
+    second = [point("rapm", 4, 50, 200, 170, 14.0, seed=1), point("rapm", 4, 100, 400, 240, 12.0, seed=1),
+              point("pcm", 4, 100, 100, 200, 12.0, seed=1), point("pcm", 4, 200, 200, 280, 6.0, seed=1),
+              point("lcm", 4, 100, 100, 230, 20.0, seed=1), point("lcm", 4, 200, 200, 340, 9.0, seed=1)]
+    line = curves.equal_time(points + second)
+    assert "within 220 s total" in line and "RAPM 11.00 ± 1.41" in line and "(400 passes, 220 s)" in line
+    assert "PCM 13.00 ± 1.41" in line and "(100 passes, 190 s)" in line and "LCM 20.00 ± 0.00" in line
     # two seeds: the curve averages each checkpoint over them
     xs, values = curves.curves(points + [point("rapm", 4, 50, 200, 170, 14.0, seed=1)], "total_s")[("rapm", 4)]
     assert xs[0] == pytest.approx(160.0) and values["domain_fid_to_teacher"][0] == [12.0, 14.0]
