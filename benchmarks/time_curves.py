@@ -49,12 +49,14 @@ from rapm_core.distill.run import run_distillation  # noqa: E402
 from rapm_core.evaluate.samplers import SamplerSamples  # noqa: E402
 from rapm_core.pipeline import PipelineConfig  # noqa: E402
 
-from quality import STEPS, cell, machine, passes_per_iteration, quiet, shared_stages, write_section  # noqa: E402
+from quality import STEPS, VARIANTS, cell, machine, passes_per_iteration, quiet, shared_stages, write_section  # noqa: E402
 from quality_measure import measure_student, measure_teachers, teacher_reference  # noqa: E402
 
 SECTION = "## Time curves: fidelity to the teacher at equal total time, Stage A included"
 PNG = {"total_s": "time_curves_total_seconds.png", "passes": "time_curves_passes.png"}
-METHODS: dict[str, dict[str, Any]] = {"rapm": {}, "pcm": {"method": "pcm"}, "lcm": {"method": "lcm"}}
+METHODS: dict[str, dict[str, Any]] = {"rapm": {}, "pcm": {"method": "pcm"}, "lcm": {"method": "lcm"},
+                                       "pcm-published": VARIANTS["pcm-published"][2]}
+DEFAULT_METHODS = ("rapm", "pcm", "lcm")
 # (key, title, format): what each point is measured by
 MEASURES = (("domain_fid_to_teacher", "FID to teacher ↓", "{:.2f}"), ("domain_fid", "domain FID ↓", "{:.2f}"),
             ("psnr", "PSNR to ref (dB) ↑", "{:.2f}"), ("latent_mse", "latent MSE to ref ↓", "{:.4f}"))
@@ -135,7 +137,7 @@ def plot(points: list[dict], x: str, xlabel: str, out: Path, teachers: dict[int,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"rapm": "tab:blue", "pcm": "tab:orange", "lcm": "tab:green"}
+    colours = {"rapm": "tab:blue", "pcm": "tab:orange", "lcm": "tab:green", "pcm-published": "tab:red"}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, (key, title, _) in zip(axes, MEASURES[:3]):
         for (method, n), (xs, values) in curves(points, x).items():
@@ -163,7 +165,7 @@ def final_table(points: list[dict], stage_s: dict[int, float], teachers: dict[in
     head = ("| N | method | passes | Stage A s | training s | total s | "
             + " | ".join(t for _, t, _ in MEASURES) + " |")
     lines = [head, "|" + "---|" * (6 + len(MEASURES))]
-    for n in sorted(stage_s, reverse=True):
+    for n in sorted(teachers, reverse=True):  # the Ns of this run (the stores may hold more)
         for m, spec in teachers[n][0].items():
             lines.append(f"| {n} | {spec['label']} | – | – | – | – | "
                          + " | ".join("–" if spec.get(k) is None else cell([t[m][k] for t in teachers[n]], f)
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="runs/time-curves", help="work dir (re-run to reuse finished runs)")
     parser.add_argument("--ns", nargs="+", type=int, default=[4, 2], help="student steps")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS),
+                        help="pcm-published: the quality benchmark's PCM as published (adversarial)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--passes", type=int, default=1200, help="student forward+backward passes per run")
     parser.add_argument("--points", type=int, default=4, help="checkpoints measured along each run")

@@ -61,10 +61,10 @@ def test_the_report_is_rebuilt_from_the_saved_result(curves, tmp_path):
                                       "domain_fid": 78.0, "psnr": 23.5, "latent_mse": 0.45}}]}
     args = {"eval_fraction": 0.2, "guidance": 4.0, "seeds": [0], "passes": 200, "points": 1, "num_images": 16}
     saved = tmp_path / "time_curves.json"
-    saved.write_text(json.dumps({"stage_a_s": {2: 100.0}, "points": points, "teachers": teachers, "args": args,
+    saved.write_text(json.dumps({"stage_a_s": {2: 100.0, 4: 90.0}, "points": points, "teachers": teachers, "args": args,
                                  "machine": "m", "command": "c", "seconds": 5.0}))
     result = curves.load_result(saved)  # JSON's string keys back to N
-    assert result["stage_a_s"] == {2: 100.0} and set(result["teachers"]) == {2}
+    assert result["stage_a_s"] == {2: 100.0, 4: 90.0} and set(result["teachers"]) == {2}
     text = curves.report(result)
     assert text.startswith(curves.SECTION) and "| 2 | RAPM | 200 | 100 | 50 | 150 | 12.00 |" in text
     assert "N = 2, within 150 s total: RAPM 12.00" in text
