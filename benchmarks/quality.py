@@ -68,6 +68,11 @@ GROUPS: dict[str, dict[str, tuple[str, int, dict[str, Any]]]] = {
         # RAPM's lr is tuned for RAPM; the peers' curves rise again at it, so they get a lower one too.
         "pcm-lr1e-4": ("PCM, x0 from the store, lr 1e-4", 4, {"method": "pcm", "lr": 1e-4}),
         "lcm-lr1e-4": ("LCM-LoRA, x0 from the store, lr 1e-4", 4, {"method": "lcm", "lr": 1e-4}),
+        # The README's "as published" command (its discriminator optimizer and schedule come with
+        # --pcm-adversarial, its teacher guidance is its script's) with PCM's discriminator layout.
+        "pcm-published": ("PCM as published (adversarial)", 4,
+                          {"method": "pcm", "pcm_adversarial": True, "disc_layout": "pcm",
+                           "teacher_guidance": (5.0, 6.0)}),
     },
     "steps": {
         "rapm-n2": ("RAPM, N = 2", 2, {}),
@@ -249,12 +254,13 @@ def machine() -> str:
             f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
 
-def write_section(body: str) -> None:
-    """Replace the ``## Quality`` section of RESULTS.md (not "## Quality on …"), keeping the rest."""
+def write_section(body: str, section: str = SECTION) -> None:
+    """Replace the ``section`` heading's section of RESULTS.md (``## Quality``, not "## Quality on …"),
+    keeping the rest; appended when there is none."""
     import re
 
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    match = re.search(rf"^{re.escape(SECTION)}$", text, flags=re.MULTILINE)
+    match = re.search(rf"^{re.escape(section)}$", text, flags=re.MULTILINE)
     if match:
         head, rest = text[:match.start()], text[match.end():]
         tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
@@ -310,7 +316,7 @@ def targets(by_name: dict[str, list[RunResult]], teachers: dict[int, list[dict[s
     lines = ["### Targets (measured in this run)", ""]
     fid = {name: [r.metrics["domain_fid"] for r in runs] for name, runs in by_name.items()}
     recall = {name: [r.metrics["domain_recall"] for r in runs] for name, runs in by_name.items()}
-    for peer in ("pcm", "lcm", "pcm-renders", "lcm-renders", "pcm-lr1e-4", "lcm-lr1e-4"):
+    for peer in ("pcm", "lcm", "pcm-renders", "lcm-renders", "pcm-lr1e-4", "lcm-lr1e-4", "pcm-published"):
         if "rapm" in fid and peer in fid:
             lower = statistics.fmean(fid["rapm"]) < statistics.fmean(fid[peer])
             lines.append(f"- RAPM vs {peer} (N = 4, equal passes): FID {statistics.fmean(fid['rapm']):.2f} vs "

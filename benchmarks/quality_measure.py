@@ -17,7 +17,8 @@ import torch
 
 from rapm_core.conditioning import Conditioning
 from rapm_core.evaluate.config import EvaluateConfig
-from rapm_core.evaluate.samplers import SamplerSpec, eval_seed, sampler_specs, run_sampler
+from rapm_core.evaluate.metrics import Fidelity
+from rapm_core.evaluate.samplers import SamplerSamples, SamplerSpec, eval_seed, sampler_specs, run_sampler
 from rapm_core.evaluate.student import load_student_export
 from rapm_core.pipeline import PipelineConfig
 from rapm_core.teacher import decode_latents, encode_prompts, encode_uncond, load_teacher
@@ -35,7 +36,7 @@ BATCH = 64
 class Bench:
     """The teacher, the eval prompts and noise of one eval seed, and the metric."""
 
-    def __init__(self, config: PipelineConfig, seed: int, num_images: int):
+    def __init__(self, config: PipelineConfig, seed: int, num_images: int, reference: SamplerSamples | None = None):
         texts = [r.text for r in PromptStore(config.paths()["prompts"]).records("eval")]
         self.prompts = [texts[i % len(texts)] for i in range(num_images)]
         self.schema = TrajectoryStore(str(config.paths()["trajectories"])).schema
@@ -46,8 +47,10 @@ class Bench:
         self.noise = initial_noise([eval_seed(seed, i) for i in range(num_images)], self.teacher.latent_shape,
                                    torch.float32, "cpu")
         self.step_seeds = [eval_seed(seed, i, "rapm-eval-steps") for i in range(num_images)]
+        # with the teacher's reference samples of this noise: FID to the teacher and fidelity (PSNR, MSE) too
         self.metric = ShapesDomain.create(EvaluateConfig(run="-", evaluator="auto", render_seed=seed), self.prompts,
-                                          reference=None)
+                                          reference=reference)
+        self.fidelity = None if reference is None else Fidelity(reference)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.teacher.pipe.vae, z)
@@ -58,18 +61,29 @@ class Bench:
 
 
 def _scores(bench: Bench, samples) -> dict[str, float]:
-    return {**bench.metric.measure(samples), "nfe": samples.spec.nfe, "label": samples.spec.label}
+    fidelity = {} if bench.fidelity is None else bench.fidelity.measure(samples)
+    return {**bench.metric.measure(samples), **fidelity, "nfe": samples.spec.nfe, "label": samples.spec.label}
 
 
-def measure_teachers(config_json: str, seed: int, num_images: int,
-                     methods: tuple[str, ...] = TEACHER_METHODS) -> dict[str, dict]:
+def _teacher_specs(bench: Bench) -> dict[str, SamplerSpec]:
+    s = bench.schema
+    return sampler_specs(s.scheduler_config, s.num_slots, s.steps_per_slot, s.guidance, load_student_stub(s.num_slots))
+
+
+def measure_teachers(config_json: str, seed: int, num_images: int, methods: tuple[str, ...] = TEACHER_METHODS,
+                     reference: SamplerSamples | None = None) -> dict[str, dict]:
     """The teacher's samplers at this N (reference: N·M-step DDIM) at one eval seed."""
     torch.set_num_threads(1)
     config = PipelineConfig.model_validate_json(config_json)
-    bench = Bench(config, seed, num_images)
-    s = bench.schema
-    specs = sampler_specs(s.scheduler_config, s.num_slots, s.steps_per_slot, s.guidance, load_student_stub(s.num_slots))
+    bench = Bench(config, seed, num_images, reference)
+    specs = _teacher_specs(bench)
     return {m: _scores(bench, bench.sample(specs[m], bench.teacher.scheduler_config)) for m in methods}
+
+
+def teacher_reference(config: PipelineConfig, seed: int, num_images: int) -> SamplerSamples:
+    """The teacher's N·M-step samples of one eval seed's noise: the reference of fidelity and FID to the teacher."""
+    bench = Bench(config, seed, num_images)
+    return bench.sample(_teacher_specs(bench)["teacher_ref"], bench.teacher.scheduler_config)
 
 
 def load_student_stub(num_steps: int):
@@ -79,9 +93,11 @@ def load_student_stub(num_steps: int):
     return StudentExport(Path("-"), StockSampler({"_class_name": "DDIMScheduler"}, num_steps), "rapm")
 
 
-def measure_student(config: PipelineConfig, run_dir: Path, seed: int, num_images: int) -> dict[str, float]:
-    """The student of ``run_dir``'s export, loaded into a fresh pipeline, at one eval seed."""
-    bench = Bench(config, seed, num_images)
+def measure_student(config: PipelineConfig, run_dir: Path, seed: int, num_images: int,
+                    reference: SamplerSamples | None = None) -> dict[str, float]:
+    """The student of ``run_dir``'s export, loaded into a fresh pipeline, at one eval seed (with the
+    teacher's ``reference`` samples of that seed: also FID to the teacher, latent MSE and PSNR)."""
+    bench = Bench(config, seed, num_images, reference)
     student = load_student_export(run_dir / "export")
     student.load_into(bench.teacher.pipe)
     s = bench.schema

@@ -44,6 +44,11 @@ def test_every_variant_is_a_valid_method_and_the_sweep_varies_the_discriminators
     assert {m.adversarial.lambda_adv for m in sweep} == {1.0, 0.1, 0.01}
     assert {m.adversarial.disc_schedule for m in sweep} == {"simultaneous", "alternate"}
     assert {m.rapm.loss_relative for m in sweep} == {"adversarial", "both"}
+    published = methods["pcm-published"]  # PCM's adversarial run as its script sets it
+    assert published.method == "pcm" and published.pcm.pcm_adversarial and published.adversarial.disc_layout == "pcm"
+    assert (published.adversarial.lambda_adv, published.adversarial.lr_disc, published.adversarial.disc_betas,
+            published.adversarial.disc_schedule) == (0.1, 1e-5, (0.0, 0.999), "alternate")
+    assert published.peer.teacher_guidance == (5.0, 6.0)
     # equal budget: RAPM's N passes per iteration, a peer's one
     assert quality.passes_per_iteration({}, 4) == 4 and quality.passes_per_iteration({"method": "lcm"}, 4) == 1
 

@@ -1,0 +1,70 @@
+"""The time-curves benchmark's bookkeeping: equal total time (Stage A included) and its plots."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def curves():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("time_curves_benchmark", ROOT / "benchmarks" / "time_curves.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def point(method, n, iterations, passes, total_s, fid, seed=0):
+    return {"method": method, "n": n, "seed": seed, "iterations": iterations, "passes": passes, "train_s": total_s - 100,
+            "stage_a_s": 100.0, "total_s": total_s, "domain_fid_to_teacher": fid, "domain_fid": fid + 1,
+            "psnr": 30 - fid / 10, "latent_mse": fid / 100}
+
+
+def test_equal_time_compares_each_method_at_its_last_checkpoint_within_the_fastest_runs_total(curves, tmp_path):
+    # RAPM (cheap passes) ends at 200 s; the peers' later, better checkpoints are past that budget
+    points = [point("rapm", 4, 50, 200, 150, 12.0), point("rapm", 4, 100, 400, 200, 10.0),
+              point("pcm", 4, 100, 100, 180, 14.0), point("pcm", 4, 200, 200, 260, 8.0),
+              point("lcm", 4, 100, 100, 210, 20.0), point("lcm", 4, 200, 200, 320, 9.0)]
+    line = curves.equal_time(points)
+    assert "within 200 s total" in line
+    assert "RAPM 10.00 FID to teacher, 29.00 dB (400 passes, 200 s)" in line
+    assert "PCM 14.00 FID to teacher, 28.60 dB (100 passes, 180 s)" in line and "LCM no checkpoint yet" in line
+    # two seeds: each checkpoint's total seconds is their mean, and the cell their interval
+    second = [point("rapm", 4, 50, 200, 170, 14.0, seed=1), point("rapm", 4, 100, 400, 240, 12.0, seed=1),
+              point("pcm", 4, 100, 100, 200, 12.0, seed=1), point("pcm", 4, 200, 200, 280, 6.0, seed=1),
+              point("lcm", 4, 100, 100, 230, 20.0, seed=1), point("lcm", 4, 200, 200, 340, 9.0, seed=1)]
+    line = curves.equal_time(points + second)
+    assert "within 220 s total" in line and "RAPM 11.00 ± 1.41" in line and "(400 passes, 220 s)" in line
+    assert "PCM 13.00 ± 1.41" in line and "(100 passes, 190 s)" in line and "LCM 20.00 ± 0.00" in line
+    # two seeds: the curve averages each checkpoint over them
+    xs, values = curves.curves(points + [point("rapm", 4, 50, 200, 170, 14.0, seed=1)], "total_s")[("rapm", 4)]
+    assert xs[0] == pytest.approx(160.0) and values["domain_fid_to_teacher"][0] == [12.0, 14.0]
+    teachers = {4: [{"teacher_ddim": {"label": "teacher DDIM 4 steps", "domain_fid_to_teacher": 16.0,
+                                      "domain_fid": 17.0, "psnr": 28.0, "latent_mse": 0.05}}]}
+    out = tmp_path / "curve.png"
+    curves.plot(points, "total_s", "total seconds", out, teachers)
+    assert out.stat().st_size > 0
+    table = curves.final_table(points, {4: 100.0}, teachers)
+    assert "| 4 | RAPM | 400 | 100 | 100 | 200 | 10.00 |" in table and "| 4 | teacher DDIM 4 steps |" in table
+
+
+def test_the_report_is_rebuilt_from_the_saved_result(curves, tmp_path):
+    import json
+
+    points = [point("rapm", 2, 100, 200, 150, 12.0), point("pcm", 2, 100, 100, 180, 14.0)]
+    teachers = {2: [{"teacher_ddim": {"label": "teacher DDIM 2 steps", "domain_fid_to_teacher": 90.0,
+                                      "domain_fid": 78.0, "psnr": 23.5, "latent_mse": 0.45}}]}
+    args = {"eval_fraction": 0.2, "guidance": 4.0, "seeds": [0], "passes": 200, "points": 1, "num_images": 16}
+    saved = tmp_path / "time_curves.json"
+    saved.write_text(json.dumps({"stage_a_s": {2: 100.0, 4: 90.0}, "points": points, "teachers": teachers, "args": args,
+                                 "machine": "m", "command": "c", "seconds": 5.0}))
+    result = curves.load_result(saved)  # JSON's string keys back to N
+    assert result["stage_a_s"] == {2: 100.0, 4: 90.0} and set(result["teachers"]) == {2}
+    text = curves.report(result)
+    assert text.startswith(curves.SECTION) and "| 2 | RAPM | 200 | 100 | 50 | 150 | 12.00 |" in text
+    assert "N = 2, within 150 s total: RAPM 12.00" in text
