@@ -128,7 +128,7 @@ def test_sd3_teacher_dir_is_planned_with_the_pipelines_conditioning(sd3_teachers
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--loss-relative", "adversarial"], "adversarial training on an SD3-class"),
+    (["--loss-relative", "adversarial"], "rapm plan does not plan adversarial losses on an SD3-class"),
     (["--method", "pcm"], "--method pcm on an SD3-class"),
     (["--method", "lcm"], "--method lcm on an SD3-class"),
     (["--preset", "sd3-medium", "--resolution", "1000"], "not a multiple of 16"),
