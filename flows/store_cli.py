@@ -35,8 +35,7 @@ SHOWN_PROMPT_CHARS = 80
 def _flow_facts(path: str) -> dict:
     """For a rectified-flow store, the ``sigmas=`` with which a stock pipeline call reproduces its
     trajectories (``stock_sigmas``); nothing for other stores."""
-    from rapm_core.ode import is_flow_config
-    from rapm_core.ode.flow import stock_sigmas
+    from rapm_core.flow_grid import is_flow_config, stock_sigmas
     from storage.trajectory_store import TrajectoryStore
 
     schema = TrajectoryStore(path).schema

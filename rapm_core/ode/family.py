@@ -6,19 +6,10 @@ from typing import Any, Mapping
 
 import torch
 
+from rapm_core.flow_grid import is_flow_config
 from rapm_core.ode.base import Ode
 from rapm_core.ode.flow import RectifiedFlow
 from rapm_core.ode.vp import VpDdim
-
-
-def is_flow_config(scheduler_config: Mapping[str, Any] | Any) -> bool:
-    """A FlowMatch* scheduler config: named so, or (a pipeline's ``scheduler.config`` carries no class
-    name) one with a ``shift`` and no betas."""
-    cfg = dict(getattr(scheduler_config, "config", scheduler_config))
-    name = str(cfg.get("_class_name", ""))
-    if name:
-        return name.startswith("FlowMatch")
-    return "shift" in cfg and "beta_start" not in cfg and "trained_betas" not in cfg
 
 
 def ode_for(scheduler_config: Mapping[str, Any] | Any, device: torch.device | str = "cpu") -> Ode:

@@ -21,24 +21,13 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from rapm_core.errors import ConfigError
+from rapm_core.flow_grid import pre_shift_sigmas, stock_sigmas  # noqa: F401  (re-exported)
 from rapm_core.ode.base import Level, Ode, StockSampler, Step
 
 # Options that change the σ grid beyond a static shift; none of this family's teachers needs them yet
 # (FLUX's dynamic shift depends on the image's token count: the next family).
 _UNSUPPORTED = ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
                 "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
-
-
-def pre_shift_sigmas(num_steps: int) -> list[float]:
-    """The ``sigmas=`` a stock call takes for RAPM's ``num_steps``-step grid: (K − k)/K, k < K
-    (the scheduler shifts them and appends the terminal 0)."""
-    return [(num_steps - k) / num_steps for k in range(num_steps)]
-
-
-def stock_sigmas(num_slots: int, steps_per_slot: int) -> list[float]:
-    """The ``sigmas=`` with which ``StableDiffusion3Pipeline(..., sigmas=…)`` reproduces the stored
-    N·M-step trajectory (pre-shift values, as the pipeline takes them)."""
-    return pre_shift_sigmas(num_slots * steps_per_slot)
 
 
 def _per_sample(level: Level | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
