@@ -58,10 +58,11 @@ def _none_or_text(text: str):
     return _NONE if text.strip().lower() == "none" else text
 
 
-def _help(field, default: Any = _UNSET) -> str:
+def field_help(field, default: Any = _UNSET) -> str:
+    """A field's option help: its description, and its default unless the description explains it."""
     text = field.description or ""
-    if field.is_required() and default is _UNSET:  # before the line below turns it into PydanticUndefined
-        return text
+    if (field.is_required() or field.default_factory is not None) and default is _UNSET:
+        return text  # before the line below turns it into PydanticUndefined
     default = field.default if default is _UNSET else default
     # A description that already explains its default says it better than the repr would.
     if "default" in text or default is None:
@@ -87,7 +88,7 @@ def add_model_arguments(parser, model: type[BaseModel], defaults: BaseModel | No
             parser.add_argument(dest, metavar=name.upper(), help=field.description or "")
             continue
         flag = "--" + (_flag + name).replace("_", "-")
-        text = _help(field, default)
+        text = field_help(field, default)
         if field.annotation is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif _is_list(field.annotation):

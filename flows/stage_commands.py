@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
-from flows.cli_model import add_model_arguments, model_from_args
+from flows.cli_model import add_model_arguments, field_help, model_from_args
 from rapm_core.config import Device, Precision
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.evaluate.config import EvaluateConfig
@@ -134,11 +134,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _sample_help(name: str) -> str:
     from rapm_core.sample import SampleConfig
 
-    field = SampleConfig.model_fields[name]
-    text = field.description or ""
-    if field.default_factory is not None or field.is_required() or field.default is None or "default" in text:
-        return text
-    return f"{text} (default: {field.default!r})"
+    return field_help(SampleConfig.model_fields[name])
 
 
 def sample(parser: argparse.ArgumentParser) -> None:

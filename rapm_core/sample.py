@@ -134,7 +134,7 @@ def with_steps(sampler: "StockSampler", steps: int) -> "StockSampler":
     re-cut for it, as its export cut them for N."""
     from dataclasses import replace
 
-    from rapm_core.ode.flow import pre_shift_sigmas
+    from rapm_core.flow_grid import pre_shift_sigmas
 
     if steps == sampler.num_steps:
         return sampler

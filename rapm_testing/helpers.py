@@ -12,11 +12,13 @@ package name like any other module.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -200,3 +202,14 @@ def without_dac_override() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def load_benchmark(script: str, name: str) -> types.ModuleType:
+    """``benchmarks/<script>`` imported as module ``name`` (the benchmarks are scripts, not a
+    package: their directory goes on the path for their sibling imports)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -15,7 +15,7 @@ from rapm_core.distill.trainer import Trainer
 from rapm_core.errors import ConfigError
 from rapm_core.evaluate.student import load_student_export
 from rapm_core.ode import RectifiedFlow, SlotGrid
-from rapm_core.ode.flow import pre_shift_sigmas
+from rapm_core.flow_grid import pre_shift_sigmas
 from rapm_core.sampler import ode_sample
 from rapm_testing.helpers import LATENT, load_unet, method_config, random_cond
 

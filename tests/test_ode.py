@@ -14,7 +14,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import r
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
 from rapm_core.ode import RectifiedFlow, SlotGrid, VpDdim, ode_for
-from rapm_core.ode.flow import pre_shift_sigmas, stock_sigmas
+from rapm_core.flow_grid import pre_shift_sigmas, stock_sigmas
 from rapm_core.sampler import ode_sample, sample_stock
 from rapm_testing.tiny_teacher import _scheduler
 

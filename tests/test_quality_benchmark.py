@@ -1,24 +1,14 @@
 """The quality benchmark's bookkeeping: its variants, its intervals and its section of RESULTS.md."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from rapm_core.distill.config import MethodConfig
-
-ROOT = Path(__file__).resolve().parents[1]
+from rapm_testing.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality.py", "quality_benchmark")
 
 
 def test_rewriting_the_quality_section_keeps_the_other_sections(quality, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from rapm_core.distill.method import Example
 from rapm_core.distill.run import run_distillation
 from rapm_core.distill.trainer import Trainer
 from rapm_core.ode import SlotGrid
-from rapm_core.ode.flow import pre_shift_sigmas
+from rapm_core.flow_grid import pre_shift_sigmas
 from rapm_core.sampler import ode_sample
 from rapm_core.teacher import encode_prompts, load_teacher, load_unet
 from rapm_testing.helpers import method_config, run_config

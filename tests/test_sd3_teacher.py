@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from rapm_core.conditioning import Conditioning
 from rapm_core.denoiser import SD3_LORA_TARGETS, denoise
 from rapm_core.distill.student import attach_lora, lora_config
-from rapm_core.ode.flow import stock_sigmas
+from rapm_core.flow_grid import stock_sigmas
 from rapm_core.teacher import detect_kind
 from rapm_core.trajectories.config import TrajectoriesConfig
 from rapm_core.trajectories.generate import generate_trajectories

@@ -1,22 +1,13 @@
 """The time-curves benchmark's bookkeeping: equal total time (Stage A included) and its plots."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from rapm_testing.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def curves():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("time_curves_benchmark", ROOT / "benchmarks" / "time_curves.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("time_curves.py", "time_curves_benchmark")
 
 
 def point(method, n, iterations, passes, total_s, fid, seed=0):

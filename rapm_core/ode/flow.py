@@ -21,7 +21,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from rapm_core.errors import ConfigError
-from rapm_core.flow_grid import pre_shift_sigmas, stock_sigmas  # noqa: F401  (re-exported)
+from rapm_core.flow_grid import pre_shift_sigmas
 from rapm_core.ode.base import Level, Ode, StockSampler, Step
 
 # Options that change the σ grid beyond a static shift; none of this family's teachers needs them yet
