@@ -34,6 +34,9 @@ from storage.manifest import write_manifest
 LORA = Path("run") / "export" / "pytorch_lora_weights.safetensors"
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
 
+# Under pytest-xdist, every test here runs on one worker, so the session's stack starts once.
+pytestmark = pytest.mark.xdist_group("prefect_stack")
+
 
 def _deployments() -> dict[str, dict]:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
