@@ -1,5 +1,5 @@
-"""RAPM on an SD3-class teacher end to end: ``rapm distill`` trains the transformer's LoRA from a
-tiny SD3 store and resumes bit-identically after SIGKILL; what is not built for transformers yet
+"""RAPM and PCM on an SD3-class teacher end to end: ``rapm distill`` trains the transformer's LoRA from
+a tiny SD3 store, exports it for the stock pipeline and resumes bit-identically after SIGKILL; what is not built for transformers yet
 is refused in one line; the export loads into a stock StableDiffusion3Pipeline with every key
 matched and samples what the project's student sampler samples, with the model card's own call."""
 
@@ -47,16 +47,24 @@ def _rapm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_rapm_distill_trains_the_transformer_lora_and_resumes_after_sigkill(sd3_store, tmp_path):
+@pytest.mark.parametrize("method,options", [
+    (POINTWISE, ["--loss-relative", "pointwise", "--loss-absolute", "pointwise"]),
+    ({"method": "pcm"}, ["--method", "pcm"]),
+], ids=["rapm", "pcm"])
+def test_distill_trains_the_transformer_lora_exports_and_resumes_after_sigkill(sd3_teacher, sd3_store, tmp_path,
+                                                                               method, options):
     out = tmp_path / "cli-run"
     done = _rapm("distill", "--trajectories", str(sd3_store), "--out", str(out), "--iterations", "2",
-                 "--checkpoint-every", "1", "--device", "cpu", "--loss-relative", "pointwise",
-                 "--loss-absolute", "pointwise")
+                 "--checkpoint-every", "1", "--device", "cpu", *options)
     assert done.returncode == 0, done.stderr
     exported = load_file(out / "export" / "pytorch_lora_weights.safetensors")
     assert exported and all(k.startswith("transformer.transformer_blocks.") for k in exported)
+    pipe = load_tiny_sd3(sd3_teacher)
+    pipe.load_lora_weights(str(out / "export"))
+    (name,) = pipe.get_active_adapters()
+    assert len(get_peft_model_state_dict(pipe.transformer, adapter_name=name)) == len(exported)  # every key loaded
 
-    reference = run_config(sd3_store, tmp_path / "reference", method=POINTWISE, iterations=6)
+    reference = run_config(sd3_store, tmp_path / "reference", method=method, iterations=6)
     run_distillation(reference, log=lambda _: None)
     config = reference.model_copy(update={"out": str(tmp_path / "killed")})
     ckpts = tmp_path / "killed" / "checkpoints"
@@ -70,7 +78,8 @@ def test_rapm_distill_trains_the_transformer_lora_and_resumes_after_sigkill(sd3_
 
 @pytest.mark.parametrize("options,says", [
     (["--loss-relative", "adversarial", "--disc-layout", "pcm"], "an SD3-class teacher has none"),
-    (["--method", "pcm"], "--method pcm on an SD3-class"),
+    (["--method", "lcm"], "--method lcm on an SD3-class"),
+    (["--method", "pcm", "--pcm-adversarial", "--disc-layout", "pcm"], "an SD3-class teacher has none"),
 ])
 def test_what_is_not_built_for_transformers_is_refused_in_one_line(sd3_store, tmp_path, options, says):
     out = tmp_path / "run"
@@ -158,9 +167,10 @@ def readme_flow_commands() -> list[list[str]]:
 
 @pytest.mark.slow
 def test_the_readme_flow_teacher_commands_run_as_typed(tmp_path):
-    """Ingest, trajectories, store inspect, distill, evaluate on the embedded flow teacher, as the README has them."""
+    """Ingest, trajectories, store inspect, distill (RAPM and PCM), evaluate on the embedded flow teacher, as the
+    README has them."""
     commands = readme_flow_commands()
-    assert [c[1] for c in commands] == ["ingest", "trajectories", "store", "distill", "evaluate", "sample"]
+    assert [c[1] for c in commands] == ["ingest", "trajectories", "store", "distill", "distill", "evaluate", "sample"]
     (tmp_path / "assets").symlink_to(Path(__file__).parent.parent / "assets")
     captions = [f"a {size} {colour} circle at the {where}" for size in ("small", "large")
                 for colour in ("red", "blue") for where in ("left", "top")]
@@ -172,6 +182,7 @@ def test_the_readme_flow_teacher_commands_run_as_typed(tmp_path):
         assert done.returncode == 0, (argv, done.stderr[-2000:])
         outputs.append(done.stdout)
     assert json.loads(outputs[2])["stock_sigmas"] == pre_shift_sigmas(4 * 10)
+    assert (tmp_path / "work/flow-pcm/export/pytorch_lora_weights.safetensors").is_file()
     rows = {r["sampler"]: r for r in json.loads((tmp_path / "work/flow-run/eval/metrics.json").read_text())["samplers"]}
     assert list(rows) == ["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
     assert rows["student"]["nfe"] == 4 and rows["student"]["latent_mse"] > 0
