@@ -47,7 +47,8 @@ def _pcm_trainer(teacher_dir, scheduler_config, phases: int, uncond) -> Trainer:
 
 
 def _seed_drawing(index: int) -> int:
-    return next(s for s in range(5000) if int(torch.randint(K, (1,), generator=torch.Generator().manual_seed(s))) == index)
+    return next(s for s in range(5000)
+                if int(torch.randint(K, (1,), generator=torch.Generator().manual_seed(s))) == index)
 
 
 def _script_step(transformer, scheduler_config, phases, x0, cond, uncond, seed):
@@ -113,7 +114,36 @@ def test_pcm_on_sd3_computes_the_published_sd3_scripts_loss(sd3, phases):
         assert draw.index == drawn == index
         torch.testing.assert_close(draw.x_plus, x_plus, rtol=0, atol=0)
         torch.testing.assert_close(draw.x_teacher, x_teacher.float(), rtol=0, atol=2e-5)
-        got = float(next(pcm.losses(example, torch.Generator().manual_seed(seed))).generator["pcm_pointwise"])
-        assert got == pytest.approx(float(want), rel=1e-5, abs=1e-8), (phases, index)
+        got = float(next(pcm.losses(example, torch.Generator().manual_seed(seed))).generator["pcm_pointwise"].detach())
+        assert got == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-8), (phases, index)
         losses.append(got)
     assert min(losses) > 0 and max(losses) > 2 * HUBER_C  # beyond c: the pseudo-Huber compares real differences
+
+
+def test_pcm_adversarial_on_sd3_reads_the_joint_blocks_in_the_scripts_window(sd3):
+    """train_pcm_lora_sd3_adv.py draws t′ as σ_prev at a grid index in [e, e + K/P) above the phase
+    edge e; the method's window [s, level_above(s)) holds every such σ. An adversarial PCM step on
+    the transformer trains the LoRA and the heads on the joint blocks' features."""
+    teacher_dir, scheduler_config, cond, uncond = sd3
+    phases = 4
+    trainer = Trainer(load_unet(teacher_dir, kind="sd3"), scheduler_config,
+                      SlotGrid.from_scheduler(scheduler_config, phases, 1),
+                      method_config(method="pcm", pcm_adversarial=True, disc_schedule="simultaneous",
+                                    disc_channels=8), teacher=GuidedTeacher(uncond, guidance=1 + W))
+    pcm, ode = trainer.method, trainer.student.ode
+    sigmas_prev = pcm.solver.previous
+    for edge in pcm.edges:
+        s = sigmas_prev[edge]
+        assert s == pcm.phase_end(edge)
+        assert all(s <= sigmas_prev[i] < ode.level_above(s, phases) for i in range(edge, edge + K // phases))
+    example = Example(torch.zeros(1, 16, 16, 16), cond, 0,
+                      torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3)))
+    before = trainer.trainable_state_dict()
+    metrics = trainer.train_step(example, torch.Generator().manual_seed(0), 1)
+    after = trainer.trainable_state_dict()
+    assert {"pcm_pointwise", "pcm_adv", "d_loss_pcm"} <= set(metrics)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    heads = [k for k in after if k.startswith("disc_")]
+    assert len(trainer.method.discriminators.taps.channels) == len(trainer.unet.transformer_blocks)
+    assert any(not torch.equal(after[k], before[k]) for k in heads)
+    assert any(not torch.equal(after[k], before[k]) for k in after if ".lora_B." in k)

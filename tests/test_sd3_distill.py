@@ -1,7 +1,8 @@
-"""RAPM and PCM on an SD3-class teacher end to end: ``rapm distill`` trains the transformer's LoRA from
-a tiny SD3 store, exports it for the stock pipeline and resumes bit-identically after SIGKILL; what is not built for transformers yet
-is refused in one line; the export loads into a stock StableDiffusion3Pipeline with every key
-matched and samples what the project's student sampler samples, with the model card's own call."""
+"""RAPM and PCM on an SD3-class teacher end to end: ``rapm distill`` trains the transformer's LoRA
+from a tiny SD3 store, exports it for the stock pipeline and resumes bit-identically after
+SIGKILL; what is not built for transformers yet is refused in one line; the export loads into a
+stock StableDiffusion3Pipeline with every key matched and samples what the project's student
+sampler samples, with the model card's own call."""
 
 from __future__ import annotations
 
@@ -47,15 +48,22 @@ def _rapm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("method,options", [
-    (POINTWISE, ["--loss-relative", "pointwise", "--loss-absolute", "pointwise"]),
-    ({"method": "pcm"}, ["--method", "pcm"]),
-], ids=["rapm", "pcm"])
+def _readme_pcm_command(store: Path, out: Path) -> list[str]:
+    """The README's PCM line on the flow teacher's store, pointed at ``store`` and ``out``."""
+    (argv,) = readme_flow_commands(1)
+    argv = argv[1:]
+    argv[argv.index("--trajectories") + 1], argv[argv.index("--out") + 1] = str(store), str(out)
+    return argv
+
+
+@pytest.mark.parametrize("method", [POINTWISE, {"method": "pcm"}], ids=["rapm", "pcm"])
 def test_distill_trains_the_transformer_lora_exports_and_resumes_after_sigkill(sd3_teacher, sd3_store, tmp_path,
-                                                                               method, options):
+                                                                               method):
     out = tmp_path / "cli-run"
-    done = _rapm("distill", "--trajectories", str(sd3_store), "--out", str(out), "--iterations", "2",
-                 "--checkpoint-every", "1", "--device", "cpu", *options)
+    command = (_readme_pcm_command(sd3_store, out) if method.get("method") == "pcm" else
+               ["distill", "--trajectories", str(sd3_store), "--out", str(out), "--loss-relative", "pointwise",
+                "--loss-absolute", "pointwise"])
+    done = _rapm(*command, "--iterations", "2", "--checkpoint-every", "1", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     exported = load_file(out / "export" / "pytorch_lora_weights.safetensors")
     assert exported and all(k.startswith("transformer.transformer_blocks.") for k in exported)
@@ -157,20 +165,20 @@ def test_the_export_loads_into_the_stock_sd3_pipeline_and_samples_as_the_student
     assert scope["image"].size == (32, 32)
 
 
-def readme_flow_commands() -> list[list[str]]:
-    """The commands of the README's "Rectified-flow teachers" section, as argv lists."""
+def readme_flow_commands(block: int = 0) -> list[list[str]]:
+    """The commands of the README's "Rectified-flow teachers" section's ``block``-th bash block
+    (0: the stages, 1: PCM on the same store), as argv lists."""
     text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     section = text[text.index("## Rectified-flow teachers"):]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
-    return [shlex.split(line.split("  #", 1)[0]) for line in block.splitlines() if line.startswith("rapm ")]
+    code = section.split("```bash\n")[block + 1].split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line.split("  #", 1)[0]) for line in code.splitlines() if line.startswith("rapm ")]
 
 
 @pytest.mark.slow
 def test_the_readme_flow_teacher_commands_run_as_typed(tmp_path):
-    """Ingest, trajectories, store inspect, distill (RAPM and PCM), evaluate on the embedded flow teacher, as the
-    README has them."""
+    """Ingest, trajectories, store inspect, distill, evaluate on the embedded flow teacher, as the README has them."""
     commands = readme_flow_commands()
-    assert [c[1] for c in commands] == ["ingest", "trajectories", "store", "distill", "distill", "evaluate", "sample"]
+    assert [c[1] for c in commands] == ["ingest", "trajectories", "store", "distill", "evaluate", "sample"]
     (tmp_path / "assets").symlink_to(Path(__file__).parent.parent / "assets")
     captions = [f"a {size} {colour} circle at the {where}" for size in ("small", "large")
                 for colour in ("red", "blue") for where in ("left", "top")]
@@ -182,7 +190,6 @@ def test_the_readme_flow_teacher_commands_run_as_typed(tmp_path):
         assert done.returncode == 0, (argv, done.stderr[-2000:])
         outputs.append(done.stdout)
     assert json.loads(outputs[2])["stock_sigmas"] == pre_shift_sigmas(4 * 10)
-    assert (tmp_path / "work/flow-pcm/export/pytorch_lora_weights.safetensors").is_file()
     rows = {r["sampler"]: r for r in json.loads((tmp_path / "work/flow-run/eval/metrics.json").read_text())["samplers"]}
     assert list(rows) == ["teacher_ref", "teacher_ddim", "dpm_solver", "student"]
     assert rows["student"]["nfe"] == 4 and rows["student"]["latent_mse"] > 0

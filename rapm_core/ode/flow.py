@@ -102,8 +102,9 @@ class RectifiedFlow(Ode):
         return float(low) + (float(high) - float(low)) * float(torch.rand((), generator=generator))
 
     def level_above(self, level: Level, divisions: int) -> float:
-        # 1/divisions of the pre-shift range, where the grids are uniform: PCM's SD3 script draws its
-        # t′ among the K/P grid points above the phase end. σ = k·s/(1 + (k − 1)·s) ⇔ s = σ/(k − (k − 1)·σ).
+        # 1/divisions of the pre-shift range, where the grids are uniform: PCM's SD3 script draws
+        # its t′ among the K/P grid points above the phase end.
+        # σ = k·s/(1 + (k − 1)·s) ⇔ s = σ/(k − (k − 1)·σ).
         k, sigma = float(self.scheduler_config["shift"]), float(level)
         above = min(sigma / (k - (k - 1) * sigma) + 1.0 / divisions, 1.0)
         return k * above / (1 + (k - 1) * above)
