@@ -4,4 +4,5 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_TEACHER = ASSETS / "shapes-teacher"
+EMBEDDED_FLOW_TEACHER = ASSETS / "shapes-flow-teacher"
 EMBEDDED_EVALUATOR = ASSETS / "shapes-evaluator"
