@@ -6,7 +6,6 @@ from the standard AWS environment variables), so nothing in the code under test 
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

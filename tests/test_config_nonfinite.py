@@ -13,7 +13,6 @@ import inspect
 import types
 import typing
 
-import pytest
 from pydantic import BaseModel, ValidationError
 
 from flows.cli import build_parser

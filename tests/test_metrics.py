@@ -87,8 +87,6 @@ def test_knn_precision_recall_sees_a_collapsed_generator():
 
 
 def test_kernel_distance_is_near_zero_for_one_distribution_and_not_for_two():
-    from torch import nn
-
     from rapm_core.evaluate.measures import kernel_distance
 
     class MeanColour(nn.Module):
