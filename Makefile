@@ -21,8 +21,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/rapm demo
 
+# One test process per core (at most 4: each builds its own tiny teachers); the tests of one
+# Prefect stack stay on one worker (--dist loadgroup, tests/test_prefect_e2e.py).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 # A local Prefect stack: server, pool, deployments from prefect.yaml, worker (README: "Run it
 # with Prefect"). `down` stops only the processes `up` started.

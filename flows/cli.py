@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample a finished run's student (its export) from prompts", "flows.stage_commands:sample"),
     "pipeline": ("ingest → trajectories → distill → evaluate in one work dir", "flows.stage_commands:pipeline"),
     "demo": ("the whole pipeline on the embedded shapes teacher, sized for a CPU", "flows.stage_commands:demo"),
+    "demo-flow": ("the same on the embedded rectified-flow (SD3-class) teacher", "flows.stage_commands:demo_flow"),
     "distill": ("Stage B: distil the store's teacher into a few-step LoRA student", "flows.stage_commands:distill"),
     "recipe": ("train and measure the embedded default shapes assets", "flows.recipe:configure"),
     "plan": ("predict each stage's peak GPU memory and time (no weights, no GPU)", "flows.plan:configure"),

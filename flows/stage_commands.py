@@ -1,4 +1,4 @@
-"""The commands of the stage flows: ``rapm ingest|trajectories|distill|evaluate|sample|pipeline|demo``.
+"""The commands of the stage flows: ``rapm ingest|trajectories|distill|evaluate|sample|pipeline|demo|demo-flow``.
 
 Each command's options are the fields of its flow's pydantic config (:mod:`flows.cli_model`);
 the configs import cheaply, and the flow module, with Prefect, torch and the engines, is imported
@@ -22,7 +22,7 @@ from rapm_core.evaluate.config import EvaluateConfig
 from rapm_core.ingest.config import IngestConfig
 from rapm_core.pipeline import PipelineConfig
 from rapm_core.trajectories.config import TrajectoriesConfig
-from rapm_shapes.demo import DemoConfig, demo_config
+from rapm_shapes.demo import DemoConfig, FlowDemoConfig, demo_config, flow_demo_config
 
 
 def _configure(parser: argparse.ArgumentParser, model, run, description: str | None = None, defaults=None) -> None:
@@ -186,12 +186,23 @@ def demo(parser: argparse.ArgumentParser) -> None:
     _configure(parser, DemoConfig, _demo, defaults=demo_config())
 
 
+# A command of its own rather than an option of ``demo``: its --help shows its own values (argparse
+# builds the help before it knows the options), and its config stays a plain PipelineConfig, which
+# the pipeline flow's parameters on a Prefect server must validate as (no extra field).
+def demo_flow(parser: argparse.ArgumentParser) -> None:
+    _configure(parser, FlowDemoConfig, _demo_flow, defaults=flow_demo_config())
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     return _run_pipeline(model_from_args(PipelineConfig, args))
 
 
 def _demo(args: argparse.Namespace) -> int:
     return _run_pipeline(model_from_args(DemoConfig, args))
+
+
+def _demo_flow(args: argparse.Namespace) -> int:
+    return _run_pipeline(model_from_args(FlowDemoConfig, args))
 
 
 def _run_pipeline(config: PipelineConfig) -> int:

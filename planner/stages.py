@@ -219,11 +219,13 @@ def refuse_on_transformer(arch: Architecture, method) -> None:
     if is_adversarial(method):
         # Distillation runs them (the discriminator reads the joint blocks); the planner's meta
         # step does not model those taps yet.
-        raise ConfigError("rapm plan does not plan adversarial losses on an SD3-class teacher yet: plan the pointwise "
-                          "losses (--loss-relative pointwise --loss-absolute pointwise)")
-    if method.method in ("pcm", "lcm"):
-        raise ConfigError(f"--method {method.method} on an SD3-class (rectified-flow) teacher is not implemented "
-                          "yet; use --method rapm")
+        instead = ("without --pcm-adversarial" if method.method == "pcm"
+                   else "--loss-relative pointwise --loss-absolute pointwise")
+        raise ConfigError(f"rapm plan does not plan adversarial losses on an SD3-class teacher yet: plan the "
+                          f"pointwise losses ({instead})")
+    if method.method == "lcm":
+        raise ConfigError("--method lcm on an SD3-class (rectified-flow) teacher is not implemented yet; "
+                          "use --method rapm or pcm")
 
 
 def _prime_optimizers(*optimizers: torch.optim.Optimizer | None) -> None:

@@ -1,11 +1,13 @@
-"""The ``embedded-demo`` deployments' parameters in ``prefect.yaml``: the demo's configs.
+"""The deployments' parameters in ``prefect.yaml``: the demos' configs.
 
 The stage flows take a required config and know nothing of the shapes domain; the deployments
-carry the demo's values (:mod:`rapm_shapes.demo`) as their parameters, which the UI's parameter
-form shows. Deployments run in the project directory (prefect.yaml's pull step), so paths inside
-the project are written relative to it. ``python -m rapm_shapes.deployments`` rewrites the
-``parameters`` of each deployment in prefect.yaml from the demo (its comments kept);
-tests/test_prefect_e2e.py checks that prefect.yaml says what the demo says.
+carry the demos' values (:mod:`rapm_shapes.demo`) as their parameters, which the UI's parameter
+form shows: the ``embedded-demo`` deployment of each flow runs ``rapm demo``'s config for it, the
+pipeline's ``embedded-flow-demo`` runs ``rapm demo-flow``'s. Deployments run in the project
+directory (prefect.yaml's pull step), so paths inside the project are written relative to it.
+``python -m rapm_shapes.deployments`` rewrites the ``parameters`` of each deployment in
+prefect.yaml from the demos (its comments kept); tests/test_prefect_e2e.py checks that
+prefect.yaml says what the demos say.
 """
 
 from __future__ import annotations
@@ -18,19 +20,27 @@ import yaml
 from pydantic import BaseModel
 
 from rapm_core.pipeline import PipelineConfig
-from rapm_shapes.demo import DemoConfig, demo_config
+from rapm_shapes.demo import DemoConfig, demo_config, flow_demo_config
 from storage.atomic import write_text_atomic
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 PREFECT_YAML = PROJECT_DIR / "prefect.yaml"
-# Each deployment's entrypoint and the demo's config for its flow.
-FLOW_CONFIGS: dict[str, Callable[[DemoConfig], BaseModel]] = {
-    # as the flow's own model, so that its required teacher is written out
-    "flows/pipeline.py:pipeline_flow": lambda demo: PipelineConfig.model_validate(demo.model_dump()),
-    "flows/ingest.py:ingest_flow": DemoConfig.ingest_config,
-    "flows/trajectories.py:trajectories_flow": DemoConfig.trajectories_config,
-    "flows/distill.py:distill_flow": DemoConfig.distill_config,
-    "flows/evaluate.py:evaluate_flow": DemoConfig.evaluate_config,
+PIPELINE = "flows/pipeline.py:pipeline_flow"
+
+
+def as_pipeline(demo: DemoConfig) -> PipelineConfig:
+    """A demo as the pipeline flow's own model, so that its required teacher is written out."""
+    return PipelineConfig.model_validate(demo.model_dump())
+
+
+# Each deployment, as (name, entrypoint), and its config: a demo's config for that flow.
+DEPLOYMENTS: dict[tuple[str, str], Callable[[], BaseModel]] = {
+    ("embedded-demo", PIPELINE): lambda: as_pipeline(demo_config()),
+    ("embedded-demo", "flows/ingest.py:ingest_flow"): lambda: demo_config().ingest_config(),
+    ("embedded-demo", "flows/trajectories.py:trajectories_flow"): lambda: demo_config().trajectories_config(),
+    ("embedded-demo", "flows/distill.py:distill_flow"): lambda: demo_config().distill_config(),
+    ("embedded-demo", "flows/evaluate.py:evaluate_flow"): lambda: demo_config().evaluate_config(),
+    ("embedded-flow-demo", PIPELINE): lambda: as_pipeline(flow_demo_config()),
 }
 
 
@@ -45,19 +55,20 @@ def _relative(value: Any) -> Any:
     return value
 
 
-def deployment_parameters() -> dict[str, dict[str, Any]]:
-    """Each deployment's parameters: the demo's config for its flow, the values the stages'
+def deployment_parameters() -> dict[tuple[str, str], dict[str, Any]]:
+    """Each deployment's parameters: its demo's config for its flow, the values the stages'
     defaults would not give (the flow's model fills in the rest)."""
-    demo = demo_config()
-    return {entrypoint: {"config": _relative(config(demo).model_dump(mode="json", exclude_defaults=True))}
-            for entrypoint, config in FLOW_CONFIGS.items()}
+    return {key: {"config": _relative(config().model_dump(mode="json", exclude_defaults=True))}
+            for key, config in DEPLOYMENTS.items()}
 
 
-def with_parameters(text: str, parameters: dict[str, dict[str, Any]]) -> str:
-    """prefect.yaml's text with each deployment's ``parameters:`` block replaced by ``parameters``
-    (placed after its ``entrypoint:`` line); every other line, comments included, is kept."""
+def with_parameters(text: str, parameters: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """prefect.yaml's text with each deployment's ``parameters:`` block replaced by
+    ``parameters[(name, entrypoint)]`` (placed after its ``entrypoint:`` line; the name is the
+    ``- name:`` line that opens the deployment); every other line, comments included, is kept."""
     out: list[str] = []
     lines = text.splitlines()
+    name = None
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -67,9 +78,11 @@ def with_parameters(text: str, parameters: dict[str, dict[str, Any]]) -> str:
                 i += 1
             continue
         out.append(line)
+        if line.startswith("  - name: "):
+            name = line.split(":", 1)[1].strip()
         if line.startswith("    entrypoint: "):
             entrypoint = line.split(":", 1)[1].strip()
-            block = yaml.safe_dump({"parameters": parameters[entrypoint]}, sort_keys=False, allow_unicode=True)
+            block = yaml.safe_dump({"parameters": parameters[(name, entrypoint)]}, sort_keys=False, allow_unicode=True)
             out += ["    " + b for b in block.splitlines()]
         i += 1
     return "\n".join(out) + "\n"
@@ -80,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     updated = with_parameters(text, deployment_parameters())
     if updated != text:
         write_text_atomic(PREFECT_YAML, updated)
-        print(f"{PREFECT_YAML}: deployment parameters rewritten from the demo")
+        print(f"{PREFECT_YAML}: deployment parameters rewritten from the demos")
     return 0
 
 

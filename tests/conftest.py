@@ -11,6 +11,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Inherited by every rapm process a test starts: two test workers (make test runs pytest-xdist)
+# plus a two-thread torch per process made OpenMP spin on a 2-core machine, many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
 from pathlib import Path

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_distill_commands() -> list[list[str]]:
-    """The `rapm distill --method …` lines of the README, as argv lists."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The `rapm distill --method …` lines of the README's UNet sections (the flow teacher's section
+    has its own), as argv lists."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Rectified-flow teachers", 1)[0]
     return [line.split()[1:] for line in (ln.strip() for ln in text.splitlines())
             if re.match(r"rapm distill .*--method (pcm|lcm)", line)]
 

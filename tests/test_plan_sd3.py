@@ -127,10 +127,26 @@ def test_sd3_teacher_dir_is_planned_with_the_pipelines_conditioning(sd3_teachers
     assert (c, h, w) == (16, 16, 16) and result["store"]["positions_bytes"] == (4 * 10 + 1) * c * h * w * 2
 
 
+@pytest.mark.parametrize("source", ["teacher", "sd35-medium"])
+def test_pcm_is_planned_on_sd3_class_teachers(sd3_teachers, source, capsys):
+    """PCM's step (the guided teacher's Euler step, the student's jump, the no-grad target) on the
+    transformer: planned for a teacher directory and for the published presets at 1024² in bf16."""
+    import json
+
+    where = (["--teacher", str(sd3_teachers["t5"]), "--max-sequence-length", "16"] if source == "teacher"
+             else ["--preset", source, "--precision", "bf16"])
+    code, out, err = run_cli(["plan", *where, "--method", "pcm", "--gpu-memory", "24", "--json"], capsys)
+    assert code == 0, err
+    distill = json.loads(out)["stages"]["distill"]
+    assert distill["fits"] and distill["resident"]["uncond"] > 0 and "heads" not in distill["resident"]
+    code, rapm, err = run_cli(["plan", *where, "--gpu-memory", "24", "--json"], capsys)
+    assert code == 0 and json.loads(rapm)["stages"]["distill"]["peak_bytes"] != distill["peak_bytes"]
+
+
 @pytest.mark.parametrize("options, message", [
     (["--loss-relative", "adversarial"], "rapm plan does not plan adversarial losses on an SD3-class"),
-    (["--method", "pcm"], "--method pcm on an SD3-class"),
     (["--method", "lcm"], "--method lcm on an SD3-class"),
+    (["--method", "pcm", "--pcm-adversarial"], "pointwise losses (without --pcm-adversarial)"),
     (["--preset", "sd3-medium", "--resolution", "1000"], "not a multiple of 16"),
     (["--preset", "sd3-medium", "--resolution", "4096"], "position embedding (at most 3072 px)"),
 ])
@@ -145,6 +161,7 @@ def test_what_distillation_refuses_on_sd3_is_one_line(sd3_teachers, options, mes
     ("distill", {}),
     ("distill", {"gradient_checkpointing": True}),
     ("distill", {"weights_dtype": "bf16", "slots_per_iteration": "random"}),
+    ("distill", {"method": "pcm"}),
     ("trajectories", {}),
 ])
 def test_planner_is_within_15_percent_of_a_real_cpu_run_of_a_mid_size_sd3(stage, method):

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from flows.ingest import run_name as ingest_run_name
 from flows.sample import run_name as sample_run_name
 from rapm_core.ingest.config import IngestConfig
+from rapm_core.pipeline import PipelineConfig
 from rapm_core.sample import SampleConfig
 from rapm_testing.helpers import ROOT
 from storage.manifest import write_manifest
@@ -34,16 +35,20 @@ from storage.manifest import write_manifest
 LORA = Path("run") / "export" / "pytorch_lora_weights.safetensors"
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
 
+# Under pytest-xdist, every test here runs on one worker, so the session's stack starts once.
+pytestmark = pytest.mark.xdist_group("prefect_stack")
 
-def _deployments() -> dict[str, dict]:
+
+def _deployments() -> dict[tuple[str, str], dict]:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    return {d["entrypoint"]: d for d in spec["deployments"]}
+    return {(d["name"], d["entrypoint"]): d for d in spec["deployments"]}
 
 
 def test_demo_deployments_carry_the_demo_configs():
     """The flows take a required config and know nothing of the shapes domain; prefect.yaml's
-    deployments pass the demo's config for each flow (rapm_shapes/demo.py, the one place its values
-    live; rapm_shapes/deployments.py writes them), paths relative to the project dir they run in."""
+    deployments pass a demo's config for each flow (rapm_shapes/demo.py, the one place its values
+    live; rapm_shapes/deployments.py writes them), paths relative to the project dir they run in:
+    `rapm demo`'s as every flow's embedded-demo, `rapm demo-flow`'s as the pipeline's embedded-flow-demo."""
     import importlib
     import inspect
     import os
@@ -51,21 +56,21 @@ def test_demo_deployments_carry_the_demo_configs():
     import sys
     import typing
 
-    from rapm_shapes.deployments import FLOW_CONFIGS, _relative, deployment_parameters, with_parameters
-    from rapm_shapes.demo import demo_config
+    from rapm_shapes.deployments import DEPLOYMENTS, PIPELINE, _relative, deployment_parameters, with_parameters
+    from rapm_shapes.demo import demo_config, flow_demo_config
 
     text = (ROOT / "prefect.yaml").read_text()
     assert with_parameters(text, deployment_parameters()) == text  # up to date: the generator changes nothing
     made = subprocess.run([sys.executable, "-m", "rapm_shapes.deployments"], cwd=ROOT, capture_output=True, text=True)
     assert made.returncode == 0 and (ROOT / "prefect.yaml").read_text() == text, made.stderr[-2000:]
     deployments = _deployments()
-    assert set(deployments) == set(FLOW_CONFIGS)
-    demo = demo_config()
+    assert len(deployments) == len(yaml.safe_load(text)["deployments"])  # no (name, entrypoint) twice
+    assert set(deployments) == set(DEPLOYMENTS)
     cwd = os.getcwd()
-    for entrypoint, deployment in deployments.items():
+    for (name, entrypoint), deployment in deployments.items():
         assert deployment["work_pool"]["name"] == "rapm-local"
-        path, name = entrypoint.split(":")
-        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        path, function = entrypoint.split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
         assert inspect.signature(flow.fn).parameters["config"].default is inspect.Parameter.empty, entrypoint
         model = typing.get_type_hints(flow.fn)["config"]
         os.chdir(ROOT)  # where the deployment's runs start (prefect.yaml's pull step)
@@ -73,11 +78,16 @@ def test_demo_deployments_carry_the_demo_configs():
             given = model.model_validate(deployment["parameters"]["config"])
         finally:
             os.chdir(cwd)
-        wanted = FLOW_CONFIGS[entrypoint](demo)
-        assert _relative(given.model_dump(mode="json")) == _relative(wanted.model_dump(mode="json")), entrypoint
+        wanted = DEPLOYMENTS[(name, entrypoint)]()
+        assert _relative(given.model_dump(mode="json")) == _relative(wanted.model_dump(mode="json")), (name, entrypoint)
+    # Each pipeline deployment is its demo exactly: `rapm demo`'s, and `rapm demo-flow`'s on the flow teacher.
+    for name, demo in (("embedded-demo", demo_config()), ("embedded-flow-demo", flow_demo_config())):
+        given = PipelineConfig.model_validate(deployments[(name, PIPELINE)]["parameters"]["config"])
+        assert _relative(given.model_dump(mode="json")) == _relative(demo.model_dump(mode="json")), name
+    assert "shapes-flow-teacher" in deployments[("embedded-flow-demo", PIPELINE)]["parameters"]["config"]["teacher"]
     # No stage flow (nor the pipeline) imports the demo.
-    modules = ", ".join(path.removesuffix(".py").replace("/", ".") for path, _ in
-                        (e.split(":") for e in FLOW_CONFIGS))
+    modules = ", ".join(sorted({path.removesuffix(".py").replace("/", ".") for path, _ in
+                                (e.split(":") for _, e in DEPLOYMENTS)}))
     probe = f"import sys, {modules}; print('rapm_shapes.demo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"

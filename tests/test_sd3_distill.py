@@ -1,7 +1,8 @@
-"""RAPM on an SD3-class teacher end to end: ``rapm distill`` trains the transformer's LoRA from a
-tiny SD3 store and resumes bit-identically after SIGKILL; what is not built for transformers yet
-is refused in one line; the export loads into a stock StableDiffusion3Pipeline with every key
-matched and samples what the project's student sampler samples, with the model card's own call."""
+"""RAPM and PCM on an SD3-class teacher end to end: ``rapm distill`` trains the transformer's LoRA
+from a tiny SD3 store, exports it for the stock pipeline and resumes bit-identically after
+SIGKILL; what is not built for transformers yet is refused in one line; the export loads into a
+stock StableDiffusion3Pipeline with every key matched and samples what the project's student
+sampler samples, with the model card's own call."""
 
 from __future__ import annotations
 
@@ -47,16 +48,31 @@ def _rapm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_rapm_distill_trains_the_transformer_lora_and_resumes_after_sigkill(sd3_store, tmp_path):
+def _readme_pcm_command(store: Path, out: Path) -> list[str]:
+    """The README's PCM line on the flow teacher's store, pointed at ``store`` and ``out``."""
+    (argv,) = readme_flow_commands(1)
+    argv = argv[1:]
+    argv[argv.index("--trajectories") + 1], argv[argv.index("--out") + 1] = str(store), str(out)
+    return argv
+
+
+@pytest.mark.parametrize("method", [POINTWISE, {"method": "pcm"}], ids=["rapm", "pcm"])
+def test_distill_trains_the_transformer_lora_exports_and_resumes_after_sigkill(sd3_teacher, sd3_store, tmp_path,
+                                                                               method):
     out = tmp_path / "cli-run"
-    done = _rapm("distill", "--trajectories", str(sd3_store), "--out", str(out), "--iterations", "2",
-                 "--checkpoint-every", "1", "--device", "cpu", "--loss-relative", "pointwise",
-                 "--loss-absolute", "pointwise")
+    command = (_readme_pcm_command(sd3_store, out) if method.get("method") == "pcm" else
+               ["distill", "--trajectories", str(sd3_store), "--out", str(out), "--loss-relative", "pointwise",
+                "--loss-absolute", "pointwise"])
+    done = _rapm(*command, "--iterations", "2", "--checkpoint-every", "1", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     exported = load_file(out / "export" / "pytorch_lora_weights.safetensors")
     assert exported and all(k.startswith("transformer.transformer_blocks.") for k in exported)
+    pipe = load_tiny_sd3(sd3_teacher)
+    pipe.load_lora_weights(str(out / "export"))
+    (name,) = pipe.get_active_adapters()
+    assert len(get_peft_model_state_dict(pipe.transformer, adapter_name=name)) == len(exported)  # every key loaded
 
-    reference = run_config(sd3_store, tmp_path / "reference", method=POINTWISE, iterations=6)
+    reference = run_config(sd3_store, tmp_path / "reference", method=method, iterations=6)
     run_distillation(reference, log=lambda _: None)
     config = reference.model_copy(update={"out": str(tmp_path / "killed")})
     ckpts = tmp_path / "killed" / "checkpoints"
@@ -70,7 +86,8 @@ def test_rapm_distill_trains_the_transformer_lora_and_resumes_after_sigkill(sd3_
 
 @pytest.mark.parametrize("options,says", [
     (["--loss-relative", "adversarial", "--disc-layout", "pcm"], "an SD3-class teacher has none"),
-    (["--method", "pcm"], "--method pcm on an SD3-class"),
+    (["--method", "lcm"], "--method lcm on an SD3-class"),
+    (["--method", "pcm", "--pcm-adversarial", "--disc-layout", "pcm"], "an SD3-class teacher has none"),
 ])
 def test_what_is_not_built_for_transformers_is_refused_in_one_line(sd3_store, tmp_path, options, says):
     out = tmp_path / "run"
@@ -148,18 +165,19 @@ def test_the_export_loads_into_the_stock_sd3_pipeline_and_samples_as_the_student
     assert scope["image"].size == (32, 32)
 
 
-def readme_flow_commands() -> list[list[str]]:
-    """The commands of the README's "Rectified-flow teachers" section, as argv lists."""
+def readme_flow_commands(block: int = 0) -> list[list[str]]:
+    """The commands of the README's "Rectified-flow teachers" section's ``block``-th bash block
+    (0: the stages, 1: PCM on the same store), as argv lists."""
     text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     section = text[text.index("## Rectified-flow teachers"):]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
-    return [shlex.split(line.split("  #", 1)[0]) for line in block.splitlines() if line.startswith("rapm ")]
+    code = section.split("```bash\n")[block + 1].split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line.split("  #", 1)[0]) for line in code.splitlines() if line.startswith("rapm ")]
 
 
 @pytest.mark.slow
 def test_the_readme_flow_teacher_commands_run_as_typed(tmp_path):
     """Ingest, trajectories, store inspect, distill, evaluate on the embedded flow teacher, as the README has them."""
-    commands = readme_flow_commands()
+    commands = [c for c in readme_flow_commands() if c[1] != "demo-flow"]  # that one: tests/test_flow_demo.py
     assert [c[1] for c in commands] == ["ingest", "trajectories", "store", "distill", "evaluate", "sample"]
     (tmp_path / "assets").symlink_to(Path(__file__).parent.parent / "assets")
     captions = [f"a {size} {colour} circle at the {where}" for size in ("small", "large")

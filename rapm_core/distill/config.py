@@ -146,7 +146,8 @@ class PeerConfig(FrozenModel):
         None, description="CFG scale range of the teacher's online solver step, drawn per iteration "
                           "(default: the store's guidance; PCM's SD 1.5 script draws "
                           "CFG scale 1 + w with w ~ U[4, 5], i.e. 5 6, LCM's w ~ U[5, 15], i.e. 6 16)")
-    solver_steps: int = Field(50, ge=2, le=1000, description="steps of the DDIM teacher grid the peers skip along")
+    solver_steps: int = Field(50, ge=2, le=1000,
+                              description="steps of the teacher grid the peers skip along (DDIM; Euler on a flow teacher)")
 
     @model_validator(mode="after")
     def _check(self) -> "PeerConfig":

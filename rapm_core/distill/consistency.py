@@ -7,7 +7,9 @@ one DDIM step t₊ → t, with LCM's form of guidance x̂0 = x̂0_c + w(x̂0_c �
 1 + w. The teacher is the student's own UNet with its adapters bypassed; the scale is drawn from
 ``peer.teacher_guidance`` (default: the store's own guidance, so every method distils the same
 guided teacher). All draws come from the run's generator. The grid, the noising and the step are
-the teacher ODE's (``Ode.skipping_grid``: the scripts' DDIM grid for VP teachers).
+the teacher ODE's (``Ode.skipping_grid``): on a rectified-flow teacher, as PCM's SD3 script, the
+grid is the scheduler's training σ at the same indices, the network is fed 1000·σ and the step is
+one guided Euler step (its script's guidance c + w(c − u) is the same CFG scale 1 + w).
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from rapm_core.distill.method import Example, GuidedTeacher, Method
 from rapm_core.distill.student import Student, teacher_mode
 from rapm_core.errors import ConfigError
 from rapm_core.sampler import guided_prediction
-from rapm_core.ode import Ode, SlotGrid
+from rapm_core.ode import Level, Ode, SlotGrid
 
 
 @dataclass(frozen=True)
 class SkippingGrid:
-    """The peers' K-step DDIM teacher grid."""
+    """The peers' K-step teacher grid (levels of the teacher's ODE)."""
 
     timesteps: tuple  # t₊ of index i (levels of the teacher's ODE)
     previous: tuple  # t of index i: where the teacher's one step lands
@@ -44,8 +46,8 @@ class ConsistencyDraw:
     """One iteration's draws and the teacher's step: x₊ at t₊, its one-step target x at t."""
 
     index: int
-    t_plus: int
-    t: int
+    t_plus: Level
+    t: Level
     x_plus: torch.Tensor
     x_teacher: torch.Tensor
     guidance: float

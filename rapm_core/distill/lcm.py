@@ -19,6 +19,7 @@ from rapm_core.conditioning import Conditioning
 from rapm_core.distill.consistency import ConsistencyMethod
 from rapm_core.distill.losses import pointwise_loss
 from rapm_core.distill.method import Example, LossTerms
+from rapm_core.errors import ConfigError
 from rapm_core.ode import StockSampler
 
 SIGMA_DATA = 0.5  # diffusers' LCMScheduler fixes it
@@ -36,6 +37,11 @@ def lcm_scheduler(scheduler_config, solver_steps: int, timestep_scaling: float) 
 class Lcm(ConsistencyMethod):
     name = "lcm"
     title = "Latent Consistency Models (Luo et al., arXiv 2311.05556), LoRA"
+
+    def __init__(self, student, grid, config, teacher=None):
+        if student.ode.family != "vp":  # its boundary scalings and LCMScheduler are VP-DDIM's
+            raise ConfigError("LCM-LoRA on a rectified-flow teacher is not implemented yet; use --method rapm or pcm")
+        super().__init__(student, grid, config, teacher)
 
     def boundary(self, t: int) -> tuple[float, float]:
         scaled = self.config.lcm.timestep_scaling * t

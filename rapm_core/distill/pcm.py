@@ -6,7 +6,11 @@ The student jumps straight from x₊ (time t₊) to s with its own prediction; t
 teacher's one step t₊ → t followed by the same LoRA UNet's jump t → s (no gradient; when i is
 itself an edge, t = s and the target is the teacher's step alone). Pointwise loss at the phase
 end, optionally plus an adversarial term on the teacher's features (fake: the student's jump,
-real: the target, both re-noised from s to t′ ∈ [s, s + T/N)).
+real: the target, both re-noised from s to t′ ∈ [s, s + T/N)). On a rectified-flow teacher the
+same lines compute PCM's SD3 script: its phase edges on the σ grid of ``Ode.skipping_grid``, the
+jumps Euler steps, t′ within 1/N of the pre-shift range above s (``Ode.level_above``). Its
+adversarial script re-noises s → t′ as ((1 − σ′)·x + (σ′ − σ_s)·ε)/(1 − σ_s); here it is the flow's
+own forward process (``Ode.renoise``), whose noise has the variance x at σ′ has.
 """
 
 from __future__ import annotations

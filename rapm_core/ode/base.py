@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
+import numpy as np
 import torch
 
 Level = Union[int, float]
@@ -99,8 +100,20 @@ class Ode(ABC):
         """The level 1/``divisions`` of the whole noise range above ``level`` (PCM's t′ window)."""
 
     @abstractmethod
+    def training_levels(self) -> Sequence[Level]:
+        """The T levels the teacher was trained at, low noise first (index = training timestep)."""
+
     def skipping_grid(self, steps: int) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
-        """The consistency peers' K-step teacher grid: (t₊ of index i, t of index i), low noise first."""
+        """The consistency peers' K-step teacher grid: (t₊ of index i, t of index i), low noise first.
+
+        As the LCM/PCM scripts' solvers (SD 1.5's DDIMSolver, SD3's EulerSolver) build it: index i is
+        the training level T/K·(i+1) − 1, t that of index i − 1, and for i = 0 the lowest training level
+        (VP: timestep 0; flow: σ of training timestep 1, not the clean end).
+        """
+        levels = self.training_levels()
+        ratio = self.num_train_timesteps // steps
+        indices = [int(i) for i in (np.arange(1, steps + 1) * ratio).round().astype(np.int64) - 1]
+        return tuple(levels[i] for i in indices), tuple(levels[i] for i in [0] + indices[:-1])
 
     @abstractmethod
     def stock_sampler(self, num_steps: int) -> StockSampler:

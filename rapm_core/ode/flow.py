@@ -102,10 +102,16 @@ class RectifiedFlow(Ode):
         return float(low) + (float(high) - float(low)) * float(torch.rand((), generator=generator))
 
     def level_above(self, level: Level, divisions: int) -> float:
-        return min(float(level) + 1.0 / divisions, 1.0)
+        # 1/divisions of the pre-shift range, where the grids are uniform: PCM's SD3 script draws
+        # its t′ among the K/P grid points above the phase end.
+        # σ = k·s/(1 + (k − 1)·s) ⇔ s = σ/(k − (k − 1)·σ).
+        k, sigma = float(self.scheduler_config["shift"]), float(level)
+        above = min(sigma / (k - (k - 1) * sigma) + 1.0 / divisions, 1.0)
+        return k * above / (1 + (k - 1) * above)
 
-    def skipping_grid(self, steps: int):
-        raise ConfigError("PCM and LCM-LoRA on rectified-flow teachers are not implemented yet; use --method rapm")
+    def training_levels(self) -> list[float]:
+        # The stock scheduler's own training σ (shifted, float32), which PCM's SD3 script indexes.
+        return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config).sigmas.flip(0).tolist()
 
     def stock_sampler(self, num_steps: int) -> StockSampler:
         return StockSampler({"_class_name": "FlowMatchEulerDiscreteScheduler", **self.scheduler_config}, num_steps,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
@@ -167,11 +166,8 @@ class VpDdim(Ode):
     def level_above(self, level: Level, divisions: int) -> int:
         return int(level) + self.num_train_timesteps // divisions
 
-    def skipping_grid(self, steps: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        # The LCM/PCM scripts' DDIMSolver: t₊ = T/K·(i+1) − 1, its previous t = t₊ − T/K (0 first).
-        ratio = self.num_train_timesteps // steps
-        timesteps = [int(t) for t in (np.arange(1, steps + 1) * ratio).round().astype(np.int64) - 1]
-        return tuple(timesteps), tuple([0] + timesteps[:-1])
+    def training_levels(self) -> range:
+        return range(self.num_train_timesteps)
 
     def stock_sampler(self, num_steps: int) -> StockSampler:
         return StockSampler({"_class_name": "DDIMScheduler", **self.scheduler_config}, num_steps)
