@@ -18,7 +18,7 @@ Every method is also measured against the teacher's N·M-step samples of the sam
 The same protocol on the embedded rectified-flow teacher (``--teacher assets/shapes-flow-teacher``,
 its section "## Quality on the embedded flow teacher"): the N-step baseline is then Euler, on the
 even pre-shift grid RAPM uses and on the stock pipeline's default grid, and DPM-Solver++ in its flow
-form; the variants are those built for such a teacher (``--variants rapm rapm-n2 rapm-n1``).
+form; the variants are those built for such a teacher (``--variants rapm rapm-n2 rapm-n1 pcm pcm-n2 pcm-n1``).
 
 Intervals: mean ± sample std over seeds, and the 95 % t-interval of the mean (3 seeds: ± 2.48 std).
 
@@ -87,6 +87,8 @@ GROUPS: dict[str, dict[str, tuple[str, int, dict[str, Any]]]] = {
     "steps": {
         "rapm-n2": ("RAPM, N = 2", 2, {}),
         "rapm-n1": ("RAPM, N = 1", 1, {}),
+        "pcm-n2": ("PCM, N = 2, x0 from the store", 2, {"method": "pcm"}),
+        "pcm-n1": ("PCM, N = 1, x0 from the store", 1, {"method": "pcm"}),
     },
     "adversarial": {
         "adv-l1": ("adversarial, λ_adv 1 (the paper's loss)", 4, {**ADV_FAST, "loss_relative": "adversarial",
@@ -197,10 +199,31 @@ def run_job(job: Job) -> RunResult:
 
 
 def reference_samples(config_json: str, seed: int, num_images: int):
-    """The teacher's N·M-step samples of one eval seed's noise, in a worker (one torch thread)."""
+    """The teacher's N·M-step samples of one eval seed's noise, in a worker (one torch thread); kept
+    in the store's work dir, so a re-run of the benchmark samples them once."""
+    config = PipelineConfig.model_validate_json(config_json)
+    kept = Path(config.work) / f"reference-s{seed}-{num_images}.pt"
+    if kept.is_file():
+        return torch.load(kept, weights_only=False)
     torch.set_num_threads(1)
     quiet()
-    return teacher_reference(PipelineConfig.model_validate_json(config_json), seed, num_images)
+    samples = teacher_reference(config, seed, num_images)
+    tmp = kept.with_name(kept.name + ".tmp")
+    torch.save(samples, tmp)
+    tmp.replace(kept)
+    return samples
+
+
+def teacher_rows(config_json: str, seed: int, num_images: int, methods: tuple[str, ...], reference) -> dict[str, dict]:
+    """``measure_teachers``, kept in the store's work dir like a run's result."""
+    kept = Path(PipelineConfig.model_validate_json(config_json).work) / f"teachers-s{seed}-{num_images}.json"
+    if kept.is_file():
+        rows = json.loads(kept.read_text())
+        if all(m in rows for m in methods if m != "euler_default"):  # that row exists for flow teachers only
+            return rows
+    rows = measure_teachers(config_json, seed, num_images, methods, reference)
+    write_atomic(kept, json.dumps(rows))
+    return rows
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -375,13 +398,16 @@ def targets(by_name: dict[str, list[RunResult]], teachers: dict[int, list[dict[s
     lines = ["### Targets (measured in this run)", ""]
     fid = {name: [r.metrics["domain_fid"] for r in runs] for name, runs in by_name.items()}
     recall = {name: [r.metrics["domain_recall"] for r in runs] for name, runs in by_name.items()}
-    for peer in ("pcm", "lcm", "pcm-renders", "lcm-renders", "pcm-lr1e-4", "lcm-lr1e-4", "pcm-published"):
-        if "rapm" in fid and peer in fid:
-            lower = statistics.fmean(fid["rapm"]) < statistics.fmean(fid[peer])
-            lines.append(f"- RAPM vs {peer} (N = 4, equal passes): FID {statistics.fmean(fid['rapm']):.2f} vs "
-                         f"{statistics.fmean(fid[peer]):.2f} — {'lower' if lower else 'not lower'}, intervals "
-                         f"{'separated' if separated(fid['rapm'], fid[peer]) else 'overlap'}; recall "
-                         f"{statistics.fmean(recall['rapm']):.3f} vs {statistics.fmean(recall[peer]):.3f}")
+    pairs = [("rapm", peer) for peer in ("pcm", "lcm", "pcm-renders", "lcm-renders", "pcm-lr1e-4", "lcm-lr1e-4",
+                                         "pcm-published")] + [("rapm-n2", "pcm-n2"), ("rapm-n1", "pcm-n1")]
+    for mine, peer in pairs:
+        if mine in fid and peer in fid:
+            lower = statistics.fmean(fid[mine]) < statistics.fmean(fid[peer])
+            lines.append(f"- RAPM vs {peer} (N = {VARIANTS[peer][1]}, equal passes): FID "
+                         f"{statistics.fmean(fid[mine]):.2f} vs {statistics.fmean(fid[peer]):.2f} — "
+                         f"{'lower' if lower else 'not lower'}, intervals "
+                         f"{'separated' if separated(fid[mine], fid[peer]) else 'overlap'}; recall "
+                         f"{statistics.fmean(recall[mine]):.3f} vs {statistics.fmean(recall[peer]):.3f}")
     if "rapm-n2" in fid and 2 in teachers:
         for method in ("teacher_ddim", "euler_default"):
             if method not in teachers[2][0]:
@@ -433,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [Job(name, seed, configs[VARIANTS[name][1]].model_dump_json(), args.passes,
                     args.curve_points if name in CURVE else 1, args.num_images, references[seed])
                 for name in names for seed in (args.adversarial_seeds if name in GROUPS["adversarial"] else args.seeds)]
-        teacher_futures = {(n, s): pool.submit(measure_teachers, c.model_dump_json(), 1000 + s, args.num_images,
+        teacher_futures = {(n, s): pool.submit(teacher_rows, c.model_dump_json(), 1000 + s, args.num_images,
                                                TEACHER_METHODS if n == top else TEACHER_METHODS[1:], references[s])
                            for n, c in configs.items() for s in args.seeds}
         futures = {pool.submit(run_job, job): job for job in jobs}

@@ -6,4 +6,3 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_TEACHER = ASSETS / "shapes-teacher"
 EMBEDDED_FLOW_TEACHER = ASSETS / "shapes-flow-teacher"
 EMBEDDED_EVALUATOR = ASSETS / "shapes-evaluator"
-EMBEDDED_FLOW_TEACHER = ASSETS / "shapes-flow-teacher"  # the same domain, rectified flow (SD3 classes)
