@@ -22,7 +22,7 @@ form; the variants are those built for such a teacher (``--variants rapm rapm-n2
 
 Intervals: mean ± sample std over seeds, and the 95 % t-interval of the mean (3 seeds: ± 2.48 std).
 
-Run: ``.venv/bin/python benchmarks/quality.py`` (all groups; about 80 min on 2 CPU cores), or
+Run: ``.venv/bin/python benchmarks/quality.py`` (all groups; 80 min on 2 CPU cores before PCM at N = 2 and 1 joined them), or
 ``--groups peers --seeds 0 --passes 200 --num-images 64 --no-write`` to try it. Finished runs are
 reused from ``--work`` (each run dir resumes), so an interrupted benchmark continues.
 """
