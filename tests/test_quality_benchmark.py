@@ -4,6 +4,7 @@ import pytest
 
 from rapm_core.distill.config import MethodConfig
 from rapm_testing.helpers import load_benchmark
+from storage.errors import StoreError
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,18 @@ def test_the_flow_teachers_stock_default_euler_row_is_the_stock_pipelines_loop(q
     assert n == 1 or (even - z).abs().max() > 1e-3  # one step is the same step on both grids
     vp = SimpleNamespace(scheduler_config=dict(_scheduler("epsilon").config), num_slots=n, steps_per_slot=5, guidance=1.0)
     assert "euler_default" not in measure._teacher_specs(SimpleNamespace(schema=vp))
+
+
+def test_kept_teacher_rows_are_reused(quality, tmp_path):
+    """A re-run reads the rows a finished measurement kept (there is no store here to measure from)."""
+    import json
+    from argparse import Namespace
+
+    config = quality.base_config(tmp_path, 4, Namespace(eval_fraction=0.2, guidance=4.0))
+    (tmp_path / "n4").mkdir()
+    kept = {"teacher_ref": {"domain_fid": 1.0}, "teacher_ddim": {"domain_fid": 2.0}, "dpm_solver": {"domain_fid": 3.0}}
+    (tmp_path / "n4" / "teachers-s1000-64.json").write_text(json.dumps(kept))
+    # a VP teacher has no euler_default row: what is kept is complete
+    assert quality.teacher_rows(config.model_dump_json(), 1000, 64, quality.TEACHER_METHODS, None) == kept
+    with pytest.raises(StoreError, match="not a prompt store"):  # a row it does not keep is measured: no store here
+        quality.teacher_rows(config.model_dump_json(), 1000, 64, ("teacher_ddim", "other_row"), None)
