@@ -12,9 +12,17 @@ seed the same way. Equal budget = equal student forward+backward passes (RAPM ma
 iteration, the peers one); wall time is reported beside it. The N = 4 runs are also measured at
 points along the way: domain FID against student passes (``benchmarks/quality_curve.png``).
 
+Every method is also measured against the teacher's N·M-step samples of the same eval noise
+(latent MSE and image PSNR to that reference, FID to the teacher).
+
+The same protocol on the embedded rectified-flow teacher (``--teacher assets/shapes-flow-teacher``,
+its section "## Quality on the embedded flow teacher"): the N-step baseline is then Euler, on the
+even pre-shift grid RAPM uses and on the stock pipeline's default grid, and DPM-Solver++ in its flow
+form; the variants are those built for such a teacher (``--variants rapm rapm-n2 rapm-n1 pcm pcm-n2 pcm-n1``).
+
 Intervals: mean ± sample std over seeds, and the 95 % t-interval of the mean (3 seeds: ± 2.48 std).
 
-Run: ``.venv/bin/python benchmarks/quality.py`` (all groups; about 80 min on 2 CPU cores), or
+Run: ``.venv/bin/python benchmarks/quality.py`` (all groups; 80 min on 2 CPU cores before PCM at N = 2 and 1 joined them), or
 ``--groups peers --seeds 0 --passes 200 --num-images 64 --no-write`` to try it. Finished runs are
 reused from ``--work`` (each run dir resumes), so an interrupted benchmark continues.
 """
@@ -30,7 +38,7 @@ import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,15 +54,17 @@ from rapm_core.distill.config import MethodConfig  # noqa: E402
 from rapm_core.distill.run import run_distillation  # noqa: E402
 from rapm_core.pipeline import PipelineConfig  # noqa: E402
 from rapm_core.trajectories.generate import generate_trajectories  # noqa: E402
-from rapm_shapes.assets import EMBEDDED_TEACHER  # noqa: E402
+from rapm_shapes.assets import EMBEDDED_FLOW_TEACHER, EMBEDDED_TEACHER  # noqa: E402
 from rapm_core.ingest.engine import ingest_prompts  # noqa: E402
 
-from quality_measure import TEACHER_METHODS, measure_student, measure_teachers  # noqa: E402
+from quality_measure import TEACHER_METHODS, measure_student, measure_teachers, teacher_reference  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CURVE_PNG = REPO / "benchmarks" / "quality_curve.png"
 SECTION = "## Quality"
-STEPS = 32  # N·M for every N
+# Each embedded teacher's section of RESULTS.md (another teacher's: "## Quality on `DIR`").
+SECTIONS = {EMBEDDED_TEACHER.name: SECTION, EMBEDDED_FLOW_TEACHER.name: "## Quality on the embedded flow teacher"}
+STEPS = 32  # N·M for every N (``--steps``)
 ADV_FAST = {"disc_channels": 64}  # narrower heads keep the adversarial sweep inside the time budget
 
 # group → name → (what it tests, N, method options over the defaults)
@@ -77,6 +87,8 @@ GROUPS: dict[str, dict[str, tuple[str, int, dict[str, Any]]]] = {
     "steps": {
         "rapm-n2": ("RAPM, N = 2", 2, {}),
         "rapm-n1": ("RAPM, N = 1", 1, {}),
+        "pcm-n2": ("PCM, N = 2, x0 from the store", 2, {"method": "pcm"}),
+        "pcm-n1": ("PCM, N = 1, x0 from the store", 1, {"method": "pcm"}),
     },
     "adversarial": {
         "adv-l1": ("adversarial, λ_adv 1 (the paper's loss)", 4, {**ADV_FAST, "loss_relative": "adversarial",
@@ -111,6 +123,7 @@ class Job:
     passes: int
     curve_points: int
     num_images: int
+    reference: Any = None  # the teacher's N·M-step samples of this seed's eval noise (SamplerSamples)
 
 
 @dataclass
@@ -125,10 +138,12 @@ class RunResult:
 
 
 def base_config(work: Path, n: int, args: argparse.Namespace) -> PipelineConfig:
+    steps = getattr(args, "steps", STEPS)
     return PipelineConfig(
-        work=str(work / f"n{n}"), teacher=str(EMBEDDED_TEACHER), prompts=str(work / "prompts.txt"), seed=0,
-        threads=1, ingest={"eval_fraction": args.eval_fraction},
-        trajectories={"slots": n, "steps_per_slot": STEPS // n, "guidance": args.guidance, "batch_size": 16})
+        work=str(work / f"n{n}"), teacher=str(getattr(args, "teacher", EMBEDDED_TEACHER)),
+        prompts=str(work / "prompts.txt"), seed=0, threads=1, ingest={"eval_fraction": args.eval_fraction},
+        trajectories={"slots": n, "steps_per_slot": steps // n, "guidance": args.guidance, "batch_size": 16,
+                      "max_sequence_length": getattr(args, "max_sequence_length", 16)})
 
 
 def shared_stages(work: Path, ns: list[int], args: argparse.Namespace) -> dict[int, PipelineConfig]:
@@ -151,7 +166,8 @@ def passes_per_iteration(options: dict[str, Any], n: int) -> int:
 
 
 def run_job(job: Job) -> RunResult:
-    """Distil one variant at one seed (extending the run to each curve point), then measure it."""
+    """Distil one variant at one seed (extending the run to each curve point), then measure it; the
+    result is kept beside the run dir, so a re-run of the benchmark measures nothing twice."""
     torch.set_num_threads(1)
     quiet()
     config = PipelineConfig.model_validate_json(job.config_json)
@@ -160,6 +176,9 @@ def run_job(job: Job) -> RunResult:
     per_iteration = passes_per_iteration(options, n)
     total = max(1, job.passes // per_iteration)
     run_dir = Path(config.work) / "runs" / f"{job.name}-s{job.seed}"
+    kept = run_dir.parent / f"{run_dir.name}-result-{job.passes}-{job.curve_points}-{job.num_images}.json"
+    if kept.is_file():
+        return RunResult(**json.loads(kept.read_text()))
     points = sorted({max(1, round(total * k / job.curve_points)) for k in range(1, job.curve_points + 1)})
     curve, t0 = [], time.perf_counter()
     for iterations in points:
@@ -168,13 +187,49 @@ def run_job(job: Job) -> RunResult:
             "checkpoint_every": max(1, total // 4), "keep_checkpoints": 1})
         run_distillation(distill, log=lambda m: None)
         if iterations != total:
-            measured = measure_student(config, run_dir, 1000 + job.seed, job.num_images)
+            measured = measure_student(config, run_dir, 1000 + job.seed, job.num_images, job.reference)
             curve.append((iterations * per_iteration, measured["domain_fid"]))
     wall = time.perf_counter() - t0
-    metrics = measure_student(config, run_dir, 1000 + job.seed, job.num_images)
+    metrics = measure_student(config, run_dir, 1000 + job.seed, job.num_images, job.reference)
     curve.append((total * per_iteration, metrics["domain_fid"]))
     distill_s = sum(json.loads(line).get("seconds", 0.0) for line in (run_dir / "metrics.jsonl").open())
-    return RunResult(job.name, job.seed, metrics, total * per_iteration, wall, distill_s, curve)
+    result = RunResult(job.name, job.seed, metrics, total * per_iteration, wall, distill_s, curve)
+    write_atomic(kept, json.dumps(result.__dict__))
+    return result
+
+
+def reference_samples(config_json: str, seed: int, num_images: int):
+    """The teacher's N·M-step samples of one eval seed's noise, in a worker (one torch thread); kept
+    in the store's work dir, so a re-run of the benchmark samples them once."""
+    config = PipelineConfig.model_validate_json(config_json)
+    kept = Path(config.work) / f"reference-s{seed}-{num_images}.pt"
+    if kept.is_file():
+        return torch.load(kept, weights_only=False)
+    torch.set_num_threads(1)
+    quiet()
+    samples = teacher_reference(config, seed, num_images)
+    tmp = kept.with_name(kept.name + ".tmp")
+    torch.save(samples, tmp)
+    tmp.replace(kept)
+    return samples
+
+
+def teacher_rows(config_json: str, seed: int, num_images: int, methods: tuple[str, ...], reference) -> dict[str, dict]:
+    """``measure_teachers``, kept in the store's work dir like a run's result."""
+    kept = Path(PipelineConfig.model_validate_json(config_json).work) / f"teachers-s{seed}-{num_images}.json"
+    if kept.is_file():
+        rows = json.loads(kept.read_text())
+        if all(m in rows for m in methods if m != "euler_default"):  # that row exists for flow teachers only
+            return rows
+    rows = measure_teachers(config_json, seed, num_images, methods, reference)
+    write_atomic(kept, json.dumps(rows))
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def quiet() -> None:
@@ -208,7 +263,8 @@ def cell(values: list[float], fmt: str = "{:.2f}") -> str:
 
 KEYS = (("domain_fid", "domain FID ↓", "{:.2f}"), ("domain_kid", "KID ↓", "{:.4f}"),
         ("domain_recall", "recall ↑", "{:.3f}"), ("domain_precision", "precision ↑", "{:.3f}"),
-        ("prompt_adherence", "adherence ↑", "{:.3f}"))
+        ("prompt_adherence", "adherence ↑", "{:.3f}"), ("psnr", "PSNR to ref (dB) ↑", "{:.2f}"),
+        ("latent_mse", "latent MSE to ref ↓", "{:.4f}"))
 
 
 def table(rows: list[tuple[str, list[dict[str, float]], str]]) -> str:
@@ -216,8 +272,9 @@ def table(rows: list[tuple[str, list[dict[str, float]], str]]) -> str:
     head = "| | " + " | ".join(title for _, title, _ in KEYS) + " | passes · wall s |"
     lines = [head, "|" + "---|" * (len(KEYS) + 2)]
     for label, per_seed, extra in rows:
-        lines.append(f"| {label} | " + " | ".join(cell([m[k] for m in per_seed], fmt) for k, _, fmt in KEYS)
-                     + f" | {extra} |")
+        values = {k: [m.get(k) for m in per_seed] for k, _, _ in KEYS}  # None: not measured (the reference itself)
+        lines.append(f"| {label} | " + " | ".join("–" if None in values[k] else cell(values[k], fmt)
+                                                  for k, _, fmt in KEYS) + f" | {extra} |")
     return "\n".join(lines)
 
 
@@ -298,12 +355,30 @@ def report(results: list[RunResult], teachers: dict[int, list[dict[str, dict]]],
         parts.append(f"### {title}\n\n{table(rows)}\n")
     parts.append(targets(by_name, teachers))
     command = "`" + shlex.join([".venv/bin/python", "benchmarks/quality.py", *sys.argv[1:]]) + "`"
-    return (f"{SECTION}\n\n**Machine.** {machine()}.\n\n**Command.** {command} ({seconds:.0f} s in all).\n\n"
-            f"**Setup.** Teacher `assets/shapes-teacher`, built-in shapes captions ({args.eval_fraction:.0%} held "
-            f"out), N·M = {STEPS} teacher steps at guidance {args.guidance:g}; seeds {args.seeds}; "
-            f"{args.passes} student passes per run; {args.num_images} eval images per seed. Cells: mean ± std over "
-            f"seeds [± half-width of the 95 % t-interval]. Curve: `benchmarks/{CURVE_PNG.name}`.\n\n"
+    curve = curve_png(args.teacher)
+    return (f"{section_for(args.teacher)}\n\n**Machine.** {machine()}.\n\n**Command.** {command} "
+            f"({seconds:.0f} s in all).\n\n"
+            f"**Setup.** Teacher `{teacher_label(args.teacher)}`, built-in shapes captions ({args.eval_fraction:.0%} held "
+            f"out), N·M = {args.steps} teacher steps at guidance {args.guidance:g}; seeds {args.seeds}; "
+            f"{args.passes} student passes per run; {args.num_images} eval images per seed; PSNR and latent MSE "
+            f"against the teacher's {args.steps}-step samples of the same noise. Cells: mean ± std over "
+            f"seeds [± half-width of the 95 % t-interval]."
+            + (f" Curve: `benchmarks/{curve.name}`." if curve.is_file() and args.curve_points > 1 else "") + "\n\n"
             + "\n".join(parts))
+
+
+def teacher_label(teacher: str) -> str:
+    path = Path(teacher).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else teacher
+
+
+def section_for(teacher: str) -> str:
+    return SECTIONS.get(Path(teacher).name, f"## Quality on `{teacher_label(teacher)}`")
+
+
+def curve_png(teacher: str) -> Path:
+    return CURVE_PNG if Path(teacher).name == EMBEDDED_TEACHER.name else CURVE_PNG.with_name(
+        f"quality_curve_{Path(teacher).name}.png")
 
 
 def separated(a: list[float], b: list[float]) -> bool:
@@ -312,28 +387,47 @@ def separated(a: list[float], b: list[float]) -> bool:
     return not (math.isnan(ha) or math.isnan(hb)) and abs(ma - mb) > ha + hb
 
 
+def below_fraction(a: list[float], b: list[float], fraction: float) -> bool:
+    """Whether mean(a) ≤ fraction · mean(b) holds beyond the intervals: the top of a's 95 % t-interval
+    is below ``fraction`` times the bottom of b's."""
+    (ma, _, ha), (mb, _, hb) = interval(a), interval(b)
+    return not (math.isnan(ha) or math.isnan(hb)) and ma + ha <= fraction * (mb - hb)
+
+
 def targets(by_name: dict[str, list[RunResult]], teachers: dict[int, list[dict[str, dict]]]) -> str:
     lines = ["### Targets (measured in this run)", ""]
     fid = {name: [r.metrics["domain_fid"] for r in runs] for name, runs in by_name.items()}
     recall = {name: [r.metrics["domain_recall"] for r in runs] for name, runs in by_name.items()}
-    for peer in ("pcm", "lcm", "pcm-renders", "lcm-renders", "pcm-lr1e-4", "lcm-lr1e-4", "pcm-published"):
-        if "rapm" in fid and peer in fid:
-            lower = statistics.fmean(fid["rapm"]) < statistics.fmean(fid[peer])
-            lines.append(f"- RAPM vs {peer} (N = 4, equal passes): FID {statistics.fmean(fid['rapm']):.2f} vs "
-                         f"{statistics.fmean(fid[peer]):.2f} — {'lower' if lower else 'not lower'}, intervals "
-                         f"{'separated' if separated(fid['rapm'], fid[peer]) else 'overlap'}; recall "
-                         f"{statistics.fmean(recall['rapm']):.3f} vs {statistics.fmean(recall[peer]):.3f}")
+    pairs = [("rapm", peer) for peer in ("pcm", "lcm", "pcm-renders", "lcm-renders", "pcm-lr1e-4", "lcm-lr1e-4",
+                                         "pcm-published")] + [("rapm-n2", "pcm-n2"), ("rapm-n1", "pcm-n1")]
+    for mine, peer in pairs:
+        if mine in fid and peer in fid:
+            lower = statistics.fmean(fid[mine]) < statistics.fmean(fid[peer])
+            lines.append(f"- RAPM vs {peer} (N = {VARIANTS[peer][1]}, equal passes): FID "
+                         f"{statistics.fmean(fid[mine]):.2f} vs {statistics.fmean(fid[peer]):.2f} — "
+                         f"{'lower' if lower else 'not lower'}, intervals "
+                         f"{'separated' if separated(fid[mine], fid[peer]) else 'overlap'}; recall "
+                         f"{statistics.fmean(recall[mine]):.3f} vs {statistics.fmean(recall[peer]):.3f}")
     if "rapm-n2" in fid and 2 in teachers:
-        ddim2 = statistics.fmean(t["teacher_ddim"]["domain_fid"] for t in teachers[2])
-        ratio = statistics.fmean(fid["rapm-n2"]) / ddim2
-        lines.append(f"- N = 2: RAPM FID / 2-step DDIM FID = {ratio:.3f} (target ≤ 0.5: "
-                     f"{'met' if ratio <= 0.5 else 'not met'})")
+        for method in ("teacher_ddim", "euler_default"):
+            if method not in teachers[2][0]:
+                continue
+            baseline = [t[method]["domain_fid"] for t in teachers[2]]
+            ratio = statistics.fmean(fid["rapm-n2"]) / statistics.fmean(baseline)
+            lines.append(f"- N = 2: RAPM FID / {teachers[2][0][method]['label']} FID = {ratio:.3f} (target ≤ 0.5: "
+                         f"{'met' if ratio <= 0.5 else 'not met'} by the means; beyond the intervals: "
+                         f"{'yes' if below_fraction(fid['rapm-n2'], baseline, 0.5) else 'no'})")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="runs/quality-v5", help="work dir (re-run to reuse finished runs)")
+    parser.add_argument("--teacher", default=str(EMBEDDED_TEACHER),
+                        help=f"teacher dir (assets/{EMBEDDED_FLOW_TEACHER.name}: the embedded flow teacher)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="N·M: teacher steps of every trajectory")
+    parser.add_argument("--max-sequence-length", type=int, default=16,
+                        help="SD3-class teachers: T5 tokens per prompt (the embedded flow teacher's card: 16)")
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the groups'")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -352,29 +446,45 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     names = args.variants or [n for g in args.groups for n in GROUPS[g]]
     configs = shared_stages(work, sorted({VARIANTS[n][1] for n in names}), args)
-    jobs = [Job(name, seed, configs[VARIANTS[name][1]].model_dump_json(), args.passes,
-                args.curve_points if name in CURVE else 1, args.num_images)
-            for name in names for seed in (args.adversarial_seeds if name in GROUPS["adversarial"] else args.seeds)]
+    seeds = sorted({s for name in names for s in (args.adversarial_seeds if name in GROUPS["adversarial"]
+                                                  else args.seeds)} | set(args.seeds))
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-        # The N·M-step reference is one chain for every N: measured once, at the largest N.
+        # The N·M-step reference is one chain for every N (same teacher, same noise): sampled once per
+        # eval seed, at the largest N, before the runs that are measured against it.
         top = max(configs)
-        teacher_futures = {n: [pool.submit(measure_teachers, c.model_dump_json(), 1000 + s, args.num_images,
-                                           TEACHER_METHODS if n == top else TEACHER_METHODS[1:])
-                               for s in args.seeds] for n, c in configs.items()}
-        futures = [pool.submit(run_job, job) for job in jobs]
-        results = [f.result() for f in futures]
-        teachers = {n: [f.result() for f in fs] for n, fs in teacher_futures.items()}
-    (work / "results.json").write_text(json.dumps({"runs": [r.__dict__ for r in results], "teachers": teachers},
-                                                  indent=1, default=str))
-    if any(r.curve for r in results if r.name in CURVE):
-        plot_curve(results, CURVE_PNG)
+        refs = {s: pool.submit(reference_samples, configs[top].model_dump_json(), 1000 + s, args.num_images)
+                for s in seeds}
+        references = {s: f.result() for s, f in refs.items()}
+        jobs = [Job(name, seed, configs[VARIANTS[name][1]].model_dump_json(), args.passes,
+                    args.curve_points if name in CURVE else 1, args.num_images, references[seed])
+                for name in names for seed in (args.adversarial_seeds if name in GROUPS["adversarial"] else args.seeds)]
+        teacher_futures = {(n, s): pool.submit(teacher_rows, c.model_dump_json(), 1000 + s, args.num_images,
+                                               TEACHER_METHODS if n == top else TEACHER_METHODS[1:], references[s])
+                           for n, c in configs.items() for s in args.seeds}
+        futures = {pool.submit(run_job, job): job for job in jobs}
+        done: dict[Any, Any] = {}
+        # What has finished is on disk as it comes: an interrupted benchmark loses no finished number.
+        for future in as_completed([*teacher_futures.values(), *futures]):
+            done[future] = future.result()
+            save_results(work, [done[f] for f in futures if f in done],
+                         {f"{n}-s{s}": done[f] for (n, s), f in teacher_futures.items() if f in done})
+        results = [done[f] for f in futures]
+        teachers = {n: [done[teacher_futures[n, s]] for s in args.seeds] for n in configs}
+    curve = curve_png(args.teacher)
+    if args.curve_points > 1 and any(len(r.curve) > 1 for r in results if r.name in CURVE):
+        plot_curve(results, curve)
     section = report(results, teachers, args, time.perf_counter() - t0)
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section(section, section_for(args.teacher))
         print(f"wrote {RESULTS}")
     return 0
+
+
+def save_results(work: Path, runs: list[RunResult], teachers: dict[str, dict]) -> None:
+    write_atomic(work / "results.json", json.dumps({"runs": [r.__dict__ for r in runs], "teachers": teachers},
+                                                   indent=1, default=str))
 
 
 if __name__ == "__main__":

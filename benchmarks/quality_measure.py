@@ -21,7 +21,8 @@ from rapm_core.evaluate.metrics import Fidelity
 from rapm_core.evaluate.samplers import SamplerSamples, SamplerSpec, eval_seed, sampler_specs, run_sampler
 from rapm_core.evaluate.student import load_student_export
 from rapm_core.pipeline import PipelineConfig
-from rapm_core.teacher import decode_latents, encode_prompts, encode_uncond, load_teacher
+from rapm_core.ode import StockSampler, ode_for
+from rapm_core.teacher import decode_latents, encode_prompts, encode_uncond, load_store_teacher
 from rapm_core.trajectories.chain import initial_noise
 from rapm_shapes import evaluator as judge
 from rapm_shapes.metric import ShapesDomain, evaluator_images
@@ -29,7 +30,8 @@ from rapm_shapes.shapes import parse_caption
 from storage.prompt_store import PromptStore
 from storage.trajectory_store import TrajectoryStore
 
-TEACHER_METHODS = ("teacher_ref", "teacher_ddim", "dpm_solver")
+# euler_default: a flow teacher only (see _teacher_specs)
+TEACHER_METHODS = ("teacher_ref", "teacher_ddim", "euler_default", "dpm_solver")
 BATCH = 64
 
 
@@ -40,7 +42,7 @@ class Bench:
         texts = [r.text for r in PromptStore(config.paths()["prompts"]).records("eval")]
         self.prompts = [texts[i % len(texts)] for i in range(num_images)]
         self.schema = TrajectoryStore(str(config.paths()["trajectories"])).schema
-        self.teacher = load_teacher(self.schema.teacher, None, torch.float32, "cpu")
+        self.teacher = load_store_teacher(self.schema)  # as the store encoded (an SD3 teacher's T5 tokens)
         self.cond = reduce(Conditioning.cat, [encode_prompts(self.teacher, self.prompts[a:a + BATCH])
                                               for a in range(0, num_images, BATCH)])
         self.uncond = encode_uncond(self.teacher)
@@ -66,18 +68,37 @@ def _scores(bench: Bench, samples) -> dict[str, float]:
 
 
 def _teacher_specs(bench: Bench) -> dict[str, SamplerSpec]:
+    """The evaluation's samplers; for a flow teacher also N-step Euler on the stock pipeline's own
+    default grid (``num_inference_steps=N``, no ``sigmas=``), which ends its last-but-one step at
+    σ ≈ 1/T and so spends one of its N steps on almost nothing (``rapm_core.ode.flow``), beside
+    ``teacher_ddim``'s Euler on the even pre-shift grid (the one RAPM and its student use)."""
     s = bench.schema
-    return sampler_specs(s.scheduler_config, s.num_slots, s.steps_per_slot, s.guidance, load_student_stub(s.num_slots))
+    specs = sampler_specs(s.scheduler_config, s.num_slots, s.steps_per_slot, s.guidance, load_student_stub(s.num_slots))
+    ode = ode_for(s.scheduler_config)
+    if ode.family == "flow":
+        n, w = s.num_slots, s.guidance
+        stock = StockSampler({"_class_name": "FlowMatchEulerDiscreteScheduler", **ode.scheduler_config}, n)
+        specs["euler_default"] = SamplerSpec("euler_default", n, w, f"teacher Euler {n} steps, CFG {w:g}, stock default σ",
+                                             stock)
+    return specs
 
 
 def measure_teachers(config_json: str, seed: int, num_images: int, methods: tuple[str, ...] = TEACHER_METHODS,
                      reference: SamplerSamples | None = None) -> dict[str, dict]:
-    """The teacher's samplers at this N (reference: N·M-step DDIM) at one eval seed."""
+    """The teacher's samplers at this N (those of ``methods`` it has) at one eval seed; with the
+    ``reference`` samples (the N·M-step chain of this seed's noise) also their fidelity to it, and
+    ``teacher_ref`` is scored from those samples instead of being sampled again."""
     torch.set_num_threads(1)
     config = PipelineConfig.model_validate_json(config_json)
     bench = Bench(config, seed, num_images, reference)
     specs = _teacher_specs(bench)
-    return {m: _scores(bench, bench.sample(specs[m], bench.teacher.scheduler_config)) for m in methods}
+
+    def samples(m: str) -> SamplerSamples:
+        if m == "teacher_ref" and reference is not None:
+            return reference
+        return bench.sample(specs[m], bench.teacher.scheduler_config)
+
+    return {m: _scores(bench, samples(m)) for m in methods if m in specs}
 
 
 def teacher_reference(config: PipelineConfig, seed: int, num_images: int) -> SamplerSamples:
@@ -88,7 +109,6 @@ def teacher_reference(config: PipelineConfig, seed: int, num_images: int) -> Sam
 
 def load_student_stub(num_steps: int):
     from rapm_core.evaluate.student import StudentExport
-    from rapm_core.ode import StockSampler
 
     return StudentExport(Path("-"), StockSampler({"_class_name": "DDIMScheduler"}, num_steps), "rapm")
 

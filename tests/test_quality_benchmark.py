@@ -4,6 +4,7 @@ import pytest
 
 from rapm_core.distill.config import MethodConfig
 from rapm_testing.helpers import load_benchmark
+from storage.errors import StoreError
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +49,76 @@ def test_intervals_and_separation(quality):
     assert (mean, std) == (2.0, 1.0) and half == pytest.approx(4.303 / 3 ** 0.5)
     assert quality.separated([1.0, 1.1, 0.9], [5.0, 5.1, 4.9]) and not quality.separated([1, 2, 3], [2, 3, 4])
     assert quality.cell([2.0]) == "2.00"
+
+
+def test_the_target_beyond_the_intervals(quality):
+    rapm, euler = [10.0, 11.0, 12.0], [40.0, 41.0, 42.0]
+    assert quality.below_fraction(rapm, euler, 0.5)  # 11 + 2.48 ≤ 0.5 · (41 − 2.48)
+    assert not quality.below_fraction([18.0, 19.0, 20.0], euler, 0.5)  # means meet it (19 ≤ 20.5), intervals do not
+    assert not quality.below_fraction([10.0], euler, 0.5)  # one seed has no interval
+
+
+def test_each_embedded_teacher_has_its_own_section_and_the_flow_store_its_token_count(quality, tmp_path):
+    from argparse import Namespace
+
+    from rapm_shapes.assets import EMBEDDED_FLOW_TEACHER, EMBEDDED_TEACHER
+
+    assert quality.section_for(str(EMBEDDED_TEACHER)) == "## Quality"
+    assert quality.section_for("assets/shapes-flow-teacher") == "## Quality on the embedded flow teacher"
+    assert quality.section_for("/elsewhere/my-teacher") == "## Quality on `/elsewhere/my-teacher`"
+    assert quality.curve_png(str(EMBEDDED_TEACHER)) == quality.CURVE_PNG != quality.curve_png("assets/shapes-flow-teacher")
+    args = Namespace(teacher=str(EMBEDDED_FLOW_TEACHER), steps=40, max_sequence_length=16, eval_fraction=0.2,
+                     guidance=4.0)
+    trajectories = quality.base_config(tmp_path, 2, args).trajectories_config()
+    assert (trajectories.teacher, trajectories.slots, trajectories.steps_per_slot, trajectories.max_sequence_length) == \
+        (str(EMBEDDED_FLOW_TEACHER), 2, 20, 16)
+    # time_curves passes its own arguments: the UNet teacher's defaults
+    unet = quality.base_config(tmp_path, 4, Namespace(eval_fraction=0.2, guidance=4.0)).trajectories_config()
+    assert (unet.teacher, unet.steps_per_slot) == (str(EMBEDDED_TEACHER), quality.STEPS // 4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_the_flow_teachers_stock_default_euler_row_is_the_stock_pipelines_loop(quality, n):
+    """``euler_default`` steps as ``StableDiffusion3Pipeline(..., num_inference_steps=N)`` does
+    (``retrieve_timesteps`` without ``sigmas=``), unlike ``teacher_ddim``'s even grid; a VP teacher has no such row."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
+
+    from rapm_core.evaluate.samplers import sample_latents
+    from rapm_testing.tiny_teacher import _scheduler
+    from tests.test_ode import SHAPE, FixedField, _cond
+
+    measure = load_benchmark("quality_measure.py", "quality_measure")
+    config = dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    schema = SimpleNamespace(scheduler_config=config, num_slots=n, steps_per_slot=5, guidance=1.0)
+    specs = measure._teacher_specs(SimpleNamespace(schema=schema))
+    assert specs["euler_default"].nfe == specs["teacher_ddim"].nfe == n
+    latents, cond = torch.randn(SHAPE, generator=torch.Generator().manual_seed(n)), _cond()
+    ours = sample_latents(specs["euler_default"], FixedField(), config, latents, cond, None)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    z = latents
+    for t in retrieve_timesteps(scheduler, n, "cpu")[0]:
+        z = scheduler.step(FixedField()(z, t.expand(z.shape[0]), cond.prompt_embeds).sample, t, z).prev_sample
+    assert (ours - z).abs().max() <= 1e-6
+    even = sample_latents(specs["teacher_ddim"], FixedField(), config, latents, cond, None)
+    assert n == 1 or (even - z).abs().max() > 1e-3  # one step is the same step on both grids
+    vp = SimpleNamespace(scheduler_config=dict(_scheduler("epsilon").config), num_slots=n, steps_per_slot=5, guidance=1.0)
+    assert "euler_default" not in measure._teacher_specs(SimpleNamespace(schema=vp))
+
+
+def test_kept_teacher_rows_are_reused(quality, tmp_path):
+    """A re-run reads the rows a finished measurement kept (there is no store here to measure from)."""
+    import json
+    from argparse import Namespace
+
+    config = quality.base_config(tmp_path, 4, Namespace(eval_fraction=0.2, guidance=4.0))
+    (tmp_path / "n4").mkdir()
+    kept = {"teacher_ref": {"domain_fid": 1.0}, "teacher_ddim": {"domain_fid": 2.0}, "dpm_solver": {"domain_fid": 3.0}}
+    (tmp_path / "n4" / "teachers-s1000-64.json").write_text(json.dumps(kept))
+    # a VP teacher has no euler_default row: what is kept is complete
+    assert quality.teacher_rows(config.model_dump_json(), 1000, 64, quality.TEACHER_METHODS, None) == kept
+    with pytest.raises(StoreError, match="not a prompt store"):  # a row it does not keep is measured: no store here
+        quality.teacher_rows(config.model_dump_json(), 1000, 64, ("teacher_ddim", "other_row"), None)
