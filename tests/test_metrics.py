@@ -99,3 +99,21 @@ def test_kernel_distance_is_near_zero_for_one_distribution_and_not_for_two():
     shifted = (b.int() // 2).to(torch.uint8)
     same, different = kernel_distance(a, b, MeanColour()), kernel_distance(a, shifted, MeanColour())
     assert abs(same) < 0.1 * different and different > 0
+
+
+def test_kernel_distance_is_the_same_for_the_same_sets_and_leaves_the_global_generator_alone():
+    from rapm_core.evaluate.measures import kernel_distance
+
+    class MeanColour(nn.Module):
+        def forward(self, images):
+            return images.float().mean(dim=(2, 3))
+
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.randint(0, 256, (60, 3, 4, 4), generator=g, dtype=torch.uint8) for _ in range(2))
+    kid = [kernel_distance(a, b, MeanColour(), subsets=5, subset_size=20) for _ in range(2)]  # 20 of 60 drawn
+    assert kid[0] == kid[1]
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    kernel_distance(a, b, MeanColour(), subsets=5, subset_size=20)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is untouched

@@ -172,7 +172,11 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module, 
         metric = KernelInceptionDistance(feature=feature, subsets=subsets, subset_size=size)
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    mean, _std = metric.compute()
+    # Its subsets are drawn from torch's global generator: seeded here (and the caller's state
+    # restored), so the same two sets always give the same KID and a report can be reproduced.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        mean, _std = metric.compute()
     return float(mean)
 
 
