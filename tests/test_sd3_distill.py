@@ -27,7 +27,7 @@ from rapm_core.flow_grid import pre_shift_sigmas
 from rapm_core.sampler import ode_sample
 from rapm_core.teacher import encode_prompts, load_teacher, load_unet
 from rapm_testing.helpers import method_config, run_config
-from rapm_testing.tiny_sd3 import build_tiny_sd3, load_tiny_sd3
+from rapm_testing.tiny_sd3 import load_tiny_sd3
 from test_exact_resume import _kill_when, _start
 
 T5_TOKENS = 8
@@ -35,8 +35,8 @@ POINTWISE = {"loss_relative": "pointwise", "loss_absolute": "pointwise"}
 
 
 @pytest.fixture(scope="module")
-def sd3_teacher(tmp_path_factory):
-    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "teacher", with_t5=False)
+def sd3_teacher(tiny_sd3_dir):
+    return tiny_sd3_dir
 
 
 @pytest.fixture(scope="module")
