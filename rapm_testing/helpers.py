@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
 
 from rapm_core.conditioning import Conditioning
@@ -42,7 +42,14 @@ EVAL_PROMPTS = all_prompts()[::7][:12]  # shapes captions, so a shapes evaluator
 LATENT = (1, 4, 16, 16)
 
 
-def load_unet(teacher_dir) -> UNet2DConditionModel:
+def is_sd3_dir(teacher_dir) -> bool:
+    return (Path(teacher_dir) / "transformer").is_dir()
+
+
+def load_unet(teacher_dir) -> UNet2DConditionModel | SD3Transformer2DModel:
+    """The teacher's denoiser: its UNet, or an SD3-class teacher's transformer."""
+    if is_sd3_dir(teacher_dir):
+        return SD3Transformer2DModel.from_pretrained(teacher_dir, subfolder="transformer")
     return UNet2DConditionModel.from_pretrained(teacher_dir, subfolder="unet")
 
 
@@ -55,12 +62,21 @@ def perturb_unet_weights(teacher_dir) -> None:
 
 
 def scheduler_config(teacher_dir):
+    """The teacher's scheduler config as saved (any scheduler class: the file is the same)."""
     return DDIMScheduler.load_config(teacher_dir, subfolder="scheduler")
+
+
+def latent_of(unet) -> tuple[int, int, int, int]:
+    """One latent of the tiny teachers' 16×16 size, with the denoiser's channel count."""
+    return (1, unet.config.in_channels, *LATENT[2:])
 
 
 def random_cond(unet, seed: int = 0, tokens: int = 8) -> Conditioning:
     """Content is irrelevant to the math; SDXL's time ids are those of a 32×32 image (16² latents)."""
     g = torch.Generator().manual_seed(seed)
+    if isinstance(unet, SD3Transformer2DModel):  # joint text tokens and the pooled projection
+        return Conditioning(torch.randn(1, tokens, unet.config.joint_attention_dim, generator=g),
+                            torch.randn(1, unet.config.pooled_projection_dim, generator=g))
     embeds = torch.randn(1, tokens, unet.config.cross_attention_dim, generator=g)
     if unet.config.addition_embed_type != "text_time":
         return Conditioning(embeds)
@@ -69,10 +85,10 @@ def random_cond(unet, seed: int = 0, tokens: int = 8) -> Conditioning:
 
 
 def teacher_trajectory(teacher_dir, grid: SlotGrid, seed: int = 0) -> Example:
-    """Z with every fine position (K+1, C, H, W) from the shared DDIM sampler, guidance 1."""
+    """Z with every fine position (K+1, C, H, W) from the shared sampler on the teacher's ODE, guidance 1."""
     unet = load_unet(teacher_dir)
     cond = random_cond(unet, seed)
-    noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed + 100))
+    noise = torch.randn(latent_of(unet), generator=torch.Generator().manual_seed(seed + 100))
     positions = ode_sample(unet, scheduler_config(teacher_dir), noise, cond, grid.total_steps, return_positions=True)[0]
     return Example(positions=positions, cond=cond, index=seed)
 

@@ -27,6 +27,8 @@ from rapm_testing.tiny_teacher import TEXT_DIM, clip_text_config, char_tokenizer
 CLIP_PROJECTION = 16
 T5_DIM = 2 * TEXT_DIM + 16  # wider than both CLIPs side by side, so the pipeline's padding is exercised
 LATENT_CHANNELS = 16
+# The T5 tokens per prompt the tests' stores and pipeline calls use (zeros without T5): few, for speed.
+TEST_T5_TOKENS = 8
 
 
 def t5_char_tokenizer(max_length: int = 32) -> T5TokenizerFast:

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rapm_testing.helpers import EVAL_PROMPTS, TinyFeatures, method_config
+from rapm_testing.helpers import EVAL_PROMPTS, TinyFeatures, is_sd3_dir, method_config
+from rapm_testing.tiny_sd3 import TEST_T5_TOKENS, build_tiny_sd3
 from rapm_testing.tiny_teacher import build_tiny_sd15, build_tiny_sdxl, char_tokenizer
 
 # s3_bucket: a real S3 server in a subprocess; prefect_stack: the project's own local Prefect stack
@@ -43,6 +44,12 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny SD3-class teacher without T5 (``make_store`` keeps ``TEST_T5_TOKENS`` per prompt)."""
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3") / "teacher", with_t5=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_sd15_vpred_dir(tmp_path_factory):
     return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15-v"), prediction_type="v_prediction")
 
@@ -56,6 +63,8 @@ def _make_store(root: Path, teacher_dir: Path, num: int = 3, slots: int = 2, ste
     from rapm_core.trajectories.generate import generate_trajectories
     from storage.prompt_store import PromptRecord, prompt_id, write_prompt_store
 
+    if is_sd3_dir(teacher_dir):
+        options.setdefault("max_sequence_length", TEST_T5_TOKENS)
     texts = (prompts or STORE_PROMPTS)[:num]
     prompt_store = root / "prompts"
     write_prompt_store(prompt_store, [PromptRecord(prompt_id(t), t) for t in texts])

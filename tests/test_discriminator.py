@@ -3,7 +3,9 @@ import torch
 
 from rapm_core.distill.discriminator import FeatureTaps, HeadSet
 from rapm_core.distill.student import attach_lora, lora_config
-from rapm_testing.helpers import LATENT, grid_for, load_unet, make_distiller, random_cond, teacher_trajectory
+from rapm_core.denoiser import lora_targets
+from rapm_testing.helpers import (LATENT, grid_for, latent_of, load_unet, make_distiller, random_cond,
+                                  teacher_trajectory)
 
 
 def _reference_features(unet, x, t, cond):
@@ -48,12 +50,13 @@ def test_taps_read_the_bare_teacher_and_skip_the_up_path(fixture, request):
         assert not torch.allclose(out, reference(x, 321, **cond.unet_kwargs()).sample, atol=1e-3)
 
 
-def test_gradients_reach_the_input_through_the_frozen_backbone(tiny_sd15_dir):
-    unet = load_unet(tiny_sd15_dir)
-    attach_lora(unet, lora_config(1))
+@pytest.mark.parametrize("fixture", ["tiny_sd15_dir", "tiny_sd3_dir"])
+def test_gradients_reach_the_input_through_the_frozen_backbone(fixture, request):
+    unet = load_unet(request.getfixturevalue(fixture))
+    attach_lora(unet, lora_config(1, target_modules=lora_targets(unet)))
     unet.enable_gradient_checkpointing()
     cond = random_cond(unet)
-    x = torch.randn(LATENT, requires_grad=True)
+    x = torch.randn(latent_of(unet), requires_grad=True)
     heads = HeadSet(FeatureTaps(unet).channels, width=8)
     feats = FeatureTaps(unet)(x, 500, cond)
     logits = heads(feats)

@@ -24,6 +24,17 @@ def store(tmp_path_factory, tiny_sd15_dir, make_store):
     return make_store(tmp_path_factory.mktemp("distill-store"), tiny_sd15_dir)
 
 
+@pytest.fixture(scope="module")
+def sd3_store(tmp_path_factory, tiny_sd3_dir, make_store):
+    return make_store(tmp_path_factory.mktemp("sd3-store"), tiny_sd3_dir)
+
+
+@pytest.fixture(scope="module", params=["store", "sd3_store"], ids=["unet", "sd3"])
+def any_store(request):
+    """The UNet teacher's store, and an SD3-class transformer teacher's."""
+    return request.getfixturevalue(request.param)
+
+
 def _quiet(_msg: str) -> None:
     pass
 
@@ -90,7 +101,8 @@ def _nan_positions(store: Path, copy_to: Path, indices) -> Path:
     return copy_to
 
 
-def test_nonfinite_example_is_skipped_and_a_streak_fails_loudly(tmp_path, store):
+def test_nonfinite_example_is_skipped_and_a_streak_fails_loudly(tmp_path, any_store):
+    store = any_store
     one_bad = _nan_positions(store, tmp_path / "one-bad.zarr", [1])
     config = run_config(one_bad, tmp_path / "run-one", iterations=3, method={"max_consecutive_nonfinite": 2})
     logged = []

@@ -20,6 +20,15 @@ def setup(tiny_sd15_dir):
     return grid, teacher_trajectory(tiny_sd15_dir, grid)
 
 
+@pytest.fixture(scope="module", params=["tiny_sd15_dir", "tiny_sd3_dir"], ids=["unet", "sd3"])
+def teacher_setup(request):
+    """(teacher dir, grid, trajectory) of a UNet teacher and of an SD3-class transformer teacher,
+    for what must hold on both."""
+    teacher_dir = request.getfixturevalue(request.param)
+    grid = grid_for(teacher_dir, 2, 2)
+    return teacher_dir, grid, teacher_trajectory(teacher_dir, grid)
+
+
 @pytest.fixture(scope="module")
 def setup3(tiny_sd15_dir):
     """Three slots, for what needs a slot between the first and the last."""
@@ -129,11 +138,11 @@ def test_a_training_step_gives_finite_moved_parameters(fixture, request):
     assert set(metrics) == expected and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
 
 
-def test_nonfinite_loss_raises_and_leaves_everything_unchanged(tiny_sd15_dir, setup):
-    grid, example = setup
+def test_nonfinite_loss_raises_and_leaves_everything_unchanged(teacher_setup):
+    teacher_dir, grid, example = teacher_setup
     bad = example.positions.clone()
     bad[grid.absolute_index(0)] = float("nan")  # slot 1 is fine and back-propagates first
-    dist = make_distiller(tiny_sd15_dir, grid, loss_relative="adversarial", loss_absolute="pointwise")
+    dist = make_distiller(teacher_dir, grid, loss_relative="adversarial", loss_absolute="pointwise")
     before, opt_before = dist.trainable_state_dict(), dist.optimizer_state_dict()
 
     with pytest.raises(NonFiniteLossError) as info:
@@ -199,18 +208,23 @@ def test_heads_exist_only_for_adversarial_losses(tiny_sd15_dir, setup):
     assert {k.split(".")[0] for k in one.trainable_state_dict() if k.startswith("disc_")} == {"disc_abs"}
 
 
-def test_gradient_checkpointing_does_not_change_gradients(tiny_sd15_dir, setup):
-    grid, example = setup
-    grads = []
+def test_gradient_checkpointing_does_not_change_gradients(teacher_setup):
+    teacher_dir, grid, example = teacher_setup
+    grads, module_calls = [], []
     for checkpointing in (False, True):
-        dist = make_distiller(tiny_sd15_dir, grid, gradient_checkpointing=checkpointing)
+        dist = make_distiller(teacher_dir, grid, gradient_checkpointing=checkpointing)
         # a student away from the teacher, so a backbone recomputed as the student would show
         state = dist.trainable_state_dict()
         g = torch.Generator().manual_seed(0)
         dist.load_trainable_state_dict({k: 0.1 * torch.randn(v.shape, generator=g) if ".lora_B." in k else v
                                         for k, v in state.items()})
+        calls = []
+        for module in dist.unet.modules():
+            module.register_forward_hook(lambda *_: calls.append(1))
         dist.accumulate_gradients(example, torch.Generator().manual_seed(0))
         grads.append([p.grad for p in [*dist.lora_params, *dist.heads.parameters()]])
+        module_calls.append(len(calls))
+    assert module_calls[1] > module_calls[0]  # checkpointing is on: the backward pass ran blocks again
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 

@@ -27,16 +27,18 @@ from rapm_core.flow_grid import pre_shift_sigmas
 from rapm_core.sampler import ode_sample
 from rapm_core.teacher import encode_prompts, load_teacher, load_unet
 from rapm_testing.helpers import method_config, run_config
-from rapm_testing.tiny_sd3 import build_tiny_sd3, load_tiny_sd3
+from rapm_testing.tiny_sd3 import TEST_T5_TOKENS, load_tiny_sd3
 from test_exact_resume import _kill_when, _start
 
-T5_TOKENS = 8
+T5_TOKENS = TEST_T5_TOKENS
 POINTWISE = {"loss_relative": "pointwise", "loss_absolute": "pointwise"}
+# Adversarial and pointwise terms: the resume restores both head sets and their optimizer too.
+BOTH_LOSSES = {"loss_relative": "both", "loss_absolute": "both"}
 
 
 @pytest.fixture(scope="module")
-def sd3_teacher(tmp_path_factory):
-    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "teacher", with_t5=False)
+def sd3_teacher(tiny_sd3_dir):
+    return tiny_sd3_dir
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +58,13 @@ def _readme_pcm_command(store: Path, out: Path) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("method", [POINTWISE, {"method": "pcm"}], ids=["rapm", "pcm"])
+@pytest.mark.parametrize("method", [BOTH_LOSSES, {"method": "pcm"}], ids=["rapm", "pcm"])
 def test_distill_trains_the_transformer_lora_exports_and_resumes_after_sigkill(sd3_teacher, sd3_store, tmp_path,
                                                                                method):
     out = tmp_path / "cli-run"
     command = (_readme_pcm_command(sd3_store, out) if method.get("method") == "pcm" else
-               ["distill", "--trajectories", str(sd3_store), "--out", str(out), "--loss-relative", "pointwise",
-                "--loss-absolute", "pointwise"])
+               ["distill", "--trajectories", str(sd3_store), "--out", str(out), "--loss-relative", "both",
+                "--loss-absolute", "both", "--disc-channels", "8"])
     done = _rapm(*command, "--iterations", "2", "--checkpoint-every", "1", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     exported = load_file(out / "export" / "pytorch_lora_weights.safetensors")
@@ -82,6 +84,8 @@ def test_distill_trains_the_transformer_lora_exports_and_resumes_after_sigkill(s
     want, got = load_file(tmp_path / "reference" / "checkpoints" / last), load_file(ckpts / last)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k)  # training moved the adapter
+    if method is BOTH_LOSSES:  # the discriminator heads resumed exactly too
+        assert {k.split(".")[0] for k in got if k.startswith("disc_")} == {"disc_rel", "disc_abs"}
 
 
 @pytest.mark.parametrize("options,says", [

@@ -1,5 +1,6 @@
-"""``rapm distill --weights-dtype bf16``: the frozen teacher UNet held in bf16 (LoRA and heads fp32)
-trains on CPU without autocast, resumes exactly, and exports a LoRA stock diffusers loads."""
+"""``rapm distill --weights-dtype bf16``: the frozen teacher UNet or SD3-class transformer held in bf16
+(LoRA and heads fp32) trains on CPU without autocast, resumes exactly, and exports a LoRA stock
+diffusers loads."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 from peft.utils import get_peft_model_state_dict
 from pydantic import ValidationError
 from safetensors.torch import load_file
@@ -17,15 +18,22 @@ from safetensors.torch import load_file
 from flows.cli import main
 from rapm_core.distill.config import DistillRunConfig, MethodConfig
 from rapm_core.distill.run import build_trainer, run_distillation
-from rapm_testing.helpers import run_config
+from rapm_testing.helpers import is_sd3_dir, run_config
+from rapm_testing.tiny_sd3 import TEST_T5_TOKENS, load_tiny_sd3
 from storage.trajectory_store import TrajectoryStore
 
 BF16 = {"weights_dtype": "bf16"}
 
 
+@pytest.fixture(scope="module", params=["tiny_sd15_dir", "tiny_sd3_dir"], ids=["unet", "sd3"])
+def teacher(request) -> Path:
+    """A UNet teacher and an SD3-class transformer teacher."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_sd15_dir, make_store):
-    return make_store(tmp_path_factory.mktemp("bf16-store"), tiny_sd15_dir, num=2)
+def store(tmp_path_factory, teacher, make_store):
+    return make_store(tmp_path_factory.mktemp("bf16-store"), teacher, num=2)
 
 
 def _quiet(_msg: str) -> None:
@@ -44,7 +52,21 @@ def test_the_teacher_is_held_in_bf16_and_the_trainables_in_fp32(store, tmp_path)
     assert {p.dtype for p in trainer.heads.parameters()} == {torch.float32}
 
 
-def test_bf16_weights_train_resume_exactly_and_export(store, tmp_path, tiny_sd15_dir):
+def _stock_pipeline(teacher: Path, export: Path):
+    """The teacher's stock diffusers pipeline (fp32 weights, as one would deploy it) with the
+    export's LoRA and scheduler, and the LoRA's denoiser."""
+    if is_sd3_dir(teacher):
+        pipe = load_tiny_sd3(teacher)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(export, subfolder="scheduler")
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)
+        pipe.scheduler = DDIMScheduler.from_pretrained(export, subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(export)
+    return pipe, pipe.transformer if is_sd3_dir(teacher) else pipe.unet
+
+
+def test_bf16_weights_train_resume_exactly_and_export(store, tmp_path, teacher):
     # Adversarial and pointwise terms both (run_config's default): bf16 features reach fp32 heads.
     straight = run_config(store, tmp_path / "straight", iterations=4, checkpoint_every=2, method=BF16)
     done = run_distillation(straight, log=_quiet)
@@ -64,15 +86,13 @@ def test_bf16_weights_train_resume_exactly_and_export(store, tmp_path, tiny_sd15
     assert again.keys() == lora.keys() and all(torch.equal(again[k], lora[k]) for k in lora)
 
     # A stock pipeline loads the export (here on fp32 weights, as one would deploy it).
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(done.export_dir)
-    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_active_adapters()[0])
-    trained = {k.removeprefix("unet."): v for k, v in lora.items()}
+    pipe, denoiser = _stock_pipeline(teacher, Path(done.export_dir))
+    loaded = get_peft_model_state_dict(denoiser, adapter_name=pipe.get_active_adapters()[0])
+    trained = {k.split(".", 1)[1]: v for k, v in lora.items()}  # without the "unet."/"transformer." prefix
     assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
-    pipe.scheduler = DDIMScheduler.from_pretrained(done.export_dir, subfolder="scheduler")
+    extra = {"max_sequence_length": TEST_T5_TOKENS} if is_sd3_dir(teacher) else {}
     image = pipe("a red circle", num_inference_steps=2, guidance_scale=1.0, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images[0]
+                 generator=torch.Generator().manual_seed(0), **extra).images[0]
     assert image.shape[-1] == 3 and bool(torch.isfinite(torch.from_numpy(image)).all())
 
 
