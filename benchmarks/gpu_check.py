@@ -75,7 +75,8 @@ COST_S = {"distill": {"sd15": 20, "sdxl": 45, "sd3-medium": 40, "sd35-medium": 4
           "calls": {"sd15": 15, "sdxl": 30, "sd3-medium": 30, "sd35-medium": 30},
           "stage_a": {"sd15": 20, "sdxl": 45, "sd3-medium": 60, "sd35-medium": 60}, "store": 40, "tests": 120}
 # The architectures of each run (the smoke run's stand in for them at a CPU's size), and the
-# SD3-class ones, which train RAPM's pointwise losses only (adversarial is refused there).
+# SD3-class ones, whose rows here train RAPM's pointwise losses (the adversarial ones are planned
+# and checked against CPU runs: benchmarks/RESULTS.md, "### SD3-class teachers").
 KINDS = {False: ["sd15", "sdxl", "sd3-medium", "sd35-medium"], True: ["smoke", "smoke-sd3"]}
 SD3_KINDS = ("sd3-medium", "sd35-medium", "smoke-sd3")
 

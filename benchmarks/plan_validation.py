@@ -127,12 +127,15 @@ def preset_rows() -> list[str]:
 
 
 def sd3_rows() -> list[str]:
-    """SD3 class: the mid-size layout against real CPU runs, then the presets' peaks at 1024²
-    (RAPM pointwise: adversarial losses and the peers are refused on SD3-class teachers)."""
+    """SD3 class: the mid-size layout against real CPU runs (RAPM pointwise and adversarial, PCM
+    with and without its discriminator), then the presets' peaks at 1024² (RAPM pointwise)."""
     mid = mid_size_sd3()
     rows = ["| transformer | stage | precision | method " + HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
     for stage, precision, method in (("distill", "fp32", {}), ("distill", "fp32", {"gradient_checkpointing": True}),
                                      ("distill", "bf16", {}), ("distill", "bf16", {"slots_per_iteration": "random"}),
+                                     ("distill", "fp32", {"loss_relative": "both"}),
+                                     ("distill", "fp32", {"method": "pcm"}),
+                                     ("distill", "fp32", {"method": "pcm", "pcm_adversarial": True}),
                                      ("trajectories", "fp32", {}), ("trajectories", "bf16", {})):
         config = PlanConfig(preset="sd35-medium", resolution=256, slots=2, steps_per_slot=2, batch_size=2,
                             precision=precision, max_sequence_length=mid.max_sequence_length,

@@ -26,7 +26,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from rapm_core.conditioning import Conditioning
 from rapm_core.errors import ConfigError
 from planner.architecture import Architecture
-from planner.config import FIGURE_ROWS, PlanConfig, is_adversarial
+from planner.config import FIGURE_ROWS, PlanConfig
 from planner.engine import (
     Example, GuidedTeacher, Trainer, decode_in_batches, lora_targets, teacher_trajectories,
 )
@@ -216,13 +216,6 @@ def refuse_on_transformer(arch: Architecture, method) -> None:
     """What ``rapm distill`` refuses on an SD3-class teacher (``check_method_fits``), in its words."""
     if not arch.is_transformer:
         return
-    if is_adversarial(method):
-        # Distillation runs them (the discriminator reads the joint blocks); the planner's meta
-        # step does not model those taps yet.
-        instead = ("without --pcm-adversarial" if method.method == "pcm"
-                   else "--loss-relative pointwise --loss-absolute pointwise")
-        raise ConfigError(f"rapm plan does not plan adversarial losses on an SD3-class teacher yet: plan the "
-                          f"pointwise losses ({instead})")
     if method.method == "lcm":
         raise ConfigError("--method lcm on an SD3-class (rectified-flow) teacher is not implemented yet; "
                           "use --method rapm or pcm")

@@ -1,6 +1,6 @@
 """``rapm plan`` on SD3-class teachers: the published SD3 / SD3.5 presets, what fits 24 GB at 1024²,
-teacher directories with and without T5, what distillation refuses there, and the planner against
-a real CPU run of a mid-size SD3.5 layout."""
+teacher directories with and without T5, adversarial losses, what distillation refuses there, and the
+planner against a real CPU run of a mid-size SD3.5 layout."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from rapm_core.teacher import encode_prompts, encode_uncond, load_teacher
 from rapm_testing.tiny_sd3 import build_tiny_sd3
 
 SD35_COMMAND = "rapm plan --preset sd35-medium --precision bf16 --gpu-memory 24"
+ADVERSARIAL_SD35_COMMAND = f"{SD35_COMMAND} --loss-relative both"
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -143,10 +144,44 @@ def test_pcm_is_planned_on_sd3_class_teachers(sd3_teachers, source, capsys):
     assert code == 0 and json.loads(rapm)["stages"]["distill"]["peak_bytes"] != distill["peak_bytes"]
 
 
+@pytest.mark.parametrize("adversarial, pointwise", [
+    (["--loss-relative", "both"], []),
+    (["--method", "pcm", "--pcm-adversarial"], ["--method", "pcm"]),
+])
+def test_adversarial_losses_are_planned_on_sd3_class_teachers(adversarial, pointwise, capsys):
+    """RAPM's and PCM's discriminators read every joint block's image stream: the heads, their
+    AdamW states and the taps' graph make the step larger than the pointwise one."""
+    import json
+
+    def planned(options):
+        code, out, err = run_cli(["plan", "--preset", "sd35-medium", "--precision", "bf16", "--gpu-memory", "24",
+                                  "--json", *options], capsys)
+        assert code == 0, err
+        return json.loads(out)["stages"]["distill"]
+
+    with_heads, without = planned(adversarial), planned(pointwise)
+    assert with_heads["resident"]["heads"] > 0 and "heads" not in without["resident"]
+    assert with_heads["trainable_parameters"] > without["trainable_parameters"]
+    assert with_heads["peak_bytes"] > without["peak_bytes"]
+
+
+def test_readmes_adversarial_sd35_command_advises_checkpointing(capsys):
+    """The README's adversarial SD3.5 Medium command, as typed: distillation past 24 GB, and
+    --gradient-checkpointing (planned again) the advice, at the sizes the README gives."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    command = ADVERSARIAL_SD35_COMMAND
+    assert f"`{command}` plans" in readme.replace("\n", " ")
+    code, out, err = run_cli(command.split()[1:], capsys)
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("distill"))
+    assert re.search(r"^distill\s+24\.9\d\s.*\sno\s+--gradient-checkpointing \(16\.5\d GiB\)$", row), row
+    assert "distillation at 25.0 GiB and advises `--gradient-checkpointing` (16.6 GiB)" in readme.replace("\n", " ")
+
+
 @pytest.mark.parametrize("options, message", [
-    (["--loss-relative", "adversarial"], "rapm plan does not plan adversarial losses on an SD3-class"),
     (["--method", "lcm"], "--method lcm on an SD3-class"),
-    (["--method", "pcm", "--pcm-adversarial"], "pointwise losses (without --pcm-adversarial)"),
     (["--preset", "sd3-medium", "--resolution", "1000"], "not a multiple of 16"),
     (["--preset", "sd3-medium", "--resolution", "4096"], "position embedding (at most 3072 px)"),
 ])
@@ -162,6 +197,8 @@ def test_what_distillation_refuses_on_sd3_is_one_line(sd3_teachers, options, mes
     ("distill", {"gradient_checkpointing": True}),
     ("distill", {"weights_dtype": "bf16", "slots_per_iteration": "random"}),
     ("distill", {"method": "pcm"}),
+    ("distill", {"loss_relative": "both"}),
+    ("distill", {"method": "pcm", "pcm_adversarial": True}),
     ("trajectories", {}),
 ])
 def test_planner_is_within_15_percent_of_a_real_cpu_run_of_a_mid_size_sd3(stage, method):
