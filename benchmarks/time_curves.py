@@ -15,7 +15,8 @@ its exported student is loaded the stock way and measured on the held-out prompt
 eval noise: FID to the teacher (evaluator features vs the reference samples), domain FID to real
 renders, and latent MSE / image PSNR to the reference from the same noise. Total seconds = Stage A
 + the run's summed iteration seconds (``metrics.jsonl``; checkpoint writes and evaluation are
-not counted). The teacher's own N-step samplers are measured the same way, for scale.
+not counted). The teacher's own N-step samplers are measured the same way, for scale. ``--ranks``
+gives RAPM one curve per LoRA rank (``rapm-r4``, …; the default rank keeps the plain name).
 
 Writes ``WORK/time_curves.json`` (every point, the command, the machine) and
 ``benchmarks/time_curves_total_seconds.png``, ``benchmarks/time_curves_passes.png``; with ``--write``,
