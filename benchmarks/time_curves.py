@@ -15,7 +15,8 @@ its exported student is loaded the stock way and measured on the held-out prompt
 eval noise: FID to the teacher (evaluator features vs the reference samples), domain FID to real
 renders, and latent MSE / image PSNR to the reference from the same noise. Total seconds = Stage A
 + the run's summed iteration seconds (``metrics.jsonl``; checkpoint writes and evaluation are
-not counted). The teacher's own N-step samplers are measured the same way, for scale.
+not counted). The teacher's own N-step samplers are measured the same way, for scale. ``--ranks``
+gives RAPM one curve per LoRA rank (``rapm-r4``, …; the default rank keeps the plain name).
 
 Writes ``WORK/time_curves.json`` (every point, the command, the machine) and
 ``benchmarks/time_curves_total_seconds.png``, ``benchmarks/time_curves_passes.png``; with ``--write``,
@@ -44,7 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from rapm_core.distill.config import MethodConfig  # noqa: E402
+from rapm_core.distill.config import MethodConfig, TrainingConfig  # noqa: E402
 from rapm_core.distill.run import run_distillation  # noqa: E402
 from rapm_core.evaluate.samplers import SamplerSamples  # noqa: E402
 from rapm_core.pipeline import PipelineConfig  # noqa: E402
@@ -57,9 +58,21 @@ PNG = {"total_s": "time_curves_total_seconds.png", "passes": "time_curves_passes
 METHODS: dict[str, dict[str, Any]] = {"rapm": {}, "pcm": {"method": "pcm"}, "lcm": {"method": "lcm"},
                                        "pcm-published": VARIANTS["pcm-published"][2]}
 DEFAULT_METHODS = ("rapm", "pcm", "lcm")
+DEFAULT_RANK = TrainingConfig.model_fields["rank"].default
 # (key, title, format): what each point is measured by
 MEASURES = (("domain_fid_to_teacher", "FID to teacher ↓", "{:.2f}"), ("domain_fid", "domain FID ↓", "{:.2f}"),
             ("psnr", "PSNR to ref (dB) ↑", "{:.2f}"), ("latent_mse", "latent MSE to ref ↓", "{:.4f}"))
+
+
+def series(method: str, rank: int = DEFAULT_RANK) -> str:
+    """A curve's name: the method, with its LoRA rank where that is not the default (so the default's
+    run dirs and points stay those of runs made before ranks could be set)."""
+    return method if rank == DEFAULT_RANK else f"{method}-r{rank}"
+
+
+def series_label(name: str) -> str:
+    method, _, rank = name.partition("-r")
+    return method.upper() + (f" rank {rank}" if rank else "")
 
 
 @dataclass
@@ -72,6 +85,11 @@ class CurveJob:
     points: int
     num_images: int
     reference: SamplerSamples  # the teacher's 32-step samples of this seed's eval noise
+    rank: int = DEFAULT_RANK  # the student's LoRA rank (TrainingConfig.rank)
+
+    @property
+    def series(self) -> str:
+        return series(self.method, self.rank)
 
 
 def stage_a(work: Path, ns: list[int], args: argparse.Namespace) -> tuple[dict[int, PipelineConfig], dict[int, float]]:
@@ -95,10 +113,10 @@ def run_curve(job: CurveJob) -> list[dict[str, Any]]:
     quiet()
     config = PipelineConfig.model_validate_json(job.config_json)
     options = METHODS[job.method]
-    method = MethodConfig.from_options(**options, init_seed=job.seed)
+    method = MethodConfig.from_options(**options, init_seed=job.seed, rank=job.rank)
     per_iteration = passes_per_iteration(options, job.n)
     total = max(1, job.passes // per_iteration)
-    run_dir = Path(config.work) / "runs" / f"{job.method}-curve-s{job.seed}"
+    run_dir = Path(config.work) / "runs" / f"{job.series}-curve-s{job.seed}"
     measured_file = run_dir.parent / f"{run_dir.name}-points-{job.num_images}.json"  # a re-run measures nothing twice
     rows = json.loads(measured_file.read_text()) if measured_file.is_file() else []
     for iterations in sorted({max(1, round(total * k / job.points)) for k in range(1, job.points + 1)}):
@@ -110,7 +128,7 @@ def run_curve(job: CurveJob) -> list[dict[str, Any]]:
         run_distillation(distill, log=lambda m: None)
         train_s = sum(json.loads(line).get("seconds", 0.0) for line in (run_dir / "metrics.jsonl").open())
         measured = measure_student(config, run_dir, 1000 + job.seed, job.num_images, job.reference)
-        rows.append({"method": job.method, "n": job.n, "seed": job.seed, "iterations": iterations,
+        rows.append({"method": job.series, "rank": job.rank, "n": job.n, "seed": job.seed, "iterations": iterations,
                      "passes": iterations * per_iteration, "train_s": train_s,
                      **{k: measured[k] for k, _, _ in MEASURES}, "domain_recall": measured["domain_recall"]})
         measured_file.write_text(json.dumps(rows))
@@ -137,16 +155,18 @@ def plot(points: list[dict], x: str, xlabel: str, out: Path, teachers: dict[int,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"rapm": "tab:blue", "pcm": "tab:orange", "lcm": "tab:green", "pcm-published": "tab:red"}
+    colours = {"rapm": "tab:blue", "pcm": "tab:orange", "lcm": "tab:green", "pcm-published": "tab:red",
+               "rapm-r4": "tab:purple", "rapm-r16": "tab:brown"}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, (key, title, _) in zip(axes, MEASURES[:3]):
         for (method, n), (xs, values) in curves(points, x).items():
             means = [statistics.fmean(v) for v in values[key]]
             stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values[key]]
-            ax.plot(xs, means, marker="o", color=colours[method], linestyle="-" if n == 4 else "--",
-                    label=f"{method.upper()} N = {n}")
+            colour = colours.get(method, "tab:gray")
+            ax.plot(xs, means, marker="o", color=colour, linestyle="-" if n == 4 else "--",
+                    label=f"{series_label(method)} N = {n}")
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                            color=colours[method], alpha=0.15)
+                            color=colour, alpha=0.15)
         for n, per_seed in (teachers or {}).items():
             ddim = [t["teacher_ddim"][key] for t in per_seed if t["teacher_ddim"].get(key) is not None]
             if ddim:
@@ -161,6 +181,13 @@ def plot(points: list[dict], x: str, xlabel: str, out: Path, teachers: dict[int,
     plt.close(fig)
 
 
+def names(points: list[dict]) -> list[str]:
+    """The curves present, in METHODS' order, each method's ranks ascending after it."""
+    present = {(p["method"], p.get("rank", DEFAULT_RANK)) for p in points}
+    order = list(METHODS)
+    return [name for name, _ in sorted(present, key=lambda nr: (order.index(nr[0].partition("-r")[0]), nr[1]))]
+
+
 def final_table(points: list[dict], stage_s: dict[int, float], teachers: dict[int, list[dict]]) -> str:
     head = ("| N | method | passes | Stage A s | training s | total s | "
             + " | ".join(t for _, t, _ in MEASURES) + " |")
@@ -170,14 +197,14 @@ def final_table(points: list[dict], stage_s: dict[int, float], teachers: dict[in
             lines.append(f"| {n} | {spec['label']} | – | – | – | – | "
                          + " | ".join("–" if spec.get(k) is None else cell([t[m][k] for t in teachers[n]], f)
                                       for k, _, f in MEASURES) + " |")
-        for method in METHODS:
+        for method in names(points):
             mine = [p for p in points if p["method"] == method and p["n"] == n]
             if not mine:
                 continue
             last = max(p["iterations"] for p in mine)
             ps = [p for p in mine if p["iterations"] == last]
             train = statistics.fmean(p["train_s"] for p in ps)
-            lines.append(f"| {n} | {method.upper()} | {ps[0]['passes']} | {stage_s[n]:.0f} | {train:.0f} | "
+            lines.append(f"| {n} | {series_label(method)} | {ps[0]['passes']} | {stage_s[n]:.0f} | {train:.0f} | "
                          f"{stage_s[n] + train:.0f} | " + " | ".join(cell([p[k] for p in ps], f) for k, _, f in MEASURES)
                          + " |")
     return "\n".join(lines)
@@ -191,16 +218,16 @@ def equal_time(points: list[dict]) -> str:
         mine = {method: curve for (method, m), curve in curves(points, "total_s").items() if m == n}
         budget = min(xs[-1] for xs, _ in mine.values())
         cells = []
-        for method in (m for m in METHODS if m in mine):
+        for method in (m for m in names(points) if m in mine):
             xs, values = mine[method]
             within = [i for i, x in enumerate(xs) if x <= budget * 1.001]
             if not within:
-                cells.append(f"{method.upper()} no checkpoint yet")
+                cells.append(f"{series_label(method)} no checkpoint yet")
                 continue
             i = within[-1]
             iterations = sorted({p["iterations"] for p in points if (p["method"], p["n"]) == (method, n)})[i]
             passes = next(p["passes"] for p in points if (p["method"], p["n"], p["iterations"]) == (method, n, iterations))
-            cells.append(f"{method.upper()} {cell(values['domain_fid_to_teacher'][i])} FID to teacher, "
+            cells.append(f"{series_label(method)} {cell(values['domain_fid_to_teacher'][i])} FID to teacher, "
                          f"{cell(values['psnr'][i])} dB ({passes} passes, {xs[i]:.0f} s)")
         lines.append(f"- N = {n}, within {budget:.0f} s total: " + "; ".join(cells))
     return "\n".join(lines)
@@ -212,7 +239,9 @@ def report(result: dict) -> str:
             f"({result['seconds']:.0f} s in all).\n\n"
             f"**Setup.** Teacher `assets/shapes-teacher`, built-in shapes captions ({args['eval_fraction']:.0%} held "
             f"out), N·M = {STEPS} teacher steps at guidance {args['guidance']:g}; seeds {args['seeds']}; "
-            f"{args['passes']} student passes per run, measured at {args['points']} checkpoints; {args['num_images']} "
+            f"{args['passes']} student passes per run, measured at {args['points']} checkpoints; "
+            f"RAPM's LoRA rank {', '.join(map(str, args.get('ranks') or [DEFAULT_RANK]))} (the rest rank "
+            f"{DEFAULT_RANK}); {args['num_images']} "
             f"eval images per seed against the teacher's {STEPS}-step samples of the same noise. Cells: mean ± std "
             f"over seeds [± half-width of the 95 % t-interval] (one value without intervals for one seed). "
             f"Curves: `benchmarks/{PNG['total_s']}`, `benchmarks/{PNG['passes']}`.\n\n"
@@ -227,8 +256,10 @@ def measure(args: argparse.Namespace) -> dict:
     configs, stage_s = stage_a(work, sorted(args.ns), args)
     # The 32-step reference is one chain for every N (same teacher, same noise): sampled once per seed.
     references = {s: teacher_reference(configs[max(configs)], 1000 + s, args.num_images) for s in args.seeds}
-    jobs = [CurveJob(m, n, s, configs[n].model_dump_json(), args.passes, args.points, args.num_images, references[s])
-            for n in sorted(args.ns, reverse=True) for m in args.methods for s in args.seeds]
+    # Seed by seed: a run stopped early has the first seeds of every curve, not all seeds of a few.
+    jobs = [CurveJob(m, n, s, configs[n].model_dump_json(), args.passes, args.points, args.num_images, references[s], r)
+            for s in args.seeds for n in sorted(args.ns, reverse=True) for m in args.methods
+            for r in (args.ranks if m == "rapm" and args.ranks else [DEFAULT_RANK])]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         teacher_futures = {n: [pool.submit(measure_teachers, configs[n].model_dump_json(), 1000 + s, args.num_images,
                                            ("teacher_ddim", "dpm_solver"), references[s]) for s in args.seeds]
@@ -257,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS),
                         help="pcm-published: the quality benchmark's PCM as published (adversarial)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--ranks", nargs="+", type=int, default=None,
+                        help=f"RAPM's LoRA ranks, one curve each (default: the distill config's {DEFAULT_RANK}; "
+                             "the peers keep it)")
     parser.add_argument("--passes", type=int, default=1200, help="student forward+backward passes per run")
     parser.add_argument("--points", type=int, default=4, help="checkpoints measured along each run")
     parser.add_argument("--num-images", type=int, default=128, help="eval images per seed")

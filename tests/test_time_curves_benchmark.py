@@ -59,3 +59,33 @@ def test_the_report_is_rebuilt_from_the_saved_result(curves, tmp_path):
     text = curves.report(result)
     assert text.startswith(curves.SECTION) and "| 2 | RAPM | 200 | 100 | 50 | 150 | 12.00 |" in text
     assert "N = 2, within 150 s total: RAPM 12.00" in text
+
+
+def test_ranks_are_curves_of_their_own_and_the_default_rank_keeps_its_runs(curves, tmp_path):
+    import json
+
+    from rapm_core.distill.config import TrainingConfig
+
+    # the default rank is the distill config's, and its series keeps the name runs had before --ranks
+    assert curves.DEFAULT_RANK == TrainingConfig().rank
+    assert curves.series("rapm") == curves.series("rapm", curves.DEFAULT_RANK) == "rapm"
+    assert curves.series("rapm", 16) == "rapm-r16" and curves.series_label("rapm-r16") == "RAPM rank 16"
+    points = [point("rapm", 4, 100, 400, 200, 10.0), {**point("rapm-r16", 4, 100, 400, 210, 7.0), "rank": 16},
+              {**point("rapm-r4", 4, 100, 400, 205, 8.0), "rank": 4}, point("pcm", 4, 100, 100, 180, 14.0)]
+    assert curves.names(points) == ["rapm", "rapm-r4", "rapm-r16", "pcm"]
+    table = curves.final_table(points, {4: 100.0}, {4: [{}]})
+    assert "| 4 | RAPM rank 4 | 400 | 100 | 105 | 205 | 8.00 |" in table
+    assert table.index("RAPM rank 4") < table.index("RAPM rank 16") < table.index("| PCM |")
+    line = curves.equal_time(points)
+    assert "within 180 s total" in line and "RAPM rank 16 no checkpoint yet" in line
+    # the ranks are recorded with the run and reported from the saved result
+    args = {"eval_fraction": 0.2, "guidance": 4.0, "seeds": [0], "passes": 400, "points": 1, "num_images": 16,
+            "ranks": [1, 4, 16]}
+    (tmp_path / "time_curves.json").write_text(json.dumps({
+        "stage_a_s": {4: 100.0}, "points": points, "args": args, "machine": "m", "command": "c", "seconds": 5.0,
+        "teachers": {4: [{"teacher_ddim": {"label": "teacher DDIM 4 steps", "domain_fid_to_teacher": 16.0,
+                                           "domain_fid": 17.0, "psnr": 28.0, "latent_mse": 0.05}}]}}))
+    assert curves.main(["--work", str(tmp_path), "--report-only", "--plots", str(tmp_path)]) == 0
+    text = curves.report(curves.load_result(tmp_path / "time_curves.json"))
+    assert "RAPM's LoRA rank 1, 4, 16 (the rest rank 1)" in text and "| 4 | RAPM rank 16 | 400 |" in text
+    assert (tmp_path / curves.PNG["passes"]).stat().st_size > 0
