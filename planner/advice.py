@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 from planner.architecture import Architecture
-from planner.config import PlanConfig, is_adversarial, pointwise_instead, with_options
+from planner.config import PlanConfig, pointwise_instead, with_options
 from planner.stages import STAGES, StageEstimate
 
 GiB = 2 ** 30
@@ -43,7 +43,7 @@ def _candidates(stage: str, config: PlanConfig) -> Iterator[dict[str, Any]]:
         method = config.distill_method()
         low = [{}] if method.training.weights_dtype != "fp32" else [{}, {"weights_dtype": "bf16"}]
         ckpt = [{}] if method.training.gradient_checkpointing else [{}, {"gradient_checkpointing": True}]
-        losses = [{}, pointwise_instead(method)] if is_adversarial(method) else [{}]
+        losses = [{}, pointwise_instead(method)] if method.trains_discriminators else [{}]
         for loss in losses:
             for precision in low:
                 for checkpointing in ckpt:

@@ -49,13 +49,6 @@ def with_options(method: MethodConfig, **changes: Any) -> MethodConfig:
     return MethodConfig.from_options(**{**given_options(method), **changes})
 
 
-def is_adversarial(method: MethodConfig) -> bool:
-    """Whether the method trains discriminator heads."""
-    if method.method == "rapm":
-        return method.rapm.adversarial("rel") or method.rapm.adversarial("abs")
-    return method.method == "pcm" and method.pcm.pcm_adversarial
-
-
 def pointwise_instead(method: MethodConfig) -> dict[str, Any]:
     """The options that turn ``method``'s adversarial terms into pointwise ones (empty if none)."""
     if method.method == "pcm":

@@ -8,6 +8,7 @@ models (their defaults). When these names move, only the imports below change.
 
 from rapm_core.denoiser import lora_targets
 from rapm_core.distill.config import MethodConfig
+from rapm_core.distill.lcm import LCM_ON_FLOW
 from rapm_core.distill.method import Example, GuidedTeacher
 from rapm_core.distill.run import build_trainer
 from rapm_core.distill.trainer import Trainer
@@ -17,7 +18,7 @@ from rapm_core.trajectories.chain import teacher_trajectories
 from rapm_core.trajectories.config import SlotOptions, TrajectoriesOptions
 
 __all__ = [
-    "EvaluateOptions", "Example", "GuidedTeacher", "MethodConfig",
+    "EvaluateOptions", "Example", "GuidedTeacher", "LCM_ON_FLOW", "MethodConfig",
     "SlotOptions", "TrajectoriesOptions", "Trainer", "build_trainer", "decode_in_batches", "lora_targets",
     "teacher_trajectories",
 ]

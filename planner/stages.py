@@ -28,7 +28,7 @@ from rapm_core.errors import ConfigError
 from planner.architecture import Architecture
 from planner.config import FIGURE_ROWS, PlanConfig
 from planner.engine import (
-    Example, GuidedTeacher, Trainer, decode_in_batches, lora_targets, teacher_trajectories,
+    LCM_ON_FLOW, Example, GuidedTeacher, Trainer, decode_in_batches, lora_targets, teacher_trajectories,
 )
 from planner.meta_memory import MemoryCounter, efficient_attention, module_tensors, optimizer_tensors
 from rapm_core.sampler import ode_sample
@@ -217,8 +217,7 @@ def refuse_on_transformer(arch: Architecture, method) -> None:
     if not arch.is_transformer:
         return
     if method.method == "lcm":
-        raise ConfigError("--method lcm on an SD3-class (rectified-flow) teacher is not implemented yet; "
-                          "use --method rapm or pcm")
+        raise ConfigError(LCM_ON_FLOW)
 
 
 def _prime_optimizers(*optimizers: torch.optim.Optimizer | None) -> None:

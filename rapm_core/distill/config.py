@@ -212,6 +212,13 @@ class MethodConfig(FrozenModel):
                 data.setdefault(section, {})[key] = value
         return cls.model_validate(data)
 
+    @property
+    def trains_discriminators(self) -> bool:
+        """Whether the method trains discriminator heads (RAPM's adversarial targets, PCM's adversarial term)."""
+        if self.method == "rapm":
+            return self.rapm.adversarial("rel") or self.rapm.adversarial("abs")
+        return self.method == "pcm" and self.pcm.pcm_adversarial
+
     def hashed(self) -> dict:
         """The method's dump without the sections it does not read, which cannot change what it computes."""
         dump = self.model_dump(mode="json", include={"method", "training", *METHOD_SECTIONS[self.method]})

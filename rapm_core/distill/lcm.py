@@ -23,6 +23,9 @@ from rapm_core.errors import ConfigError
 from rapm_core.ode import StockSampler
 
 SIGMA_DATA = 0.5  # diffusers' LCMScheduler fixes it
+# Its boundary scalings c_skip/c_out and LCMScheduler are VP-DDIM's: refused on a flow teacher
+# before a run starts (rapm distill, rapm plan) and by the method itself.
+LCM_ON_FLOW = "--method lcm on an SD3-class (rectified-flow) teacher is not implemented yet; use --method rapm or pcm"
 
 
 def lcm_scheduler(scheduler_config, solver_steps: int, timestep_scaling: float) -> LCMScheduler:
@@ -39,8 +42,8 @@ class Lcm(ConsistencyMethod):
     title = "Latent Consistency Models (Luo et al., arXiv 2311.05556), LoRA"
 
     def __init__(self, student, grid, config, teacher=None):
-        if student.ode.family != "vp":  # its boundary scalings and LCMScheduler are VP-DDIM's
-            raise ConfigError("LCM-LoRA on a rectified-flow teacher is not implemented yet; use --method rapm or pcm")
+        if student.ode.family != "vp":
+            raise ConfigError(LCM_ON_FLOW)
         super().__init__(student, grid, config, teacher)
 
     def boundary(self, t: int) -> tuple[float, float]:

@@ -25,6 +25,7 @@ import torch
 from rapm_core.conditioning import Conditioning
 from rapm_core.distill.config import DistillRunConfig
 from rapm_core.distill.data import DataOrder, prefetched
+from rapm_core.distill.lcm import LCM_ON_FLOW
 from rapm_core.distill.plots import plot_loss_curves
 from rapm_core.distill.previews import open_previews
 from rapm_core.distill.renders import render_latents
@@ -103,14 +104,11 @@ def already_done(config: DistillRunConfig) -> dict | None:
 def check_method_fits(config: DistillRunConfig, store: TrajectoryStore) -> None:
     """Refuse a method the store cannot train (e.g. a relative offset d ≥ M) before the run dir is claimed."""
     schema = store.schema
-    adversarial = ((config.method == "rapm" and (config.rapm.adversarial("rel") or config.rapm.adversarial("abs")))
-                   or (config.method == "pcm" and config.pcm.pcm_adversarial))
-    if schema.kind == "sd3" and adversarial and config.adversarial.disc_layout == "pcm":
+    if schema.kind == "sd3" and config.trains_discriminators and config.adversarial.disc_layout == "pcm":
         raise ConfigError("--disc-layout pcm reads a UNet's up blocks; an SD3-class teacher has none: "
                           "use --disc-layout down-mid")
-    if schema.kind == "sd3" and config.method == "lcm":  # its boundary scalings c_skip/c_out are VP's
-        raise ConfigError("--method lcm on an SD3-class (rectified-flow) teacher is not implemented yet; "
-                          "use --method rapm or pcm")
+    if schema.kind == "sd3" and config.method == "lcm":
+        raise ConfigError(LCM_ON_FLOW)
     if config.method == "rapm" and not 0 <= config.rapm.relative_offset < schema.steps_per_slot:
         raise ConfigError(f"--relative-offset {config.rapm.relative_offset} must be below the store's "
                           f"{schema.steps_per_slot} teacher steps per slot (M)")
