@@ -68,7 +68,10 @@ GiB = 2 ** 30
 TRAJECTORY_BATCH = 4
 LOSSES = {"pointwise": dict(loss_relative="pointwise", loss_absolute="pointwise"),
           "adversarial": dict(loss_relative="adversarial", loss_absolute="adversarial"),
-          "pcm adversarial": dict(method="pcm", pcm_adversarial=True)}
+          "pcm adversarial": dict(method="pcm", pcm_adversarial=True),
+          "pcm": dict(method="pcm"), "lcm": dict(method="lcm")}
+# Gradient checkpointing is measured for RAPM's losses; the peers run without it.
+CHECKPOINTED = ("pointwise", "adversarial")
 # Rough seconds per item on an A100/H100-class GPU (GPU work only; the planner's predictions
 # run beforehand in parallel), used only to skip what the budget cannot hold.
 COST_S = {"distill": {"sd15": 20, "sdxl": 45, "sd3-medium": 40, "sd35-medium": 45}, "relative_targets": {"sd15": 40},
@@ -130,6 +133,12 @@ def _cond(arch: Architecture, batch: int, dtype: torch.dtype, device: torch.devi
     return Conditioning(rows(one.prompt_embeds), rows(one.pooled_prompt_embeds), rows(one.time_ids))
 
 
+def _footprint(box: dict) -> dict:
+    """What the allocator reserved and what the device had in use (CUDA context included) at the
+    block's end: what ``rapm plan --reserve`` has to cover beyond the tensors."""
+    return {k: v for k, v in box.items() if k != "peak_bytes"}
+
+
 def _resolution(arch: Architecture, smoke: bool) -> int:
     return 128 if smoke else arch.native_resolution
 
@@ -160,9 +169,11 @@ def distill_item(machine: Machine, arch: Architecture, config: PlanConfig, steps
             trainer.train_step(example, gen, 1 + 2 * i)  # odd: LoRA steps under either schedule
         machine.sync()
         seconds = (time.perf_counter() - t0) / steps
+    passes = trainer.method.student_passes()
     del trainer, unet
     machine.free()
-    return {"measured_peak_bytes": box["peak_bytes"], "seconds_per_iteration": seconds}
+    return {"measured_peak_bytes": box["peak_bytes"], "seconds_per_iteration": seconds,
+            "student_passes": passes, **_footprint(box)}
 
 
 def relative_targets_item(machine: Machine, arch: Architecture, config: PlanConfig, steps: int) -> dict:
@@ -227,7 +238,7 @@ def stage_a_item(machine: Machine, arch: Architecture, config: PlanConfig) -> di
         seconds = time.perf_counter() - t0
     del unet, encoders, z, host
     machine.free()
-    return {"measured_peak_bytes": box["peak_bytes"], "seconds_per_batch": seconds,
+    return {"measured_peak_bytes": box["peak_bytes"], "seconds_per_batch": seconds, **_footprint(box),
             "trajectories_per_s": config.trajectory_batch / seconds}
 
 
@@ -273,7 +284,9 @@ def cuda_tests(budget: Budget) -> dict:
     # need) every test's dependencies.
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
                    if "pytest.mark.cuda" in p.read_text(encoding="utf-8"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files]
+    # Neither the Prefect-stack nor the S3 plugin serves a CUDA test, and a GPU image may lack both.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+           "-p", "no:prefect_stack", "-p", "no:s3_server", *files]
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(10.0, budget.left() - 5))
     except subprocess.TimeoutExpired:
@@ -287,9 +300,10 @@ def plan_configs(smoke: bool) -> dict[str, tuple[dict, dict]]:
     each architecture's native resolution (SD3-class: 1024², the T5 token count of the smoke layout)."""
     items = {}
     for kind in KINDS[smoke]:
-        losses_here = {"pointwise": LOSSES["pointwise"]} if kind in SD3_KINDS else LOSSES
+        losses_here = ({k: LOSSES[k] for k in ("pointwise", "pcm")} if kind in SD3_KINDS  # LCM is VP-only
+                       else LOSSES)
         for loss, losses in losses_here.items():
-            for ckpt in ((False,) if loss.startswith("pcm") else (False, True)):
+            for ckpt in ((False, True) if loss in CHECKPOINTED else (False,)):
                 method = {**losses, "gradient_checkpointing": ckpt}
                 if smoke:
                     method["disc_channels"] = 32

@@ -56,6 +56,9 @@ class Machine:
             yield box
             self.sync()
             box["peak_bytes"] = torch.cuda.max_memory_allocated()
+            box["reserved_peak_bytes"] = torch.cuda.max_memory_reserved()
+            free, total = torch.cuda.mem_get_info()
+            box["device_used_bytes"] = total - free
 
     @property
     def probe(self) -> str:

@@ -230,10 +230,12 @@ def test_gpu_check_has_sd3_rows_at_1024_in_bf16():
     spec.loader.exec_module(module)
     items = module.plan_configs(smoke=False)
     sd3 = {label: item for label, item in items.items() if module.selected(label, ["sd3", "sd35"])}
-    rows = (("distill", " pointwise"), ("distill", " pointwise ckpt"), ("stage A", ""))
+    rows = (("distill", " pointwise"), ("distill", " pointwise ckpt"), ("distill", " pcm"), ("stage A", ""))
     assert set(sd3) == {f"{stage} {kind}{extra}" for kind in ("sd3-medium", "sd35-medium") for stage, extra in rows}
-    for spec_, fields in sd3.values():
+    for label, (spec_, fields) in sd3.items():
         config = module.plan_config(fields)
         arch = module._architecture(spec_)
         assert config.precision == "bf16" and (config.resolution or arch.native_resolution) == 1024
-        assert config.distill_method().rapm.loss_relative == "pointwise" and arch.kind == "sd3"
+        method = config.distill_method()
+        assert arch.kind == "sd3" and method.method == ("pcm" if label.endswith(" pcm") else "rapm")
+        assert method.method == "pcm" or method.rapm.loss_relative == "pointwise"

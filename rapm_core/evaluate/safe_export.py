@@ -18,7 +18,11 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
+from torch.export.pt2_archive import constants as _pt2
+
+# Opaque objects are a newer archive entry (torch 2.13); on an older torch none can be present.
+PICKLED_OBJECT_PREFIXES = tuple(p for p in (_pt2.CUSTOM_OBJ_FILENAME_PREFIX,
+                                            getattr(_pt2, "OPAQUE_OBJ_FILENAME_PREFIX", None)) if p)
 
 from rapm_core.errors import ConfigError
 
@@ -29,7 +33,7 @@ def _refuse_pickled_objects(path: Path) -> None:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as err:
         raise ConfigError(f"{path}: not a torch.export feature network ({err})") from None
-    objects = [n for n in names if Path(n).name.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))]
+    objects = [n for n in names if Path(n).name.startswith(PICKLED_OBJECT_PREFIXES)]
     if objects:
         raise ConfigError(f"{path}: holds pickled Python objects ({objects[0]}), which rapm does not load (they can run "
                           f"code); export a network of tensors only")
