@@ -10,7 +10,7 @@ import pytest
 from flows.cli import main
 from flows.pipeline import prepare
 from rapm_core.pipeline import PipelineConfig
-from rapm_shapes.demo import DEMO_VALUES, DemoConfig
+from rapm_shapes.demo import DEMO_RANK, DEMO_VALUES, DemoConfig
 from rapm_core.trajectories.generate import generate_trajectories
 from rapm_shapes.shapes import all_prompts
 from rapm_core.ingest.engine import ingest_prompts
@@ -100,6 +100,7 @@ def test_demo_defaults_and_refinements():
     refined = DemoConfig(distill={"checkpoint_every": 50, "training": {"lr": 3e-4}})
     assert refined.distill.checkpoint_every == 50 and refined.distill.training.lr == 3e-4
     assert refined.distill.iterations == DEMO_VALUES["distill"]["iterations"]
+    assert refined.distill.training.rank == demo.distill.training.rank == DEMO_RANK  # the section's other values stay
     run = demo.distill_config()
     assert run.iterations == demo.distill.iterations and run.method_config() == demo.distill.method_config()
     assert run.out == str(Path("runs/demo/run")) and run.seed == demo.seed
@@ -107,6 +108,21 @@ def test_demo_defaults_and_refinements():
     assert ev.trajectories == str(Path("runs/demo/trajectories.zarr")) and ev.num_images == demo.evaluate.num_images
     with pytest.raises(ValueError):
         PipelineConfig(teacher="t")  # the pipeline needs a work dir
+
+
+def test_the_demo_trains_rank_4_and_the_readme_s_rank_1_option_parses_as_typed():
+    from flows.cli import build_parser
+    from flows.cli_model import model_from_args
+    from rapm_core.distill.config import TrainingConfig
+
+    assert DEMO_RANK == 4 != TrainingConfig().rank  # tuned on the embedded teacher, not the library's default
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    typed = "rapm demo --distill-rank 1"
+    assert f"`{typed}`" in readme
+    args = build_parser("demo").parse_args(typed.split()[1:])
+    config = model_from_args(DemoConfig, args)
+    assert config.distill.training.rank == 1 and config.distill.iterations == DEMO_VALUES["distill"]["iterations"]
+    assert model_from_args(DemoConfig, build_parser("demo").parse_args(["demo"])).distill.training.rank == DEMO_RANK
 
 
 def test_every_stage_option_is_reachable_from_the_pipeline():
