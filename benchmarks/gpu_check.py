@@ -5,11 +5,12 @@ cannot hold it:
 
 1. distillation: s/iteration and peak memory (``torch.cuda.max_memory_allocated``) of the
    real ``Trainer.train_step`` — RAPM with pointwise and adversarial losses, with and without
-   gradient checkpointing, and adversarial PCM — on an SD 1.5-sized UNet at 512² and an
-   SDXL-sized one at 1024², and RAPM pointwise (with and without checkpointing; adversarial is
-   not implemented there) on SD3 Medium- and SD3.5 Medium-sized transformers at 1024² (random
-   weights built from the published configs on the GPU, bf16 weights as ``rapm distill
-   --weights-dtype bf16`` holds them, fp32 LoRA), next to ``rapm plan``'s prediction for the
+   gradient checkpointing, PCM adversarial and pointwise, LCM (each with its student passes per
+   iteration, the unit the benchmarks compare methods in) — on an SD 1.5-sized UNet at 512² and an
+   SDXL-sized one at 1024², and RAPM pointwise (with and without checkpointing) and PCM on SD3
+   Medium- and SD3.5 Medium-sized transformers at 1024² (their adversarial rows are planned and
+   checked against CPU runs; LCM is VP-only); random weights built from the published configs
+   on the GPU, bf16 weights as ``rapm distill --weights-dtype bf16`` holds them, fp32 LoRA; next to ``rapm plan``'s prediction for the
    same setting;
    then RAPM's relative targets in one batched call against one call per slot (s/iteration of
    both, in turns, ``bench_relative_targets.py``'s comparison) at SD 1.5 size;

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.export.pt2_archive import constants as _pt2
 
+from rapm_core.errors import ConfigError
+
 # Opaque objects are a newer archive entry (torch 2.13); on an older torch none can be present.
 PICKLED_OBJECT_PREFIXES = tuple(p for p in (_pt2.CUSTOM_OBJ_FILENAME_PREFIX,
                                             getattr(_pt2, "OPAQUE_OBJ_FILENAME_PREFIX", None)) if p)
-
-from rapm_core.errors import ConfigError
 
 
 def _refuse_pickled_objects(path: Path) -> None:
