@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="plot and report WORK/time_curves.json again, running nothing")
     args = parser.parse_args(argv)
     quiet()
+    # made before the runs: a long measurement must not end on a missing plots dir
+    Path(args.plots).mkdir(parents=True, exist_ok=True)
     saved = Path(args.work) / "time_curves.json"
     if args.report_only:
         result = load_result(saved)

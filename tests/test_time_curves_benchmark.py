@@ -85,7 +85,8 @@ def test_ranks_are_curves_of_their_own_and_the_default_rank_keeps_its_runs(curve
         "stage_a_s": {4: 100.0}, "points": points, "args": args, "machine": "m", "command": "c", "seconds": 5.0,
         "teachers": {4: [{"teacher_ddim": {"label": "teacher DDIM 4 steps", "domain_fid_to_teacher": 16.0,
                                            "domain_fid": 17.0, "psnr": 28.0, "latent_mse": 0.05}}]}}))
-    assert curves.main(["--work", str(tmp_path), "--report-only", "--plots", str(tmp_path)]) == 0
+    plots = tmp_path / "plots" / "new"  # a plots dir that does not exist yet is made
+    assert curves.main(["--work", str(tmp_path), "--report-only", "--plots", str(plots)]) == 0
     text = curves.report(curves.load_result(tmp_path / "time_curves.json"))
     assert "RAPM's LoRA rank 1, 4, 16 (the rest rank 1)" in text and "| 4 | RAPM rank 16 | 400 |" in text
-    assert (tmp_path / curves.PNG["passes"]).stat().st_size > 0
+    assert (plots / curves.PNG["passes"]).stat().st_size > 0
