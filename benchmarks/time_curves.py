@@ -16,7 +16,8 @@ eval noise: FID to the teacher (evaluator features vs the reference samples), do
 renders, and latent MSE / image PSNR to the reference from the same noise. Total seconds = Stage A
 + the run's summed iteration seconds (``metrics.jsonl``; checkpoint writes and evaluation are
 not counted). The teacher's own N-step samplers are measured the same way, for scale. ``--ranks``
-gives RAPM one curve per LoRA rank (``rapm-r4``, …; the default rank keeps the plain name).
+gives RAPM one curve per LoRA rank (``rapm-r4``, …; the default rank keeps the plain name), and
+``--peer-ranks`` the peers (``pcm-r4``, …), so that a rank's effect is compared at equal rank.
 
 Writes ``WORK/time_curves.json`` (every point, the command, the machine) and
 ``benchmarks/time_curves_total_seconds.png``, ``benchmarks/time_curves_passes.png``; with ``--write``,
@@ -241,12 +242,18 @@ def report(result: dict) -> str:
             f"out), N·M = {STEPS} teacher steps at guidance {args['guidance']:g}; seeds {args['seeds']}; "
             f"{args['passes']} student passes per run, measured at {args['points']} checkpoints; "
             f"RAPM's LoRA rank {', '.join(map(str, args.get('ranks') or [DEFAULT_RANK]))} (the rest rank "
-            f"{DEFAULT_RANK}); {args['num_images']} "
+            f"{', '.join(map(str, args.get('peer_ranks') or [DEFAULT_RANK]))}); {args['num_images']} "
             f"eval images per seed against the teacher's {STEPS}-step samples of the same noise. Cells: mean ± std "
             f"over seeds [± half-width of the 95 % t-interval] (one value without intervals for one seed). "
             f"Curves: `benchmarks/{PNG['total_s']}`, `benchmarks/{PNG['passes']}`.\n\n"
             f"### At the end of each run\n\n{final_table(points, stage_s, teachers)}\n\n"
             f"### At equal total time\n\n{equal_time(points)}\n")
+
+
+def ranks(method: str, args: argparse.Namespace) -> list[int]:
+    """The LoRA ranks one method is run at: --ranks for RAPM, --peer-ranks for the others."""
+    chosen = args.ranks if method == "rapm" else getattr(args, "peer_ranks", None)
+    return chosen or [DEFAULT_RANK]
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -259,7 +266,7 @@ def measure(args: argparse.Namespace) -> dict:
     # Seed by seed: a run stopped early has the first seeds of every curve, not all seeds of a few.
     jobs = [CurveJob(m, n, s, configs[n].model_dump_json(), args.passes, args.points, args.num_images, references[s], r)
             for s in args.seeds for n in sorted(args.ns, reverse=True) for m in args.methods
-            for r in (args.ranks if m == "rapm" and args.ranks else [DEFAULT_RANK])]
+            for r in ranks(m, args)]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         teacher_futures = {n: [pool.submit(measure_teachers, configs[n].model_dump_json(), 1000 + s, args.num_images,
                                            ("teacher_ddim", "dpm_solver"), references[s]) for s in args.seeds]
@@ -290,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--ranks", nargs="+", type=int, default=None,
                         help=f"RAPM's LoRA ranks, one curve each (default: the distill config's {DEFAULT_RANK}; "
-                             "the peers keep it)")
+                             "the peers: --peer-ranks)")
+    parser.add_argument("--peer-ranks", nargs="+", type=int, default=None,
+                        help=f"the peers' LoRA ranks, one curve each (default {DEFAULT_RANK})")
     parser.add_argument("--passes", type=int, default=1200, help="student forward+backward passes per run")
     parser.add_argument("--points", type=int, default=4, help="checkpoints measured along each run")
     parser.add_argument("--num-images", type=int, default=128, help="eval images per seed")

@@ -90,3 +90,16 @@ def test_ranks_are_curves_of_their_own_and_the_default_rank_keeps_its_runs(curve
     text = curves.report(curves.load_result(tmp_path / "time_curves.json"))
     assert "RAPM's LoRA rank 1, 4, 16 (the rest rank 1)" in text and "| 4 | RAPM rank 16 | 400 |" in text
     assert (plots / curves.PNG["passes"]).stat().st_size > 0
+
+
+def test_peer_ranks_give_the_peers_curves_of_their_own(curves):
+    import argparse
+
+    args = argparse.Namespace(ranks=[1, 4], peer_ranks=[4])
+    assert curves.ranks("rapm", args) == [1, 4] and curves.ranks("pcm", args) == [4]
+    assert curves.ranks("pcm", argparse.Namespace(ranks=[1, 4], peer_ranks=None)) == [curves.DEFAULT_RANK]
+    assert curves.series("pcm", 4) == "pcm-r4" and curves.series_label("pcm-r4") == "PCM rank 4"
+    points = [{**point("pcm-r4", 4, 100, 100, 180, 9.0), "rank": 4}, point("pcm", 4, 100, 100, 180, 14.0),
+              {**point("rapm-r4", 4, 100, 400, 205, 8.0), "rank": 4}]
+    assert curves.names(points) == ["rapm-r4", "pcm", "pcm-r4"]
+    assert "| 4 | PCM rank 4 | 100 |" in curves.final_table(points, {4: 100.0}, {4: [{}]})
