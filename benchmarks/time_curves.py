@@ -252,7 +252,7 @@ def report(result: dict) -> str:
 
 def ranks(method: str, args: argparse.Namespace) -> list[int]:
     """The LoRA ranks one method is run at: --ranks for RAPM, --peer-ranks for the others."""
-    chosen = args.ranks if method == "rapm" else getattr(args, "peer_ranks", None)
+    chosen = args.ranks if method == "rapm" else args.peer_ranks
     return chosen or [DEFAULT_RANK]
 
 
